@@ -1,0 +1,101 @@
+"""Per-layer routing metrics (SPEC §6), computed as tensors and converted once per step.
+
+``routing_metrics`` builds a dict of tensors from a plan without synchronising with the device;
+``to_python`` turns it into plain floats / lists (JSON-serialisable) when someone reads it.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from locmoe.routing.plan import RoutingPlan
+
+
+def routing_metrics(
+    plan: RoutingPlan,
+    processed_slots: torch.Tensor,
+    *,
+    token_nodes: torch.Tensor | None = None,
+    expert_nodes: torch.Tensor | None = None,
+) -> dict[str, torch.Tensor]:
+    """SPEC §6 metrics for one layer and one routing group.
+
+    * ``tokens_per_expert`` / ``proposals_per_expert``: kept / proposed assignments per expert.
+    * ``capacity`` (−1 when dropless), ``processed_slots`` (``n·C`` for pad, ``Σ kept`` for pack).
+    * ``drop_rate``: tokens kept by no expert / S.
+    * ``load_cv`` = std/mean of the kept load (population std), ``max_over_mean``.
+    * ``load_entropy``: ``H(load / Σ load) / ln n`` (1 = perfectly even).
+    * ``balance``: Switch statistic ``n · Σ_i f_i P_i`` with ``f`` from top-1 choices (1 = perfect);
+      absent for routers without probabilities (hash).
+    * ``dead_experts``: experts whose load is below 1 % of the mean.
+    * ``remote_share``: kept assignments whose expert lives on another node than the token / all
+      kept; only when a topology (``token_nodes`` and ``expert_nodes``) is given.
+    * plus every router-specific tensor in ``plan.metrics`` (e.g. ``k_tau``, ``delta_stat``, ``ec_min``).
+    """
+    n = plan.num_experts
+    load = plan.tokens_per_expert.to(torch.float64)
+    total = load.sum()
+    mean = total / n
+    metrics: dict[str, torch.Tensor] = {
+        "tokens_per_expert": plan.tokens_per_expert,
+        "proposals_per_expert": plan.proposals_per_expert,
+        "tokens_kept": plan.tokens_per_expert.sum(),
+        "capacity": torch.tensor(-1 if plan.capacity is None else plan.capacity),
+        "processed_slots": processed_slots,
+        "drop_rate": plan.dropped_tokens.to(torch.float64).mean(),
+        "load_cv": load.std(unbiased=False) / mean.clamp_min(1e-12),
+        "max_over_mean": load.max() / mean.clamp_min(1e-12),
+        "dead_experts": (load < 0.01 * mean).sum(),
+    }
+    share = load / total.clamp_min(1e-12)
+    entropy = -(share * torch.log(share.clamp_min(1e-30))).sum()
+    metrics["load_entropy"] = entropy / math.log(n) if n > 1 else torch.ones((), dtype=torch.float64)
+    if plan.router_probs is not None and plan.top1_expert is not None:
+        top1_share = torch.bincount(plan.top1_expert, minlength=n).to(torch.float64) / max(1, plan.num_tokens)
+        metrics["balance"] = n * (top1_share * plan.router_probs.detach().to(torch.float64).mean(0)).sum()
+    if token_nodes is not None and expert_nodes is not None:
+        kept = plan.kept
+        expert_node = expert_nodes[plan.expert_ids.clamp_min(0)]
+        remote = kept & (expert_node != token_nodes[:, None])
+        metrics["remote_share"] = remote.sum().to(torch.float64) / kept.sum().clamp_min(1)
+    for name, value in plan.metrics.items():
+        metrics[name] = value.detach() if isinstance(value, torch.Tensor) else torch.as_tensor(value)
+    return metrics
+
+
+def calinski_harabasz(features: torch.Tensor, labels: torch.Tensor) -> float:
+    """Calinski–Harabasz index of ``features (N, d)`` grouped by integer ``labels (N,)``.
+
+    scikit-learn's definition: ``[B / (k − 1)] / [W / (N − k)]`` with between-cluster dispersion
+    ``B = Σ_i n_i ‖c_i − c‖²`` and within ``W = Σ_i Σ_{x∈i} ‖x − c_i‖²`` over the ``k`` non-empty
+    clusters. (LocMoE+ eq. 13 omits the ``(N−k)/(k−1)`` factor; we keep sklearn's so values are
+    comparable with it.) Returns 0.0 when fewer than 2 clusters, or ``N ≤ k``; ``inf`` if ``W = 0``.
+    """
+    features = features.detach().to(torch.float64)
+    labels = labels.detach().long()
+    present, labels = torch.unique(labels, return_inverse=True)
+    num_clusters, num_points = present.numel(), features.shape[0]
+    if num_clusters < 2 or num_points <= num_clusters:
+        return 0.0
+    sizes = torch.bincount(labels, minlength=num_clusters).to(torch.float64)
+    sums = torch.zeros(num_clusters, features.shape[1], dtype=torch.float64).index_add_(0, labels, features)
+    centroids = sums / sizes[:, None]
+    overall = features.mean(0)
+    between = (sizes * ((centroids - overall) ** 2).sum(1)).sum()
+    within = ((features - centroids[labels]) ** 2).sum()
+    if within == 0:
+        return math.inf
+    return float(between * (num_points - num_clusters) / (within * (num_clusters - 1)))
+
+
+def to_python(metrics: dict[str, torch.Tensor | float | int]) -> dict[str, float | int | list]:
+    """Tensors -> Python numbers (0-d) or lists; integers stay integers. One sync per call."""
+    converted: dict[str, float | int | list] = {}
+    for name, value in metrics.items():
+        if isinstance(value, torch.Tensor):
+            value = value.detach().cpu()
+            value = value.tolist() if value.dim() > 0 else value.item()
+        converted[name] = value
+    return converted

@@ -1,0 +1,106 @@
+"""The router interface shared by every routing strategy.
+
+A router is an ``nn.Module`` (it may own a learned gate or buffers such as a fixed capacity) whose
+``forward`` maps the tokens of one routing group to a :class:`RoutingPlan`. The layer treats all
+routers alike; whatever differs between strategies lives behind this interface.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from locmoe.routing.plan import RoutingPlan
+
+
+class RouterDefault:
+    """Sentinel: "use this router's own SPEC default" for an option such as the capacity factor."""
+
+    _instance: RouterDefault | None = None
+
+    def __new__(cls) -> RouterDefault:
+        if cls._instance is None:
+            cls._instance = super().__new__(cls)
+        return cls._instance
+
+    def __repr__(self) -> str:
+        return "ROUTER_DEFAULT"
+
+
+ROUTER_DEFAULT = RouterDefault()
+
+
+@dataclass(frozen=True)
+class RoutingContext:
+    """Side information a router may use besides the token features.
+
+    Attributes:
+        token_ids: ``(S,)`` int64 vocabulary ids (needed by ``hash``).
+        sequence_length: tokens per sequence when the group is a flattened ``(B, T)`` batch, so a
+            router with ``scope="sequence"`` can route each sequence on its own.
+        token_nodes: ``(S,)`` int64 node of origin of each token, for the locality loss and the
+            remote-share metric; ``None`` means one node.
+        expert_nodes: ``(n,)`` int64 node each expert lives on; ``None`` means one node.
+    """
+
+    token_ids: torch.Tensor | None = None
+    sequence_length: int | None = None
+    token_nodes: torch.Tensor | None = None
+    expert_nodes: torch.Tensor | None = None
+
+
+class Router(nn.Module):
+    """Base class: subclasses implement :meth:`route`.
+
+    Class attributes:
+        name: registry name.
+        needs_token_ids: ``True`` if ``route`` requires ``context.token_ids``.
+        default_capacity_factor: the SPEC default used when the caller passes ``ROUTER_DEFAULT``.
+    """
+
+    name: str = "router"
+    needs_token_ids: bool = False
+    default_capacity_factor: float | None = 1.1
+
+    def __init__(self, d_model: int, num_experts: int) -> None:
+        super().__init__()
+        if d_model < 1:
+            raise ValueError(f"d_model must be a positive integer, got {d_model!r}")
+        if num_experts < 1:
+            raise ValueError(f"num_experts must be a positive integer, got {num_experts!r}")
+        self.d_model = d_model
+        self.num_experts = num_experts
+
+    def route(self, x: torch.Tensor, context: RoutingContext) -> RoutingPlan:  # pragma: no cover
+        raise NotImplementedError  # abstract: every registered router overrides it
+
+    def forward(self, x: torch.Tensor, context: RoutingContext | None = None) -> RoutingPlan:
+        """Route ``x`` of shape ``(S, d_model)``."""
+        context = context or RoutingContext()
+        if self.needs_token_ids and context.token_ids is None:
+            raise ValueError(
+                f"router {self.name!r} routes by token id: pass token_ids (shape (...,) matching x's leading dims)"
+            )
+        return self.route(x, context)
+
+
+def resolve_capacity_factor(value: object, default: float | None, *, allow_none: bool) -> float | None:
+    """Turn the user's ``capacity_factor`` into a float (or ``None`` = dropless), validating it."""
+    if isinstance(value, RouterDefault):
+        return default
+    if value is None:
+        if allow_none:
+            return None
+        raise ValueError("capacity_factor=None (dropless) is only allowed for the 'topk' router; pass a positive number")
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+        raise ValueError(f"capacity_factor must be a positive finite number, got {value!r}")
+    return float(value)
+
+
+def capacity_from_factor(capacity_factor: float, num_tokens: int, num_experts: int, top_k: int = 1) -> int:
+    """Conventional capacity ``C_cf = ceil(cf * k * S / n)`` (SPEC §3; GShard/Switch, with ``k``
+    slots per token for top-k routing). Never below 1."""
+    return max(1, math.ceil(capacity_factor * top_k * num_tokens / num_experts))

@@ -1,0 +1,130 @@
+"""Invariants of the MoE layer on fresh random inputs."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from locmoe import MoELayer, available_routers
+
+BASELINES = ["switch", "topk", "expert_choice", "hash"]
+
+
+def _random_layer_and_input(router: str, seed: int, capacity_factor: float, dispatch: str = "pad"):
+    generator = torch.Generator().manual_seed(seed)
+    S = int(torch.randint(8, 200, (1,), generator=generator))
+    n = int(torch.randint(2, 9, (1,), generator=generator))
+    d = n * int(torch.randint(2, 6, (1,), generator=generator))
+    torch.manual_seed(seed)
+    layer = MoELayer(d, 2 * d, n, router=router, capacity_factor=capacity_factor, dispatch=dispatch)
+    x = torch.randn(S, d, generator=generator) * (1 + 3 * torch.rand(1, generator=generator))
+    ids = torch.randint(0, 5000, (S,), generator=generator)
+    return layer, x, ids
+
+
+@pytest.mark.parametrize("seed", range(6))
+@pytest.mark.parametrize("router", BASELINES)
+def test_no_expert_exceeds_capacity_and_dropped_tokens_get_zero(router, seed):
+    cf = [0.25, 0.5, 0.9, 1.0, 1.25, 2.0][seed]
+    layer, x, ids = _random_layer_and_input(router, seed, cf)
+    y = layer(x, token_ids=ids)
+    plan = layer.last_plan
+    plan.validate()
+    assert int(plan.tokens_per_expert.max()) <= plan.capacity
+    dropped = plan.dropped_tokens
+    assert torch.all(y[dropped] == 0)
+    # Gate weights are probabilities (or 1 for hash).
+    kept_gates = plan.gate_weights[plan.kept]
+    assert torch.all((kept_gates >= 0) & (kept_gates <= 1))
+    metrics = layer.last_metrics
+    assert metrics["drop_rate"] == pytest.approx(int(dropped.sum()) / x.shape[0], rel=1e-12)
+    assert metrics["tokens_kept"] == int(plan.kept.sum())
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_topk_dropless_drops_nothing(seed):
+    generator = torch.Generator().manual_seed(seed)
+    k = int(torch.randint(1, 4, (1,), generator=generator))
+    layer = MoELayer(16, 32, 6, router="topk", top_k=k, capacity_factor=None)
+    # Skewed inputs: a dominant direction makes most tokens pick the same experts.
+    x = torch.randn(300, 16, generator=generator) + 4 * torch.randn(1, 16, generator=generator)
+    layer(x)
+    assert layer.last_metrics["drop_rate"] == 0.0
+    assert layer.last_metrics["tokens_kept"] == 300 * k
+    assert layer.last_plan.capacity is None
+
+
+@pytest.mark.parametrize("router", ["switch", "topk"])
+def test_aux_loss_is_alpha_at_perfect_balance(router):
+    """With a zero gate every probability is 1/n; ties go to the lowest expert ids, so we shift each
+    token's logit row to make the argmax cycle through the experts: f_i = P_i = 1/n exactly."""
+    n, d, S = 4, 8, 64
+    layer = MoELayer(d, 16, n, router=router, aux_coef=0.05)
+    with torch.no_grad():
+        layer.router.gate.weight.copy_(torch.eye(n, d))
+    # Token t is e_{t mod n} · big + same vector on all experts -> P_i identical by symmetry.
+    x = torch.zeros(S, d)
+    x[torch.arange(S), torch.arange(S) % n] = 1.0
+    if router == "topk":
+        x[torch.arange(S), (torch.arange(S) + 1) % n] = 0.5
+    layer(x)
+    torch.testing.assert_close(layer.aux_loss, torch.tensor(0.05))
+    assert layer.last_metrics["balance"] == pytest.approx(1.0)
+
+
+def test_aux_loss_backpropagates_to_gate():
+    layer = MoELayer(8, 16, 4, router="switch")
+    layer(torch.randn(50, 8))
+    layer.aux_loss.backward()
+    assert layer.router.gate.weight.grad is not None
+    assert layer.router.gate.weight.grad.abs().sum() > 0
+
+
+def test_output_shape_follows_input_for_any_leading_dims():
+    layer = MoELayer(8, 16, 4)
+    for shape in [(8,), (5, 8), (2, 3, 8), (2, 2, 3, 8)]:
+        assert layer(torch.randn(shape)).shape == shape
+
+
+def test_metrics_are_json_serialisable_plain_values():
+    import json
+
+    layer = MoELayer(8, 16, 4, router="topk", top_k=2, ch_interval=1)
+    layer.train()
+    layer(torch.randn(40, 8))
+    metrics = layer.last_metrics
+    json.dumps(metrics)
+    for key in ["tokens_per_expert", "proposals_per_expert", "capacity", "processed_slots", "drop_rate",
+                "load_cv", "max_over_mean", "load_entropy", "balance", "dead_experts", "calinski_harabasz"]:
+        assert key in metrics, key
+    assert len(metrics["tokens_per_expert"]) == 4
+
+
+def test_remote_share_counts_kept_assignments_on_other_nodes():
+    layer = MoELayer(8, 16, 4, router="topk", top_k=2, capacity_factor=None, expert_nodes=[0, 0, 1, 1])
+    x = torch.randn(30, 8)
+    token_nodes = torch.randint(0, 2, (30,))
+    layer(x, token_nodes=token_nodes)
+    plan = layer.last_plan
+    remote = sum(
+        1 for t in range(30) for e in plan.expert_ids[t].tolist() if e >= 0 and [0, 0, 1, 1][e] != token_nodes[t]
+    )
+    assert layer.last_metrics["remote_share"] == pytest.approx(remote / 60)
+
+
+def test_calinski_harabasz_matches_sklearn():
+    sklearn_metrics = pytest.importorskip("sklearn.metrics")
+    from locmoe.metrics import calinski_harabasz
+
+    generator = torch.Generator().manual_seed(1)
+    features = torch.randn(200, 6, generator=generator)
+    labels = torch.randint(0, 5, (200,), generator=generator)
+    features += labels[:, None].float()  # some structure
+    expected = sklearn_metrics.calinski_harabasz_score(features.numpy(), labels.numpy())
+    assert calinski_harabasz(features, labels) == pytest.approx(expected, rel=1e-9)
+
+
+def test_every_registered_router_is_listed():
+    assert set(BASELINES) <= set(available_routers())
