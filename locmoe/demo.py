@@ -52,9 +52,9 @@ def run_demo(
             )
         )
     widths = [max(len(c), *(len(r[i]) for r in rows)) for i, c in enumerate(columns)]
-    lines = ["  ".join(c.ljust(w) for c, w in zip(columns, widths))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(columns, widths, strict=True))]
     lines.append("  ".join("-" * w for w in widths))
-    lines += ["  ".join(v.ljust(w) for v, w in zip(row, widths)) for row in rows]
+    lines += ["  ".join(v.ljust(w) for v, w in zip(row, widths, strict=True)) for row in rows]
     note = (
         "\nslots = token slots the experts computed (n x capacity in drop-and-pad); kept = assignments "
         "processed;\ndrop % = tokens no expert kept (their MoE output is zero; the residual carries them)."

@@ -102,7 +102,9 @@ class MoELayer(nn.Module):
             raise ValueError(f"input contains {bad} non-finite values (NaN or inf); MoELayer needs finite inputs")
         for name, value in (("token_ids", token_ids), ("token_nodes", token_nodes)):
             if value is not None and tuple(value.shape) != tuple(x.shape[:-1]):
-                raise ValueError(f"{name} has shape {tuple(value.shape)}; expected {tuple(x.shape[:-1])} (x's leading dims)")
+                raise ValueError(
+                    f"{name} has shape {tuple(value.shape)}; expected {tuple(x.shape[:-1])} (x's leading dims)"
+                )
 
     def forward(
         self, x: torch.Tensor, token_ids: torch.Tensor | None = None, token_nodes: torch.Tensor | None = None

@@ -79,7 +79,7 @@ def test_layer_matches_per_token_reference(router, options, capacity_factor, act
     params = [p for p in layer.parameters()]
     grads = torch.autograd.grad((y * probe).sum(), [x, *params])
     grads_ref = torch.autograd.grad((y_ref * probe).sum(), [x_ref, *params], allow_unused=True)
-    for got, want in zip(grads, grads_ref):
+    for got, want in zip(grads, grads_ref, strict=True):
         want = torch.zeros_like(got) if want is None else want
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
 
@@ -99,7 +99,7 @@ def test_pad_and_pack_agree(router):
     (ya.square().sum() + pad.aux_loss).backward()
     (yb.square().sum() + pack.aux_loss).backward()
     torch.testing.assert_close(xa.grad, xb.grad, rtol=1e-5, atol=1e-6)
-    for (name, pa), pb in zip(pad.named_parameters(), pack.parameters()):
+    for (name, pa), pb in zip(pad.named_parameters(), pack.parameters(), strict=True):
         torch.testing.assert_close(pa.grad, pb.grad, rtol=1e-5, atol=1e-6, msg=name)
     # pad computes n·C slots, pack exactly the kept tokens.
     assert pad.last_metrics["processed_slots"] == 8 * pad.last_metrics["capacity"]

@@ -94,7 +94,9 @@ def resolve_capacity_factor(value: object, default: float | None, *, allow_none:
     if value is None:
         if allow_none:
             return None
-        raise ValueError("capacity_factor=None (dropless) is only allowed for the 'topk' router; pass a positive number")
+        raise ValueError(
+            "capacity_factor=None (dropless) is only allowed for the 'topk' router; pass a positive number"
+        )
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
         raise ValueError(f"capacity_factor must be a positive finite number, got {value!r}")
     return float(value)

@@ -52,7 +52,9 @@ class HashRouter(Router):
         token_ids = context.token_ids
         assert token_ids is not None  # checked in Router.forward
         if token_ids.shape != x.shape[:1]:
-            raise ValueError(f"token_ids has shape {tuple(token_ids.shape)}; expected {tuple(x.shape[:1])} (one per token)")
+            raise ValueError(
+                f"token_ids has shape {tuple(token_ids.shape)}; expected {tuple(x.shape[:1])} (one per token)"
+            )
         if token_ids.dtype.is_floating_point or token_ids.dtype == torch.bool:
             raise ValueError(f"token_ids must be an integer tensor, got dtype {token_ids.dtype}")
         num_tokens = x.shape[0]
