@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install test test-slow test-all run lint bench clean
+.PHONY: install test test-slow test-all run lint bench bench-install clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -33,8 +33,16 @@ run: $(STAMP)
 lint: $(STAMP)
 	$(PY) -m ruff check locmoe tests benchmarks
 
-bench: $(STAMP)
-	$(PY) benchmarks/layer.py
+BENCH_STAMP := $(VENV)/.bench-installed
+$(BENCH_STAMP): $(STAMP)
+	DS_BUILD_OPS=0 $(PY) -m pip install --no-build-isolation -e ".[dev,bench]"
+	touch $(BENCH_STAMP)
+
+bench-install: $(BENCH_STAMP)
+
+## Benchmarks: print tables, write JSON to benchmarks/results/.
+bench: $(BENCH_STAMP)
+	OMP_NUM_THREADS=2 $(PY) benchmarks/layer.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache build *.egg-info
