@@ -1,0 +1,5 @@
+"""``python -m locmoe``: the same as the ``locmoe`` console script."""
+
+from locmoe.cli import main
+
+raise SystemExit(main())

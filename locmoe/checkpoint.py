@@ -1,0 +1,209 @@
+"""Checkpoints that lose nothing: atomic save, integrity check, exact resume, clean interruption.
+
+A checkpoint is one ``torch.save`` file ``<run>/checkpoints/step-00000100.pt`` holding everything
+the next step depends on: model (router state such as the LocMoE capacity lives in its buffers),
+optimiser, scheduler, data position, RNG states (python, numpy, torch), step, the resolved config
+and the tokenizer. Only tensors and plain Python values are stored, so it loads with
+``torch.load(weights_only=True)`` (no pickled code).
+
+Writing is atomic: the bytes go to a temporary file in the same folder, are fsynced and renamed,
+and only then does the sidecar ``step-00000100.pt.sha256`` (written the same way) vouch for them.
+On load, a checkpoint whose sidecar is missing or whose sha256 differs (a crash mid-write, a
+truncated copy) is skipped with a warning and the previous one is used. The last ``keep`` are kept.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+import random
+import re
+import signal
+import threading
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from locmoe.atomic_file import write_atomic
+from locmoe.config import RunConfig
+
+FORMAT_VERSION = 1
+CHECKPOINT_DIR = "checkpoints"
+_NAME = re.compile(r"^step-(\d{8})\.pt$")
+
+# Fields that may change between a checkpoint and its resumption: where files go, how often to
+# evaluate, checkpoint and report, when to stop this invocation. Everything else shapes the
+# trajectory (model, data, order, optimiser, schedule) and must match for an exact continuation.
+RESUMABLE_CHANGES = frozenset(
+    {"out", "cache_dir", "stop_after", "eval_every", "eval_batches", "checkpoint_every", "keep_checkpoints",
+     "threads", "progress"}
+)
+
+
+def checkpoint_name(step: int) -> str:
+    return f"step-{step:08d}.pt"
+
+
+def _fsync_dir(folder: Path) -> None:
+    try:
+        descriptor = os.open(folder, os.O_RDONLY)
+    except OSError:  # some platforms cannot open directories; the rename is still atomic
+        return
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
+
+
+def list_checkpoints(run_dir: Path) -> list[Path]:
+    """Checkpoint files in ``run_dir/checkpoints``, oldest step first (validity not checked)."""
+    folder = Path(run_dir) / CHECKPOINT_DIR
+    if not folder.is_dir():
+        return []
+    return sorted(p for p in folder.iterdir() if _NAME.match(p.name))
+
+
+def is_valid(path: Path) -> bool:
+    """The sidecar exists and the file's sha256 matches it."""
+    sidecar = path.with_name(path.name + ".sha256")
+    if not path.is_file() or not sidecar.is_file():
+        return False
+    expected = sidecar.read_text(encoding="utf-8").split(" ")[0].strip()
+    return hashlib.sha256(path.read_bytes()).hexdigest() == expected
+
+
+def save_checkpoint(run_dir: Path, step: int, state: dict[str, Any], keep: int) -> Path:
+    """Write ``state`` as the checkpoint of ``step`` atomically, then prune to the newest ``keep``."""
+    folder = Path(run_dir) / CHECKPOINT_DIR
+    folder.mkdir(parents=True, exist_ok=True)
+    buffer = io.BytesIO()
+    torch.save({"format": FORMAT_VERSION, **state}, buffer)
+    data = buffer.getvalue()
+    path = folder / checkpoint_name(step)
+    write_atomic(path, data)
+    write_atomic(path.with_name(path.name + ".sha256"), f"{hashlib.sha256(data).hexdigest()}  {path.name}\n".encode())
+    _fsync_dir(folder)
+    for old in list_checkpoints(run_dir)[:-keep]:
+        old.with_name(old.name + ".sha256").unlink(missing_ok=True)
+        old.unlink(missing_ok=True)
+    return path
+
+
+def load_checkpoint(path: Path) -> dict[str, Any]:
+    """Load one checkpoint file after checking its sha256; ``ValueError`` if it is damaged."""
+    path = Path(path)
+    if not is_valid(path):
+        raise ValueError(f"checkpoint {str(path)!r} is missing, truncated or corrupt (sha256 sidecar does not match)")
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    if state.get("format") != FORMAT_VERSION:
+        raise ValueError(
+            f"checkpoint {str(path)!r} has format {state.get('format')!r}; this locmoe reads format {FORMAT_VERSION}"
+        )
+    return state
+
+
+def latest_checkpoint(run_dir: Path) -> tuple[Path, dict[str, Any]] | None:
+    """The newest checkpoint that passes the integrity check; damaged newer ones are skipped with a warning."""
+    for path in reversed(list_checkpoints(run_dir)):
+        if is_valid(path):
+            return path, load_checkpoint(path)
+        warnings.warn(f"skipping damaged checkpoint {path} (sha256 mismatch or missing sidecar)", stacklevel=2)
+    return None
+
+
+def resolve_checkpoint(path: str | Path) -> tuple[Path, dict[str, Any]]:
+    """A checkpoint file, or a run directory (its newest valid checkpoint). ``ValueError`` otherwise."""
+    path = Path(path)
+    if path.is_dir():
+        found = latest_checkpoint(path)
+        if found is None:
+            raise ValueError(f"no valid checkpoint in {str(path)!r}")
+        return found
+    if not path.exists():
+        raise ValueError(f"checkpoint {str(path)!r} does not exist")
+    return path, load_checkpoint(path)
+
+
+def config_differences(saved: dict[str, Any], config: RunConfig) -> list[str]:
+    """Fields (other than :data:`RESUMABLE_CHANGES`) whose value differs: ``"name: saved -> now"``."""
+    try:
+        saved_config = RunConfig.from_dict(saved)
+    except (ValueError, TypeError) as error:
+        return [f"the checkpoint's config is not valid for this locmoe ({error})"]
+    before, after = saved_config.flat(), config.flat()
+    return [
+        f"{name} (checkpoint: {before[name]!r}, now: {after[name]!r})"
+        for name in before
+        if name not in RESUMABLE_CHANGES and before[name] != after[name]
+    ]
+
+
+def check_compatible(state: dict[str, Any], config: RunConfig, path: Path) -> None:
+    """``ValueError`` naming every trajectory-shaping field that differs from the checkpoint's."""
+    differences = config_differences(state["config"], config)
+    if differences:
+        raise ValueError(f"checkpoint {path} is from an incompatible config: " + "; ".join(differences))
+
+
+def rng_state() -> dict[str, Any]:
+    """Python, numpy and torch RNG states as tensors / plain values (``weights_only``-loadable)."""
+    version, python_state, gauss = random.getstate()
+    kind, keys, position, has_gauss, cached = np.random.get_state()
+    return {
+        "python": [version, list(python_state), gauss],
+        "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), int(position), int(has_gauss), float(cached)],
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+    }
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    version, python_state, gauss = state["python"]
+    random.setstate((version, tuple(python_state), gauss))
+    kind, keys, position, has_gauss, cached = state["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), position, has_gauss, cached))
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+class StopFlag:
+    """Set by SIGINT/SIGTERM; the training loop checks it after each step."""
+
+    def __init__(self) -> None:
+        self.signal_number: int | None = None
+
+    @property
+    def requested(self) -> bool:
+        return self.signal_number is not None
+
+
+@contextmanager
+def stop_on_signals() -> Iterator[StopFlag]:
+    """Turn the first SIGINT/SIGTERM into a stop request (checkpoint, then a clean exit); a second
+    one interrupts at once. Previous handlers are restored on exit. Outside the main thread signals
+    cannot be caught, so the flag simply never fires."""
+    flag = StopFlag()
+    if threading.current_thread() is not threading.main_thread():
+        yield flag
+        return
+    previous = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+
+    def handler(signal_number: int, frame: object) -> None:
+        if flag.requested:
+            raise KeyboardInterrupt
+        flag.signal_number = signal_number
+
+    for sig in previous:
+        signal.signal(sig, handler)
+    try:
+        yield flag
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)

@@ -1,0 +1,253 @@
+"""The ``locmoe`` command (also ``python -m locmoe``): argument parsing only.
+
+    locmoe train --router locmoe_plus --steps 300 --out runs/NAME [--config FILE.toml] [--resume] [--FIELD VALUE ...]
+    locmoe eval --checkpoint PATH            (validation loss / perplexity)
+    locmoe sample --checkpoint PATH --prompt TEXT
+    locmoe demo
+
+Every config field is a flag of ``train`` (``--d-model 128`` or ``--d_model 128``), applied over the
+``--config`` file, which is applied over the defaults (or, with ``--resume``, over the run's saved
+config). A bad value fails with one line on stderr and exit code 2, before anything is written.
+Subcommands live in :data:`COMMANDS`; a new one (e.g. ``compare``) adds an entry there.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import signal
+import sys
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import NoReturn
+
+from locmoe.config import (
+    ACTIVATIONS,
+    DISPATCH_MODES,
+    POSITIONS,
+    RunConfig,
+    field_owners,
+    field_types,
+    load_config_file,
+    parse_field,
+)
+from locmoe.routing.registry import available_routers
+
+EXIT_USAGE = 2
+
+
+class CommandLineError(ValueError):
+    """A user error found while parsing arguments."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line (no usage dump) and exit code 2."""
+
+    def error(self, message: str) -> NoReturn:
+        raise CommandLineError(message)
+
+
+@dataclass(frozen=True)
+class Command:
+    help: str
+    add_arguments: Callable[[argparse.ArgumentParser], None]
+    run: Callable[[argparse.Namespace], int]
+
+
+_METAVARS = {
+    "int": "INT", "float": "FLOAT", "str": "TEXT", "bool": "true|false", "int | None": "INT|none",
+    "float | str": "CF|default|dropless", "dict[str, Any]": "K=V,...|JSON",
+}
+
+
+def _add_train_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", metavar="FILE", help="TOML (or JSON) config file: out, [model], [data], [train]")
+    parser.add_argument("--resume", action="store_true", help="continue the run in --out from its newest checkpoint")
+    owners = field_owners()
+    defaults = RunConfig().flat() | {"out": RunConfig().out}
+    choices = {
+        "router": available_routers(), "positions": POSITIONS, "activation": ACTIVATIONS, "dispatch": DISPATCH_MODES,
+        "corpus": ("python-docs", "linux-docs", "linux-docs-networking", "PATH"),
+    }
+    for name, kind in field_types().items():
+        flags = [f"--{name.replace('_', '-')}"] + ([f"--{name}"] if "_" in name else [])
+        section = owners.get(name)
+        label = f"{section}.{name}" if section else name
+        allowed = f"; one of {', '.join(choices[name])}" if name in choices else ""
+        parser.add_argument(
+            *flags, dest=name, default=argparse.SUPPRESS, metavar=_METAVARS.get(kind, "VALUE"),
+            help=f"{label} (default {defaults[name]!r}{allowed})",
+        )
+
+
+def _resolve_train_config(args: argparse.Namespace) -> RunConfig:
+    types = field_types()
+    overrides = {name: parse_field(name, text) for name, text in vars(args).items() if name in types}
+    base = RunConfig()
+    if args.config:
+        base = load_config_file(args.config, base)
+    if args.resume:
+        # The run's own resolved config is the starting point; the file and flags go over it.
+        saved = base.with_overrides(overrides).run_dir / "config.json"
+        if saved.is_file():
+            base = RunConfig.from_dict(json.loads(saved.read_text(encoding="utf-8")))
+            # stop_after ends one invocation; the continuation runs to the end unless told again.
+            base = base.with_overrides({"stop_after": 0})
+            if args.config:
+                base = load_config_file(args.config, base)
+    return base.with_overrides(overrides)
+
+
+def _run_train(args: argparse.Namespace) -> int:
+    from locmoe.train import format_summary, train
+
+    config = _resolve_train_config(args)
+    summary = train(config, resume=args.resume)
+    print(format_summary(summary))
+    if summary["status"] == "interrupted":
+        print(
+            f"interrupted by {summary['signal']} at step {summary['step']}; checkpoint {summary['checkpoint']}; "
+            f"continue with: locmoe train --out {config.run_dir} --resume",
+            file=sys.stderr,
+        )
+        return 128 + int(signal.Signals[summary["signal"]])
+    return 0
+
+
+def _add_checkpoint_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--checkpoint", required=True, metavar="PATH", help="a checkpoint file, or a run directory (its newest)"
+    )
+
+
+def _load_for_inference(path: str):
+    from locmoe.checkpoint import resolve_checkpoint
+    from locmoe.model import build_model
+
+    checkpoint_path, state = resolve_checkpoint(path)
+    try:
+        config = RunConfig.from_dict(state["config"])
+    except (ValueError, TypeError) as error:
+        raise ValueError(f"checkpoint {checkpoint_path} has a config this locmoe cannot use: {error}") from None
+    model = build_model(config.model, config.data.vocab_size)
+    model.load_state_dict(state["model"])
+    model.eval()
+    return checkpoint_path, state, config, model
+
+
+def _add_eval_arguments(parser: argparse.ArgumentParser) -> None:
+    _add_checkpoint_argument(parser)
+    parser.add_argument("--batches", default="0", metavar="N", help="validation batches to use (0 = all; default 0)")
+    parser.add_argument("--json", action="store_true", help="print the result as JSON")
+
+
+def _non_negative_int(name: str, text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise ValueError(f"{name}={text!r} is invalid; allowed: an integer >= 0")
+    return value
+
+
+def _run_eval(args: argparse.Namespace) -> int:
+    from locmoe.data.dataset import prepare_data
+    from locmoe.train import evaluate
+
+    batches = _non_negative_int("--batches", args.batches)
+    path, state, config, model = _load_for_inference(args.checkpoint)
+    data = prepare_data(config.data)
+    if data.tokenizer.to_json() != state["tokenizer"]:
+        raise ValueError(f"the tokenizer built for {config.data.corpus!r} differs from the one in {path}")
+    result = evaluate(model, data.validation_ids, config.train.batch_size, batches)
+    result = {"checkpoint": str(path), "step": int(state["step"]), "corpus": data.corpus_name, **result}
+    if args.json:
+        print(json.dumps(result))
+    else:
+        print(
+            f"{path} (step {result['step']}): validation loss {result['val_loss']:.4f} nats, "
+            f"perplexity {result['val_perplexity']:.2f} over {result['val_tokens']:,} tokens of {data.corpus_name}"
+        )
+    return 0
+
+
+def _add_sample_arguments(parser: argparse.ArgumentParser) -> None:
+    _add_checkpoint_argument(parser)
+    parser.add_argument("--prompt", required=True, metavar="TEXT", help="text to continue")
+    parser.add_argument("--tokens", default="200", metavar="N", help="tokens to generate (default 200)")
+    parser.add_argument("--temperature", default="0.8", metavar="T", help="0 = greedy (default 0.8)")
+    parser.add_argument("--top-k", "--top_k", dest="top_k", default="50", metavar="K", help="0 = off (default 50)")
+    parser.add_argument("--seed", default="0", metavar="S", help="sampling seed (default 0)")
+
+
+def _run_sample(args: argparse.Namespace) -> int:
+    import torch
+
+    from locmoe.data.tokenizer import BPETokenizer
+
+    tokens = _non_negative_int("--tokens", args.tokens)
+    top_k = _non_negative_int("--top-k", args.top_k)
+    seed = _non_negative_int("--seed", args.seed)
+    try:
+        temperature = float(args.temperature)
+    except ValueError:
+        temperature = -1.0
+    if not 0 <= temperature < float("inf"):
+        raise ValueError(f"--temperature={args.temperature!r} is invalid; allowed: a number >= 0")
+    if not args.prompt:
+        raise ValueError("--prompt is empty; give some text to continue")
+    _, state, _, model = _load_for_inference(args.checkpoint)
+    tokenizer = BPETokenizer.from_json(state["tokenizer"])
+    prompt = torch.tensor([tokenizer.encode(args.prompt)], dtype=torch.long)
+    generator = torch.Generator().manual_seed(seed)
+    output = model.generate(prompt, tokens, temperature=temperature, top_k=top_k, generator=generator)
+    print(tokenizer.decode(output[0].tolist()))
+    return 0
+
+
+def _run_demo(args: argparse.Namespace) -> int:
+    from locmoe.demo import run_demo
+
+    print(run_demo())
+    return 0
+
+
+COMMANDS: dict[str, Command] = {
+    "train": Command("pre-train a small MoE language model", _add_train_arguments, _run_train),
+    "eval": Command("validation loss and perplexity of a checkpoint", _add_eval_arguments, _run_eval),
+    "sample": Command("generate text from a checkpoint", _add_sample_arguments, _run_sample),
+    "demo": Command("every router on one batch, side by side", lambda parser: None, _run_demo),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(
+        prog="locmoe", description="LocMoE+ and baseline MoE routers: train, evaluate, sample.", allow_abbrev=False
+    )
+    subcommands = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    subcommands.required = True
+    for name, command in COMMANDS.items():
+        # allow_abbrev=False: a flag is a field name exactly, never a guessed prefix of one.
+        command.add_arguments(
+            subcommands.add_parser(name, help=command.help, description=command.help, allow_abbrev=False)
+        )
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``locmoe`` console script; returns the exit code."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        args = build_parser().parse_args(argv)
+        return COMMANDS[args.command].run(args)
+    except (ValueError, FileNotFoundError) as error:  # CommandLineError is a ValueError
+        command = next((a for a in argv if a in COMMANDS), None)
+        print(f"locmoe{' ' + command if command else ''}: error: {error}", file=sys.stderr)
+        return EXIT_USAGE
+    except FloatingPointError as error:
+        print(f"locmoe: error: {error}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("locmoe: interrupted", file=sys.stderr)
+        return 130

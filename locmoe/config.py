@@ -1,0 +1,413 @@
+"""Run configuration: frozen, validated dataclasses that map 1:1 to TOML keys and command-line flags.
+
+A run is ``RunConfig(out, model, data, train)``. Every field of the three sections has a unique
+name, so ``--d-model 128`` on the command line, ``d_model = 128`` under ``[model]`` in a TOML file
+and ``ModelConfig(d_model=128)`` in Python are the same setting. Each ``__post_init__`` rejects a
+bad value with a ``ValueError`` that names the field, the value and what is allowed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from locmoe.routing.registry import available_routers
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - exercised only on Python 3.10
+    import tomli as tomllib
+
+POSITIONS = ("rotary", "learned")
+ACTIVATIONS = ("gelu", "swiglu")
+DISPATCH_MODES = ("pad", "pack")
+CAPACITY_WORDS = ("default", "dropless")
+
+
+def _fail(name: str, value: object, allowed: str) -> None:
+    raise ValueError(f"{name}={value!r} is invalid; allowed: {allowed}")
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _int_at_least(name: str, value: object, low: int) -> None:
+    if not _is_int(value) or value < low:
+        _fail(name, value, f"an integer >= {low}")
+
+
+def _number_in(name: str, value: object, low: float, high: float, *, open_low: bool = False) -> None:
+    if not _is_number(value) or value > high or value < low or (open_low and value == low):
+        _fail(name, value, f"a number in {'(' if open_low else '['}{low}, {high}]")
+
+
+def _choice(name: str, value: object, choices: tuple[str, ...] | list[str]) -> None:
+    if value not in choices:
+        _fail(name, value, ", ".join(choices))
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """The GPT-style decoder and its MoE layers (see :mod:`locmoe.model`).
+
+    ``moe_every = k`` makes the FFN of every k-th block (blocks k, 2k, ... counting from 1) a
+    ``MoELayer``; 0 makes every block dense. ``capacity_factor`` is a positive number, ``"default"``
+    (each router's SPEC default) or ``"dropless"`` (``topk`` only). ``router_options`` go to the
+    router unchanged (e.g. ``{"tau": 0.9}``); ``top_k = None`` is the router's own default.
+    """
+
+    d_model: int = 192
+    n_layers: int = 4
+    n_heads: int = 4
+    d_ff: int = 768
+    seq_len: int = 128
+    positions: str = "rotary"
+    rope_base: float = 10000.0
+    dropout: float = 0.0
+    norm_eps: float = 1e-5
+    init_std: float = 0.02
+    moe_every: int = 2
+    num_experts: int = 8
+    router: str = "locmoe_plus"
+    top_k: int | None = None
+    capacity_factor: float | str = "default"
+    activation: str = "gelu"
+    dispatch: str = "pad"
+    ch_interval: int = 0
+    router_options: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        for name in ("d_model", "n_layers", "n_heads", "d_ff", "seq_len", "num_experts"):
+            _int_at_least(f"model.{name}", getattr(self, name), 1)
+        if self.d_model % self.n_heads:
+            _fail("model.n_heads", self.n_heads, f"a divisor of d_model={self.d_model}")
+        _choice("model.positions", self.positions, POSITIONS)
+        if self.positions == "rotary" and (self.d_model // self.n_heads) % 2:
+            _fail("model.n_heads", self.n_heads, "a value giving an even head size (d_model / n_heads) for rotary")
+        _number_in("model.rope_base", self.rope_base, 1.0, 1e12, open_low=True)
+        _number_in("model.dropout", self.dropout, 0.0, 0.99)
+        _number_in("model.norm_eps", self.norm_eps, 0.0, 1.0, open_low=True)
+        _number_in("model.init_std", self.init_std, 0.0, 1.0, open_low=True)
+        _int_at_least("model.moe_every", self.moe_every, 0)
+        _choice("model.router", self.router, available_routers())
+        if self.top_k is not None:
+            _int_at_least("model.top_k", self.top_k, 1)
+            if self.top_k > self.num_experts:
+                _fail("model.top_k", self.top_k, f"an integer in [1, num_experts={self.num_experts}]")
+        if isinstance(self.capacity_factor, str):
+            _choice("model.capacity_factor", self.capacity_factor, CAPACITY_WORDS)
+        elif not _is_number(self.capacity_factor) or self.capacity_factor <= 0:
+            _fail("model.capacity_factor", self.capacity_factor, "a positive number, 'default' or 'dropless'")
+        _choice("model.activation", self.activation, ACTIVATIONS)
+        _choice("model.dispatch", self.dispatch, DISPATCH_MODES)
+        _int_at_least("model.ch_interval", self.ch_interval, 0)
+        if not isinstance(self.router_options, dict) or not all(isinstance(k, str) for k in self.router_options):
+            _fail("model.router_options", self.router_options, "a table of option names to values")
+        # A private copy: the frozen config must not change when the caller's dict does.
+        object.__setattr__(self, "router_options", dict(self.router_options))
+
+    @property
+    def moe_layer_indices(self) -> list[int]:
+        """0-based indices of the blocks whose FFN is a ``MoELayer``."""
+        if self.moe_every == 0:
+            return []
+        return [i for i in range(self.n_layers) if (i + 1) % self.moe_every == 0]
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """The corpus, its train/validation split and the tokenizer (see :mod:`locmoe.data`).
+
+    ``corpus`` is ``python-docs`` (embedded), ``linux-docs`` / ``linux-docs-networking`` (opt-in,
+    fetched into the cache by ``locmoe/data/fetch_linux_docs.sh``) or a path to a text file or folder.
+    ``max_chars`` > 0 keeps only the first that many characters (quick runs, tests). The text is cut
+    into blocks of about ``split_block_chars`` characters at line ends; a fixed, evenly spread
+    ``validation_fraction`` of the blocks is the validation split. ``cache_dir`` empty means
+    ``$LOCMOE_CACHE_DIR``, else ``$XDG_CACHE_HOME/locmoe``, else ``~/.cache/locmoe``.
+    """
+
+    corpus: str = "python-docs"
+    cache_dir: str = ""
+    vocab_size: int = 8192
+    max_chars: int = 0
+    validation_fraction: float = 0.05
+    split_block_chars: int = 8192
+    data_seed: int = 0
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.corpus, str) or not self.corpus:
+            _fail("data.corpus", self.corpus, "python-docs, linux-docs, linux-docs-networking or a path")
+        if not isinstance(self.cache_dir, str):
+            _fail("data.cache_dir", self.cache_dir, "a directory path ('' = the default cache)")
+        # 256 byte-level symbols are the floor of a byte-level BPE; 2**31 keeps ids in int32.
+        if not _is_int(self.vocab_size) or not 256 <= self.vocab_size < 2**31:
+            _fail("data.vocab_size", self.vocab_size, "an integer >= 256")
+        _int_at_least("data.max_chars", self.max_chars, 0)
+        _number_in("data.validation_fraction", self.validation_fraction, 0.0, 0.5, open_low=True)
+        _int_at_least("data.split_block_chars", self.split_block_chars, 1)
+        _int_at_least("data.data_seed", self.data_seed, 0)
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """The optimisation run (see :mod:`locmoe.train`).
+
+    The learning rate warms up linearly over ``warmup_steps`` and then follows a cosine from ``lr``
+    to ``min_lr_ratio · lr`` at ``steps``. ``stop_after`` > 0 ends this invocation after that many
+    total steps (with a checkpoint) without changing the schedule, so a later ``--resume`` continues
+    the same run. ``eval_every`` / ``checkpoint_every`` = 0 means only at the end. ``eval_batches``
+    = 0 evaluates the whole validation split. ``grad_clip`` = 0 disables clipping. ``threads`` = 0
+    leaves torch's thread count alone.
+    """
+
+    steps: int = 1000
+    stop_after: int = 0
+    batch_size: int = 16
+    lr: float = 3e-3
+    min_lr_ratio: float = 0.1
+    warmup_steps: int = 50
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    adam_eps: float = 1e-8
+    grad_clip: float = 1.0
+    seed: int = 0
+    eval_every: int = 250
+    eval_batches: int = 32
+    checkpoint_every: int = 250
+    keep_checkpoints: int = 2
+    threads: int = 0
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        _int_at_least("train.steps", self.steps, 1)
+        _int_at_least("train.stop_after", self.stop_after, 0)
+        _int_at_least("train.batch_size", self.batch_size, 1)
+        _number_in("train.lr", self.lr, 0.0, 10.0, open_low=True)
+        _number_in("train.min_lr_ratio", self.min_lr_ratio, 0.0, 1.0)
+        _int_at_least("train.warmup_steps", self.warmup_steps, 0)
+        _number_in("train.weight_decay", self.weight_decay, 0.0, 10.0)
+        _number_in("train.beta1", self.beta1, 0.0, 0.999999)
+        _number_in("train.beta2", self.beta2, 0.0, 0.999999)
+        _number_in("train.adam_eps", self.adam_eps, 0.0, 1.0, open_low=True)
+        _number_in("train.grad_clip", self.grad_clip, 0.0, 1e6)
+        _int_at_least("train.seed", self.seed, 0)
+        _int_at_least("train.eval_every", self.eval_every, 0)
+        _int_at_least("train.eval_batches", self.eval_batches, 0)
+        _int_at_least("train.checkpoint_every", self.checkpoint_every, 0)
+        _int_at_least("train.keep_checkpoints", self.keep_checkpoints, 1)
+        _int_at_least("train.threads", self.threads, 0)
+        if not isinstance(self.progress, bool):
+            _fail("train.progress", self.progress, "true or false")
+
+
+SECTIONS: dict[str, type] = {"model": ModelConfig, "data": DataConfig, "train": TrainConfig}
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """One training run: where it writes (``out``) and its three sections.
+
+    ``out`` may contain ``{field}`` placeholders of any section field, e.g. the default
+    ``runs/{router}-seed{seed}``; :attr:`run_dir` fills them in.
+    """
+
+    out: str = "runs/{router}-seed{seed}"
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.out, str) or not self.out:
+            _fail("out", self.out, "a directory path")
+        for name, cls in SECTIONS.items():
+            if not isinstance(getattr(self, name), cls):
+                _fail(name, getattr(self, name), f"a {cls.__name__}")
+        try:
+            self.out.format(**self.flat())
+        except (KeyError, IndexError, ValueError) as error:
+            _fail("out", self.out, f"a path whose {{placeholders}} are config field names ({error})")
+
+    @property
+    def run_dir(self) -> Path:
+        """``out`` with its ``{field}`` placeholders filled in."""
+        return Path(self.out.format(**self.flat()))
+
+    def flat(self) -> dict[str, Any]:
+        """Every section field by its (unique) name."""
+        values: dict[str, Any] = {}
+        for name in SECTIONS:
+            values.update(dataclasses.asdict(getattr(self, name)))
+        return values
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any], base: RunConfig | None = None) -> RunConfig:
+        """Build a config from nested values (``{"out": ..., "model": {...}, ...}``) laid over ``base``
+        (default: the defaults). Unknown keys are errors naming the key and the allowed ones."""
+        base = base or cls()
+        if not isinstance(values, dict):
+            _fail("config", values, "a table with out, [model], [data] and [train]")
+        unknown = sorted(set(values) - {"out", *SECTIONS})
+        if unknown:
+            raise ValueError(f"unknown config key(s) {', '.join(unknown)}; allowed: out, {', '.join(SECTIONS)}")
+        sections = {}
+        for name, section_cls in SECTIONS.items():
+            given = values.get(name, {})
+            if not isinstance(given, dict):
+                _fail(name, given, f"a table of {name} fields")
+            allowed = [f.name for f in dataclasses.fields(section_cls)]
+            unknown = sorted(set(given) - set(allowed))
+            if unknown:
+                raise ValueError(f"unknown [{name}] key(s) {', '.join(unknown)}; allowed: {', '.join(allowed)}")
+            sections[name] = dataclasses.replace(getattr(base, name), **given)
+        return cls(out=values.get("out", base.out), **sections)
+
+    def with_overrides(self, overrides: dict[str, Any]) -> RunConfig:
+        """Set fields by their flat name (``{"d_model": 128, "out": "runs/x"}``), already typed."""
+        nested: dict[str, Any] = {}
+        owners = field_owners()
+        for name, value in overrides.items():
+            if name == "out":
+                nested["out"] = value
+            elif name in owners:
+                nested.setdefault(owners[name], {})[name] = value
+            else:
+                raise ValueError(f"unknown config field {name!r}")
+        return RunConfig.from_dict(nested, base=self)
+
+
+def field_owners() -> dict[str, str]:
+    """Flat field name -> its section; asserts the names are unique (the CLI relies on it)."""
+    owners: dict[str, str] = {}
+    for section, cls in SECTIONS.items():
+        for f in dataclasses.fields(cls):
+            if f.name in owners or f.name == "out":
+                raise AssertionError(f"config field name {f.name!r} is not unique across sections")
+            owners[f.name] = section
+    return owners
+
+
+def field_types() -> dict[str, str]:
+    """Flat field name -> its annotation as written (``"int"``, ``"float | str"``, ...)."""
+    types = {"out": "str"}
+    for cls in SECTIONS.values():
+        types.update({f.name: str(f.type) for f in dataclasses.fields(cls)})
+    return types
+
+
+def _parse_scalar(text: str) -> Any:
+    """``"3"`` -> 3, ``"0.5"`` -> 0.5, ``"true"`` -> True, anything else stays a string."""
+    lowered = text.strip().lower()
+    if lowered in ("true", "false"):
+        return lowered == "true"
+    for convert in (int, float):
+        try:
+            return convert(text)
+        except ValueError:
+            pass
+    return text
+
+
+def parse_field(name: str, text: str) -> Any:
+    """Turn a command-line string into the typed value of field ``name``."""
+    kind = field_types().get(name)
+    if kind is None:
+        raise ValueError(f"unknown config field {name!r}")
+    try:
+        if kind == "str":
+            return text
+        if kind == "bool":
+            if text.strip().lower() not in ("true", "false", "1", "0", "yes", "no"):
+                raise ValueError
+            return text.strip().lower() in ("true", "1", "yes")
+        if kind == "int":
+            return int(text)
+        if kind == "float":
+            return float(text)
+        if kind == "int | None":
+            return None if text.strip().lower() in ("none", "default") else int(text)
+        if kind == "float | str":
+            value = _parse_scalar(text)
+            return value if isinstance(value, str) else float(value)
+        if kind.startswith("dict"):
+            return _parse_options(text)
+    except ValueError:
+        pass
+    section = field_owners().get(name)
+    _fail(f"{section}.{name}" if section else name, text, f"a value of type {kind}")
+    raise AssertionError("unreachable")
+
+
+def _parse_options(text: str) -> dict[str, Any]:
+    """``'{"tau": 0.8}'`` (JSON) or ``tau=0.8,margin=0.2``; ``""`` is no options."""
+    text = text.strip()
+    if not text:
+        return {}
+    if text.startswith("{"):
+        value = json.loads(text)
+        if not isinstance(value, dict):
+            raise ValueError
+        return value
+    options = {}
+    for item in text.split(","):
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise ValueError
+        options[key.strip()] = _parse_scalar(value.strip())
+    return options
+
+
+def load_config_file(path: str | Path, base: RunConfig | None = None) -> RunConfig:
+    """Read a TOML (or JSON) config file laid over ``base``; a missing file is a ``ValueError``."""
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"config file {str(path)!r} does not exist")
+    try:
+        if path.suffix == ".json":
+            values = json.loads(path.read_text(encoding="utf-8"))
+        else:
+            values = tomllib.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as error:  # TOMLDecodeError and JSONDecodeError are ValueErrors
+        kind = "JSON" if path.suffix == ".json" else "TOML"
+        raise ValueError(f"config file {str(path)!r} is not valid {kind}: {error}") from None
+    return RunConfig.from_dict(values, base=base)
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    if isinstance(value, str):
+        return json.dumps(value, ensure_ascii=False)  # JSON string escapes are valid TOML basic strings
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    raise ValueError(f"cannot write {value!r} to TOML")
+
+
+def to_toml(config: RunConfig) -> str:
+    """The config as TOML that :func:`load_config_file` reads back to an equal config. ``None``
+    fields (TOML has no null) are left out, which restores their default, ``None``."""
+    lines = [f"out = {_toml_value(config.out)}"]
+    for name in SECTIONS:
+        section = dataclasses.asdict(getattr(config, name))
+        tables = {k: v for k, v in section.items() if isinstance(v, dict)}
+        lines += ["", f"[{name}]"]
+        lines += [f"{k} = {_toml_value(v)}" for k, v in section.items() if v is not None and k not in tables]
+        for key, table in tables.items():
+            lines += ["", f"[{name}.{key}]"]
+            lines += [f"{json.dumps(k)} = {_toml_value(v)}" for k, v in table.items()]
+    return "\n".join(lines) + "\n"

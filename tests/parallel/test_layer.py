@@ -1,0 +1,102 @@
+"""``ExpertParallelMoELayer`` in one process (no process group): it is a drop-in ``MoELayer``."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from locmoe import available_routers
+from locmoe.config import ModelConfig
+from locmoe.layer import MoELayer
+from locmoe.model import GPT
+from locmoe.parallel import (
+    ExpertParallelGroups,
+    ExpertParallelMoELayer,
+    Topology,
+    expert_parallel_layers,
+    plan_rows,
+    shard_experts,
+)
+
+
+def _inputs(seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randn(3, 10, 16, generator=generator), torch.randint(0, 40, (3, 10), generator=generator)
+
+
+@pytest.mark.parametrize("router", available_routers())
+def test_one_process_matches_moe_layer(router):
+    torch.manual_seed(0)
+    reference = MoELayer(16, 24, 4, router=router)
+    layer = ExpertParallelMoELayer(copy.deepcopy(reference), None)
+    x, ids = _inputs()
+    x_reference, x_parallel = x.clone().requires_grad_(), x.clone().requires_grad_()
+    expected = reference(x_reference, token_ids=ids, token_nodes=torch.zeros_like(ids))
+    actual = layer(x_parallel, token_ids=ids)
+    torch.testing.assert_close(actual, expected)
+    (expected.square().sum() + reference.aux_loss).backward()
+    (actual.square().sum() + layer.aux_loss).backward()
+    torch.testing.assert_close(x_parallel.grad, x_reference.grad)
+    torch.testing.assert_close(layer.experts.w_in.grad, reference.experts.w_in.grad)
+    assert layer.last_metrics["received_tokens"] == layer.last_metrics["tokens_kept"]
+    assert layer.last_metrics["inter_node_share"] == 0.0
+
+
+def test_sharding_keeps_the_initial_weights_and_the_random_stream():
+    torch.manual_seed(0)
+    reference = MoELayer(16, 24, 4)
+    after_reference = torch.rand(3)
+    torch.manual_seed(0)
+    layer = ExpertParallelMoELayer.build(16, 24, 4)
+    assert torch.equal(torch.rand(3), after_reference)  # building the shard drew nothing more
+    assert torch.equal(layer.experts.w_out, reference.experts.w_out)
+    assert torch.equal(layer.router.gate.weight, reference.router.gate.weight)
+    assert layer.expert_ids.tolist() == [0, 1, 2, 3]
+    assert all(p.expert_parallel for p in layer.experts.parameters())
+    assert not any(getattr(p, "expert_parallel", False) for p in layer.router.parameters())
+
+
+def test_locmoe_plus_global_scope_becomes_the_layer_routing_scope():
+    layer = ExpertParallelMoELayer.build(16, 24, 4, "locmoe_plus", scope="global")
+    assert layer.routing_scope == "global" and layer.router.scope == "batch"
+    with pytest.raises(ValueError, match="contradicts"):
+        ExpertParallelMoELayer.build(16, 24, 4, "locmoe_plus", scope="global", routing_scope="local")
+
+
+def test_invalid_parallel_options_are_refused():
+    with pytest.raises(ValueError, match="routing_scope must be one of local, global"):
+        ExpertParallelMoELayer(MoELayer(16, 24, 4), None, routing_scope="world")
+    with pytest.raises(ValueError, match="single-process MoELayer"):
+        ExpertParallelMoELayer(ExpertParallelMoELayer.build(16, 24, 4), None)
+    uneven = ExpertParallelGroups(Topology((0, 1, 2), 2), 0, 3, None, None, None, None, None)
+    with pytest.raises(ValueError, match="hierarchical all-to-all needs the same number"):
+        ExpertParallelMoELayer(MoELayer(16, 24, 6), uneven, hierarchical=True)
+
+
+def test_plan_rows_keeps_the_rows_and_recounts_their_load():
+    torch.manual_seed(0)
+    layer = MoELayer(16, 24, 4, router="topk")
+    layer(torch.randn(12, 16))
+    plan = layer.last_plan
+    part = plan_rows(plan, 4, 9)
+    assert torch.equal(part.expert_ids, plan.expert_ids[4:9])
+    assert torch.equal(part.gate_weights, plan.gate_weights[4:9])
+    assert part.tokens_per_expert.tolist() == [int((plan.expert_ids[4:9] == e).sum()) for e in range(4)]
+    assert part.capacity == plan.capacity
+    part.validate()
+
+
+def test_shard_experts_turns_a_gpt_into_an_expert_parallel_gpt_with_the_same_loss():
+    config = ModelConfig(d_model=32, n_layers=2, n_heads=4, d_ff=48, seq_len=12, num_experts=4, moe_every=1)
+    torch.manual_seed(0)
+    model = GPT(config, 50)
+    ids = torch.randint(0, 50, (2, 12), generator=torch.Generator().manual_seed(1))
+    expected = model.loss(ids, ids)
+    names = shard_experts(model, None)
+    assert names == ["blocks.0.ffn", "blocks.1.ffn"] == list(expert_parallel_layers(model))
+    assert [layer.name for layer in expert_parallel_layers(model).values()] == names
+    actual = model.loss(ids, ids)
+    torch.testing.assert_close(actual, expected)
+    assert set(model.routing_metrics()) == {"layer0", "layer1"}

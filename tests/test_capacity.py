@@ -1,0 +1,307 @@
+"""Capacity math (SPEC §3): incomplete beta, LocMoE Lemma 3 / Theorem 1, δ statistic, capacities."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from scipy import special
+
+from locmoe.capacity import betainc, delta_statistic, dynamic_capacity, ec_min, locmoe_capacity, p_delta
+from locmoe.routing.grap import grap_affinity
+
+# ---------------------------------------------------------------------------------------------------
+# Regularised incomplete beta
+# ---------------------------------------------------------------------------------------------------
+
+
+def _locmoe_grid() -> list[int]:
+    generator = np.random.default_rng(0)
+    return [16, 17, 100, 128, 512, 1000, 4096, 5120, 8191, 8192, *generator.integers(16, 8193, 6).tolist()]
+
+
+@pytest.mark.parametrize("d", _locmoe_grid())
+def test_betainc_matches_scipy_over_the_locmoe_range(d):
+    """The issue's bar: |I - scipy| <= 1e-6 for a = 1/2, b = (d-1)/2, x = δ², δ in [0.001, 0.9]."""
+    deltas = np.geomspace(1e-3, 0.9, 200)
+    a, b = 0.5, (d - 1) / 2
+    ours = betainc(a, b, torch.tensor(deltas**2)).numpy()
+    np.testing.assert_allclose(ours, special.betainc(a, b, deltas**2), rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("d", _locmoe_grid())
+def test_p_delta_keeps_relative_precision_when_tiny(d):
+    """p_δ is the complement 1 - I; computed directly it matches scipy's I_{1-δ²}((d-1)/2, 1/2)
+    relatively (a naive 1 - betainc would return 0 where p_δ ~ 1e-20)."""
+    deltas = np.geomspace(1e-3, 0.9, 200)
+    ours = p_delta(torch.tensor(deltas), d).numpy()
+    expected = special.betainc((d - 1) / 2, 0.5, (1 - deltas) * (1 + deltas))
+    representable = expected > 1e-290
+    np.testing.assert_allclose(ours[representable], expected[representable], rtol=1e-8)
+    assert np.all(ours[~representable] < 1e-280)
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    a=st.floats(0.05, 3000.0),
+    b=st.floats(0.05, 3000.0),
+    x=st.floats(0.0, 1.0),
+)
+def test_betainc_matches_scipy_for_general_parameters(a, b, x):
+    assert betainc(a, b, x) == pytest.approx(float(special.betainc(a, b, x)), abs=1e-9)
+
+
+def test_betainc_edges_and_symmetry():
+    assert betainc(2.0, 3.0, 0.0) == 0.0
+    assert betainc(2.0, 3.0, 1.0) == 1.0
+    # I_x(2, 3) = 6x²(1/2 - 2x/3 + x²/4) by hand; at x = 0.4: 0.5248
+    assert betainc(2.0, 3.0, 0.4) == pytest.approx(0.5248, abs=1e-14)
+    # I_x(a, b) = 1 - I_{1-x}(b, a)
+    xs = torch.linspace(0.01, 0.99, 50, dtype=torch.float64)
+    torch.testing.assert_close(betainc(3.5, 0.7, xs), 1 - betainc(0.7, 3.5, 1 - xs), atol=1e-12, rtol=0)
+    assert math.isnan(betainc(2.0, 3.0, 1.5))
+    assert math.isnan(betainc(2.0, 3.0, -0.1))
+    assert isinstance(betainc(0.5, 10.0, 0.1), float)
+    assert betainc(0.5, 10.0, torch.tensor([0.1, 0.2])).shape == (2,)
+
+
+@pytest.mark.parametrize("bad", [0.0, -1.0, math.inf, math.nan])
+def test_betainc_rejects_bad_shape_parameters(bad):
+    with pytest.raises(ValueError, match=r"positive finite a"):
+        betainc(bad, 1.0, 0.5)
+    with pytest.raises(ValueError, match=r"positive finite b"):
+        betainc(1.0, bad, 0.5)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Lemma 3 and Theorem 1
+# ---------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("d", [16, 128, 512])
+def test_lemma3_monte_carlo(d):
+    """Uniform unit vectors in R^d (normalised Gaussians): the empirical P(|cos(x, w_i)| >= δ) with the
+    GrAP gate directions matches p_δ within 4.5 binomial standard errors (counting only the N
+    tokens, not the N·n correlated cosines)."""
+    generator = torch.Generator().manual_seed(d)
+    num_samples, num_experts = 20_000, 8
+    x = torch.randn(num_samples, d, generator=generator, dtype=torch.float64)
+    x = x / x.norm(dim=1, keepdim=True)
+    cosines = grap_affinity(x, num_experts).abs()
+    for delta in [0.5 / math.sqrt(d), 1 / math.sqrt(d), 2 / math.sqrt(d), 3 / math.sqrt(d)]:
+        expected = p_delta(delta, d)
+        empirical = float((cosines >= delta).double().mean())
+        standard_error = math.sqrt(expected * (1 - expected) / num_samples)
+        assert abs(empirical - expected) <= 4.5 * standard_error + 1e-4, (d, delta, empirical, expected)
+
+
+def test_p_delta_at_one_over_sqrt_d_is_about_0_317():
+    """The paper's reading of Lemma 3: at δ ~ 1/sqrt(d) and large d, p_δ -> 1 - erf(1/sqrt 2) ≈ 0.3173."""
+    assert p_delta(1 / math.sqrt(8192), 8192) == pytest.approx(1 - math.erf(1 / math.sqrt(2)), abs=2e-4)
+
+
+def test_p_delta_limits_and_monotonicity():
+    assert p_delta(0.0, 64) == 1.0
+    assert p_delta(-0.3, 64) == 1.0
+    assert p_delta(1.0, 64) == 0.0
+    deltas = torch.linspace(0.0, 1.0, 101, dtype=torch.float64)
+    values = p_delta(deltas, 256)
+    assert torch.all(values[1:] <= values[:-1])
+    # For a fixed δ, the caps shrink as the dimension grows.
+    by_dimension = [p_delta(0.1, d) for d in (16, 64, 256, 1024)]
+    assert by_dimension == sorted(by_dimension, reverse=True)
+    assert math.isnan(p_delta(math.nan, 64))
+
+
+# paper-notes §1.4, as printed: d, n, δ, p_δ, ec_min exact, erfc form, exp form.
+WORKED_VALUES = [
+    (5120, 16, 0.03, "0.0318", "1.97", "1.97", "0.63"),
+    (4096, 8, 0.03, "0.0549", "2.28", "2.28", "0.79"),
+    (4096, 8, 0.05, "1.37e-3", "91.4", "91.6", "21.1"),
+    (4096, 8, 0.08, "2.9e-7", "4.3e5", "4.3e5", "6.4e4"),
+    (128, 8, 0.1, "0.2595", "0.48", "0.49", "0.24"),
+    (128, 8, 0.2, "0.0231", "5.42", "5.61", "1.70"),
+    (128, 8, 0.3, "5.5e-4", "226", "243", "52"),
+    (256, 8, 0.1, "0.1097", "1.14", "1.15", "0.45"),
+]
+
+
+def _significant_figures(printed: str) -> int:
+    mantissa = printed.lower().split("e")[0].replace(".", "").lstrip("0")
+    return len(mantissa)
+
+
+def _agrees_with_printed(value: float, printed: str) -> bool:
+    """Agreement to 3 significant figures (relative error <= 0.5 %) where the table prints 3 or more,
+    else to the printed precision (half a unit of the last printed digit)."""
+    reference = float(printed)
+    if _significant_figures(printed) >= 3:
+        return abs(value - reference) <= 5e-3 * abs(reference)
+    mantissa = printed.lower().split("e")
+    exponent = int(mantissa[1]) if len(mantissa) == 2 else 0
+    decimals = len(mantissa[0].split(".")[1]) if "." in mantissa[0] else 0
+    return abs(value - reference) <= 0.5 * 10.0 ** (exponent - decimals) * (1 + 1e-9)
+
+
+@pytest.mark.parametrize("row", WORKED_VALUES, ids=lambda row: f"d{row[0]}-n{row[1]}-delta{row[2]}")
+def test_ec_min_reproduces_the_worked_values_table(row):
+    """paper-notes §1.4. Note: the table prints 1.97 for the exact form at d=5120, n=16, δ=0.03; the
+    value is 1.9648 (scipy agrees), i.e. 1.96 to 3 significant figures: 0.26 % off, within the
+    0.5 % of 3-significant-figure agreement."""
+    d, n, delta, printed_p, printed_exact, printed_erfc, printed_exp = row
+    assert _agrees_with_printed(p_delta(delta, d), printed_p)
+    assert _agrees_with_printed(ec_min(delta, d, n, "exact"), printed_exact)
+    assert _agrees_with_printed(ec_min(delta, d, n, "erfc"), printed_erfc)
+    assert _agrees_with_printed(ec_min(delta, d, n, "exp"), printed_exp)
+
+
+def test_table_agreement_check_can_fail():
+    assert not _agrees_with_printed(1.95, "1.97")
+    assert not _agrees_with_printed(0.50, "0.48")
+    assert _agrees_with_printed(0.484, "0.48")
+
+
+def test_ec_min_forms_are_ordered_and_erfc_approximates_exact_at_large_d():
+    """erfc(z) <= exp(-z²) makes the exp form the smallest; at large d the erfc form is the exact one."""
+    for d in (128, 1024, 4096):
+        for delta in np.linspace(0.01, 0.3, 30):
+            assert ec_min(delta, d, 8, "exp") < ec_min(delta, d, 8, "erfc")
+    for delta in (0.02, 0.03, 0.05):
+        assert ec_min(delta, 4096, 8, "erfc") == pytest.approx(ec_min(delta, 4096, 8, "exact"), rel=5e-3)
+
+
+def test_ec_min_tensor_input_matches_float_input():
+    deltas = torch.tensor([0.0, 0.03, 0.1, 0.2], dtype=torch.float64)
+    for form in ("exact", "erfc", "exp"):
+        as_tensor = ec_min(deltas, 512, 8, form)
+        assert isinstance(as_tensor, torch.Tensor) and as_tensor.dtype == torch.float64
+        assert as_tensor.tolist() == pytest.approx([ec_min(float(v), 512, 8, form) for v in deltas])
+    assert ec_min(0.0, 512, 8) == pytest.approx(1 / 8)
+    assert ec_min(0.95, 4096, 8) == math.inf
+
+
+def test_ec_min_rejects_bad_arguments():
+    with pytest.raises(ValueError, match="form must be one of exact, erfc, exp; got 'exact2'"):
+        ec_min(0.1, 128, 8, "exact2")
+    with pytest.raises(ValueError, match="d must be an integer >= 2, got d=1"):
+        ec_min(0.1, 1, 8)
+    with pytest.raises(ValueError, match="n must be a positive integer, got n=0"):
+        ec_min(0.1, 128, 0)
+
+
+# ---------------------------------------------------------------------------------------------------
+# δ statistic
+# ---------------------------------------------------------------------------------------------------
+
+
+def _reference_delta_statistic(affinity, expert_ids, quantile):
+    per_expert = []
+    all_kept = []
+    for i in range(affinity.shape[1]):
+        values = [float(affinity[t, i]) for t in range(affinity.shape[0]) for k in range(expert_ids.shape[1])
+                  if int(expert_ids[t, k]) == i]
+        all_kept += values
+        if values:
+            per_expert.append(float(torch.quantile(torch.tensor(values, dtype=torch.float64), quantile)))
+    if not per_expert:
+        return math.nan, math.nan
+    return min(per_expert), min(all_kept)
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_delta_statistic_matches_reference(seed):
+    generator = torch.Generator().manual_seed(seed)
+    num_tokens = int(torch.randint(1, 60, (1,), generator=generator))
+    num_experts = int(torch.randint(1, 7, (1,), generator=generator))
+    slots = int(torch.randint(1, num_experts + 1, (1,), generator=generator))
+    affinity = torch.randn(num_tokens, num_experts, generator=generator, dtype=torch.float64)
+    # Distinct experts per token, some slots dropped, some experts possibly empty.
+    expert_ids = torch.stack(
+        [torch.randperm(num_experts, generator=generator)[:slots] for _ in range(num_tokens)]
+    )
+    dropped = torch.rand(num_tokens, slots, generator=generator) < 0.4
+    expert_ids = torch.where(dropped, -1, expert_ids)
+    quantile = [0.0, 0.05, 0.5, 1.0][seed % 4]
+    stat, minimum = delta_statistic(affinity, expert_ids, quantile)
+    expected_stat, expected_min = _reference_delta_statistic(affinity, expert_ids, quantile)
+    if math.isnan(expected_stat):
+        assert math.isnan(float(stat)) and math.isnan(float(minimum))
+    else:
+        assert float(stat) == pytest.approx(expected_stat, abs=1e-12)
+        assert float(minimum) == pytest.approx(expected_min, abs=1e-12)
+
+
+def test_delta_statistic_nothing_kept_is_nan_and_bad_quantile_raises():
+    stat, minimum = delta_statistic(torch.randn(5, 3), torch.full((5, 1), -1))
+    assert math.isnan(float(stat)) and math.isnan(float(minimum))
+    with pytest.raises(ValueError, match=r"quantile must be in \[0, 1\], got 1.5"):
+        delta_statistic(torch.randn(5, 3), torch.zeros(5, 1, dtype=torch.long), 1.5)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Capacities
+# ---------------------------------------------------------------------------------------------------
+
+
+def test_locmoe_capacity_clamps_the_bound_between_balanced_share_and_cf():
+    # d=128, n=8, δ=0.3: ec_min = 226.39.
+    assert locmoe_capacity(0.3, 128, 8, 1800) == 227  # floor 225, ceiling 248: the bound decides
+    assert locmoe_capacity(0.3, 128, 8, 2400) == 300  # floor 300 > 227
+    assert locmoe_capacity(0.3, 128, 8, 1640) == 226  # ceiling ceil(1.1·205) = 226 < 227
+    assert locmoe_capacity(0.03, 4096, 8, 4096) == 512  # the paper's δ: bound ≈ 2 tokens, floor wins
+    assert locmoe_capacity(0.3, 128, 8, 1800, kappa=0.5) == 225  # 113.2 < floor
+    assert locmoe_capacity(0.3, 128, 8, 1800, floor=10) == 227
+    assert locmoe_capacity(0.3, 128, 8, 1800, kappa=0.5, floor=10) == 114
+    assert locmoe_capacity(0.3, 128, 8, 1800, capacity_factor=0.5, floor=200) == 113  # ceiling wins
+    assert locmoe_capacity(torch.tensor(0.3, dtype=torch.float64), 128, 8, 1800) == 227
+    assert locmoe_capacity(math.nan, 128, 8, 1800) == 225  # nothing kept: the floor
+    assert locmoe_capacity(0.99, 128, 8, 1800) == 248  # infinite bound: the ceiling
+
+
+def test_locmoe_capacity_rejects_bad_arguments():
+    with pytest.raises(ValueError, match="kappa must be > 0, got 0"):
+        locmoe_capacity(0.1, 128, 8, 100, kappa=0)
+    with pytest.raises(ValueError, match="capacity floor must be an integer >= 1, got 0"):
+        locmoe_capacity(0.1, 128, 8, 100, floor=0)
+    with pytest.raises(ValueError, match="num_tokens must be a positive integer, got 0"):
+        locmoe_capacity(0.1, 128, 8, 0)
+
+
+def test_dynamic_capacity_hand_computed():
+    k_tau = torch.tensor([3, 10, 7])
+    capacity, state = dynamic_capacity(k_tau, 0.1, 4, 100)
+    assert capacity == 11  # 10 · 1.1 = 11.000000000000002 in floating point: still 11
+    assert float(state) == pytest.approx(11.0)
+    assert dynamic_capacity(k_tau, 0.25, 4, 100)[0] == 13  # ceil(12.5)
+    assert dynamic_capacity(k_tau, 0.1, 20, 100)[0] == 20  # floor
+    assert dynamic_capacity(k_tau, 0.1, 4, 9)[0] == 9  # ceiling
+    assert dynamic_capacity(k_tau, 0.1, 12, 9)[0] == 9  # the ceiling wins over the floor
+    assert dynamic_capacity(torch.tensor([[1, 2], [40, 3]]), 0.0, 1, 100)[0] == 40  # max over all entries
+
+
+def test_dynamic_capacity_ema():
+    k_tau = torch.tensor([10])
+    previous = torch.tensor(20.0, dtype=torch.float64)
+    capacity, state = dynamic_capacity(k_tau, 0.1, 1, 100, previous, 0.5)
+    assert float(state) == pytest.approx(0.5 * 20 + 0.5 * 11)
+    assert capacity == 16
+    assert float(previous) == 20.0  # pure: the input state is untouched
+    first, state = dynamic_capacity(k_tau, 0.1, 1, 100, torch.tensor(math.nan, dtype=torch.float64), 0.9)
+    assert first == 11 and float(state) == pytest.approx(11.0)
+    # ema = 0 ignores the state
+    assert dynamic_capacity(k_tau, 0.1, 1, 100, previous, 0.0)[0] == 11
+
+
+@pytest.mark.parametrize(("kwargs", "match"), [
+    ({"margin": -0.1}, "margin must be >= 0, got -0.1"),
+    ({"ema": 1.0}, r"capacity_ema must be in \[0, 1\), got 1.0"),
+    ({"ema": -0.2}, r"capacity_ema must be in \[0, 1\), got -0.2"),
+])
+def test_dynamic_capacity_rejects_bad_arguments(kwargs, match):
+    arguments = {"margin": 0.1, "ema": 0.0} | kwargs
+    with pytest.raises(ValueError, match=match):
+        dynamic_capacity(torch.tensor([3]), arguments["margin"], 1, 10, None, arguments["ema"])

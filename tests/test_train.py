@@ -1,0 +1,178 @@
+"""The trainer: schedule, exact resume (stop/resume, SIGTERM, crash, damaged checkpoint), fixed data
+order for every router, evaluation without side effects, refusal to clobber or mis-resume a run."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+
+import numpy as np
+import pytest
+import torch
+from tiny_runs import cache_dir, read_metrics, tiny_config  # noqa: F401  (session fixture)
+
+from locmoe import available_routers
+from locmoe.checkpoint import list_checkpoints
+from locmoe.config import TrainConfig
+from locmoe.data.dataset import prepare_data
+from locmoe.model import GPT
+from locmoe.train import evaluate, lr_factor, train, unigram_cross_entropy, unigram_entropy
+
+STEPS = 20
+
+
+def trajectory(run_dir) -> list[tuple]:
+    """Everything a step logs that must not depend on interruptions (not timings)."""
+    return [
+        (r["step"], r["loss"], r["lm_loss"], r["aux_loss"], r["lr"], r["grad_norm"], r.get("val_loss"),
+         json.dumps(r["moe"], sort_keys=True))
+        for r in read_metrics(run_dir)
+    ]
+
+
+@pytest.fixture(scope="module")
+def straight_runs(cache_dir, tmp_path_factory):  # noqa: F811
+    """20 uninterrupted steps per router, the reference for every resume test."""
+    runs = {}
+    for router in ("locmoe_plus", "locmoe", "switch"):
+        out = tmp_path_factory.mktemp(f"straight-{router}")
+        summary = train(tiny_config(cache_dir, out, router=router, steps=STEPS))
+        assert summary["status"] == "completed" and summary["step"] == STEPS
+        runs[router] = out
+    return runs
+
+
+def test_learning_rate_warms_up_then_follows_a_cosine_to_the_floor():
+    config = TrainConfig(steps=100, warmup_steps=10, min_lr_ratio=0.1)
+    factors = [lr_factor(s, config) for s in range(100)]
+    assert factors[:10] == pytest.approx([(s + 1) / 10 for s in range(10)])
+    assert all(a >= b for a, b in zip(factors[9:], factors[10:], strict=False))
+    assert factors[55] == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 0.5)))
+    assert lr_factor(100, config) == pytest.approx(0.1) and lr_factor(500, config) == pytest.approx(0.1)
+
+
+@pytest.mark.parametrize("router", ["locmoe_plus", "locmoe"])
+def test_ten_steps_then_resume_equals_twenty_straight(router, straight_runs, cache_dir, tmp_path):  # noqa: F811
+    first = train(tiny_config(cache_dir, tmp_path, router=router, steps=STEPS, stop_after=10))
+    assert first["status"] == "stopped" and first["step"] == 10
+    second = train(tiny_config(cache_dir, tmp_path, router=router, steps=STEPS), resume=True)
+    assert second["status"] == "completed"
+    assert trajectory(tmp_path) == trajectory(straight_runs[router])
+    reference = json.loads((straight_runs[router] / "summary.json").read_text())
+    assert second["final_val_loss"] == reference["final_val_loss"]
+    assert second["expert_slots_processed"] == reference["expert_slots_processed"]
+
+
+def test_resume_after_sigterm_equals_twenty_straight(straight_runs, cache_dir, tmp_path):  # noqa: F811
+    def terminate_at_seven(step, record):
+        if step == 7:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    config = tiny_config(cache_dir, tmp_path, router="locmoe_plus", steps=STEPS, checkpoint_every=5)
+    interrupted = train(config, callbacks=[terminate_at_seven])
+    assert interrupted["status"] == "interrupted" and interrupted["signal"] == "SIGTERM"
+    assert interrupted["step"] == 7 and interrupted["checkpoint"].endswith("step-00000007.pt")
+    assert train(config, resume=True)["status"] == "completed"
+    assert trajectory(tmp_path) == trajectory(straight_runs["locmoe_plus"])
+
+
+def test_crash_with_a_damaged_newest_checkpoint_resumes_from_the_previous(straight_runs, cache_dir, tmp_path):  # noqa: F811
+    class Crash(Exception):
+        pass
+
+    def crash_at_twelve(step, record):
+        if step == 12:
+            raise Crash
+
+    config = tiny_config(cache_dir, tmp_path, router="switch", steps=STEPS, checkpoint_every=5, keep_checkpoints=3)
+    with pytest.raises(Crash):
+        train(config, callbacks=[crash_at_twelve])
+    assert len(read_metrics(tmp_path)) == 12  # steps 11-12 were logged after the last checkpoint
+    newest = list_checkpoints(tmp_path)[-1]
+    assert newest.name == "step-00000010.pt"
+    newest.write_bytes(newest.read_bytes()[:1000])  # truncated on disk
+    with pytest.warns(UserWarning, match="skipping damaged checkpoint"):
+        assert train(config, resume=True)["status"] == "completed"
+    assert trajectory(tmp_path) == trajectory(straight_runs["switch"])
+
+
+def test_every_router_sees_the_same_tokens_in_the_same_order(cache_dir, tmp_path):  # noqa: F811
+    seen: dict[str, list] = {}
+
+    def recording_builder(router):
+        def build(model_config, vocab_size):
+            model = GPT(model_config, vocab_size)
+            original = model.loss
+
+            def loss(ids, targets):
+                if model.training:
+                    seen.setdefault(router, []).append(ids.clone())
+                return original(ids, targets)
+
+            model.loss = loss
+            return model
+
+        return build
+
+    for router in available_routers():
+        config = tiny_config(cache_dir, tmp_path / router, router=router, steps=3)
+        train(config, model_builder=recording_builder(router))
+        metrics = read_metrics(tmp_path / router)
+        assert [r["step"] for r in metrics] == [1, 2, 3]
+        assert set(metrics[0]["moe"]) == {"layer1"} and "tokens_per_expert" in metrics[0]["moe"]["layer1"]
+    reference = seen["switch"]
+    assert len(reference) == 3
+    for router, batches in seen.items():
+        assert all(torch.equal(a, b) for a, b in zip(batches, reference, strict=True)), router
+
+
+@pytest.mark.parametrize("router", available_routers())
+def test_evaluation_leaves_the_model_state_unchanged(router, cache_dir, tmp_path):  # noqa: F811
+    config = tiny_config(cache_dir, tmp_path, router=router)
+    data = prepare_data(config.data)
+    torch.manual_seed(0)
+    model = GPT(config.model, config.data.vocab_size)
+    ids = torch.from_numpy(data.train_ids[: 4 * 32].astype(np.int64)).view(4, 32)
+    model.loss(ids, ids)  # one training-mode forward so stateful routers are initialised
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    result = evaluate(model, data.validation_ids, 4, max_batches=2)
+    assert result["val_tokens"] == 2 * 4 * 32
+    assert result["val_perplexity"] == pytest.approx(math.exp(result["val_loss"]))
+    assert model.training
+    after = model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_summary_is_json_and_states_the_unigram_baselines(straight_runs, cache_dir):  # noqa: F811
+    summary = json.loads((straight_runs["switch"] / "summary.json").read_text())
+    data = prepare_data(tiny_config(cache_dir, "unused").data)
+    assert summary["unigram_entropy"] == pytest.approx(unigram_entropy(data.train_ids, 512))
+    counts = np.bincount(data.train_ids, minlength=512)
+    probs = counts[counts > 0] / counts.sum()
+    assert summary["unigram_entropy"] == pytest.approx(float(-(probs * np.log(probs)).sum()))
+    assert summary["unigram_validation_loss"] == pytest.approx(
+        unigram_cross_entropy(data.train_ids, data.validation_ids, 512)
+    )
+    assert [e["step"] for e in summary["evaluations"]] == [5, 10, 15, 20]
+    assert summary["tokens_seen"] == STEPS * 4 * 32
+    metrics = read_metrics(straight_runs["switch"])
+    assert summary["expert_slots_processed"] == sum(r["moe"]["layer1"]["processed_slots"] for r in metrics)
+    assert summary["final_val_loss"] == metrics[-1]["val_loss"] < metrics[4]["val_loss"]
+
+
+def test_an_existing_run_is_not_overwritten_and_resume_needs_a_checkpoint(straight_runs, cache_dir, tmp_path):  # noqa: F811
+    with pytest.raises(ValueError, match="already holds a run"):
+        train(tiny_config(cache_dir, straight_runs["switch"], router="switch", steps=STEPS))
+    with pytest.raises(ValueError, match="no valid checkpoint"):
+        train(tiny_config(cache_dir, tmp_path / "empty"), resume=True)
+    assert not (tmp_path / "empty").exists()
+
+
+def test_resume_with_an_incompatible_config_fails_and_writes_nothing(straight_runs, cache_dir):  # noqa: F811
+    run_dir = straight_runs["switch"]
+    before = {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file()}
+    with pytest.raises(ValueError, match=r"incompatible config: d_model \(checkpoint: 32, now: 64\)"):
+        train(tiny_config(cache_dir, run_dir, router="switch", steps=STEPS, d_model=64), resume=True)
+    assert {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file()} == before
