@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install test test-slow test-all run lint bench bench-install clean
+.PHONY: install test test-slow test-all run lint bench bench-full bench-train-step bench-install clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -26,9 +26,9 @@ test-slow: $(STAMP)
 
 test-all: test test-slow
 
-## The main job.
+## The main job: the quick comparison of LocMoE+ against the baselines (report in runs/compare).
 run: $(STAMP)
-	$(PY) -m locmoe demo
+	$(PY) -m locmoe compare --quick --out runs/compare
 
 lint: $(STAMP)
 	$(PY) -m ruff check locmoe tests benchmarks
@@ -40,9 +40,20 @@ $(BENCH_STAMP): $(STAMP)
 
 bench-install: $(BENCH_STAMP)
 
-## Benchmarks: print tables, write JSON to benchmarks/results/.
+## Benchmarks: print tables, write JSON to benchmarks/results/. BENCH_THREADS=1 gives steadier numbers
+## on a machine shared with other jobs; BENCH_ARGS adds flags (e.g. BENCH_ARGS="--d 512 --S 8192").
+BENCH_THREADS ?= 2
+## The issue-7 target sizes (about 20 min on 2 cores).
 bench: $(BENCH_STAMP)
-	OMP_NUM_THREADS=2 $(PY) benchmarks/layer.py
+	OMP_NUM_THREADS=$(BENCH_THREADS) $(PY) benchmarks/layer.py --quick --threads $(BENCH_THREADS) $(BENCH_ARGS)
+
+## Every router, size (d 256/512/1024 x S 2048/8192), fp32 and bf16 (hours).
+bench-full: $(BENCH_STAMP)
+	OMP_NUM_THREADS=$(BENCH_THREADS) $(PY) benchmarks/layer.py --preset full --threads $(BENCH_THREADS) $(BENCH_ARGS)
+
+## Full training-step time per router on the default model (a few minutes).
+bench-train-step: $(STAMP)
+	OMP_NUM_THREADS=$(BENCH_THREADS) $(PY) benchmarks/train_step.py --threads $(BENCH_THREADS) $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache build *.egg-info

@@ -54,6 +54,7 @@ def environment() -> dict[str, object]:
         # Large CPU tensors are fresh mmaps under glibc unless these are set; it moves every contender.
         "THP_MEM_ALLOC_ENABLE": os.environ.get("THP_MEM_ALLOC_ENABLE"),
         "MALLOC_MMAP_THRESHOLD_": os.environ.get("MALLOC_MMAP_THRESHOLD_"),
+        "load_average": os.getloadavg(),  # other processes on a shared machine move every contender
         "date": time.strftime("%Y-%m-%d %H:%M:%S"),
     }
 

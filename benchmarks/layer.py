@@ -26,9 +26,17 @@ for pack and for Mixtral), as plain ``torch.bmm`` / ``torch.mm`` calls on preall
 per projection one forward product and the two backward products (input and weight gradient), i.e.
 6 GEMMs per expert for GeLU and 9 for SwiGLU. No activation, routing, dispatch or combine.
 
-    .venv/bin/python benchmarks/layer.py --preset quick      # about 8 min on 2 cores
-    .venv/bin/python benchmarks/layer.py --preset full       # every size and bf16; about an hour
-    .venv/bin/python benchmarks/layer.py --sizes 512x8192 --groups mixtral --repeats 9
+    .venv/bin/python benchmarks/layer.py --quick            # the target sizes (make bench); ~20 min, 2 cores
+    .venv/bin/python benchmarks/layer.py --preset full      # every size, fp32 and bf16; hours
+    .venv/bin/python benchmarks/layer.py --d 512 --S 8192 --groups mixtral --repeats 9
+    .venv/bin/python benchmarks/layer.py --d 256 --S 2048 --groups routers --routers switch,locmoe_plus
+
+``--d``/``--S`` (comma lists, crossed) or ``--sizes DxS,...`` replace the preset's sizes; without
+``--groups`` every group runs at those sizes. DeepSpeed's top-1 keeps a different subset of tokens
+than first-come-first-served when an expert overflows (it picks among equal-priority tokens by
+``topk`` over a 0/1 mask), so its outputs match ours only on the rows both keep (column ``agree``);
+before timing, each DeepSpeed layer is also checked against ours at a capacity factor that drops
+nothing (column ``nodrop``: max relative difference), which must be ~1e-6.
 
 Writes ``benchmarks/results/layer_<preset>.json`` (or ``--output``).
 """
@@ -58,11 +66,16 @@ from locmoe import MoELayer, available_routers  # noqa: E402
 NUM_EXPERTS = 8
 GROUPS = ("mixtral", "deepspeed", "routers", "clustered")
 PRESETS: dict[str, dict[str, object]] = {
-    # The target sizes: d=512, S=8192 (floor, Mixtral, DeepSpeed, LocMoE+) and d=1024 (overhead share).
+    # The target sizes: d=512, S=8192 (floor, Mixtral, DeepSpeed, LocMoE+) and d=1024 (overhead share);
+    # the other routers at a smaller S (their expert compute is the same; only routing differs).
     "quick": {
-        "sizes": [(512, 8192), (1024, 2048)],
+        "sizes": [(512, 8192), (1024, 2048), (512, 2048)],
         "dtypes": ["float32"],
-        "groups": {(512, 8192): GROUPS, (1024, 2048): ("mixtral", "deepspeed")},
+        "groups": {
+            (512, 8192): ("mixtral", "deepspeed", "clustered"),
+            (1024, 2048): ("mixtral", "deepspeed"),
+            (512, 2048): ("routers",),
+        },
         "repeats": 5,
     },
     "full": {
@@ -251,6 +264,15 @@ def copy_to_deepspeed(layer: MoELayer, k: int, capacity_factor: float) -> nn.Mod
     return moe
 
 
+def nodrop_agreement(d: int, router: str, k: int, dtype: torch.dtype, x: torch.Tensor, options: dict) -> float:
+    """Max relative output difference to DeepSpeed when neither drops a token (cf = n): the two
+    compute the same function, so this is rounding only."""
+    layer = our_layer(d, router, "pack", dtype, capacity_factor=float(NUM_EXPERTS), activation="gelu", **options)
+    moe = copy_to_deepspeed(layer, k, float(NUM_EXPERTS))
+    with torch.no_grad():
+        return agreement(layer(x), moe(x)[0])["max_rel_diff"]
+
+
 def deepspeed_capacity(moe: nn.Module, x: torch.Tensor) -> int:
     with torch.no_grad():
         gate_output = moe.deepspeed_moe.gate(x.reshape(-1, x.shape[-1]), None, True)
@@ -335,6 +357,7 @@ def deepspeed_group(d, x, ids, grad, dtype, peers, capacity_factor) -> list[Cont
             moe = copy_to_deepspeed(layers["pad"], k, capacity_factor)
             with torch.no_grad():
                 check = agreement(layers["pad"](x), moe(x)[0])
+                check["nodrop_max_rel_diff"] = nodrop_agreement(d, router, k, dtype, x, options)
             capacity = deepspeed_capacity(moe, x)
             name = f"deepspeed MoE top-{k} cf{capacity_factor:g}"
             peer = Contender(
@@ -417,6 +440,8 @@ def print_group(title: str, rows: list[dict[str, object]]) -> None:
         ("over_peer", "/peer", ".3f"),
         ("speedup_vs_peer", "peer/ours", ".2f"),
         ("max_rel_diff", "maxdiff", ".1e"),
+        ("rows_agreeing", "agree", ".3f"),
+        ("nodrop_max_rel_diff", "nodrop", ".1e"),
     ]
     print(format_table(rows, columns))
 
@@ -503,6 +528,16 @@ def single_process_group(enabled: bool):
             dist.destroy_process_group()
 
 
+def parse_ints(text: str) -> list[int]:
+    try:
+        values = [int(item) for item in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a comma list of integers, got {text!r}") from None
+    if any(value < 1 for value in values):
+        raise argparse.ArgumentTypeError(f"values must be positive, got {text!r}")
+    return values
+
+
 def parse_sizes(text: str) -> list[tuple[int, int]]:
     sizes = []
     for item in text.split(","):
@@ -516,7 +551,12 @@ def parse_sizes(text: str) -> list[tuple[int, int]]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--preset", choices=sorted(PRESETS), default="quick")
+    parser.add_argument("--quick", action="store_const", const="quick", dest="preset", help="= --preset quick")
     parser.add_argument("--sizes", type=parse_sizes, help="DxS list overriding the preset, e.g. 512x8192,1024x2048")
+    parser.add_argument("--d", type=parse_ints, help="d_model values (comma list), crossed with --S")
+    parser.add_argument("--S", type=parse_ints, help="tokens per batch (comma list), crossed with --d")
+    parser.add_argument("--routers", help="comma list of routers for the 'routers' group (default: all but "
+                        "switch/topk when the deepspeed group runs too, else all)")
     parser.add_argument("--dtypes", help="comma list overriding the preset: float32,bfloat16")
     parser.add_argument("--groups", help=f"comma list of groups to run ({','.join(GROUPS)}); default: the preset's")
     parser.add_argument("--repeats", type=int, help="timed rounds per group (default: the preset's)")
@@ -528,6 +568,13 @@ def main() -> None:
 
     preset = PRESETS[args.preset]
     sizes = args.sizes or preset["sizes"]
+    if args.d or args.S:
+        ds = args.d or sorted({d for d, _ in preset["sizes"]})
+        ss = args.S or sorted({s for _, s in preset["sizes"]})
+        sizes = [(d, s) for d in ds for s in ss]
+        for d in ds:
+            if d % NUM_EXPERTS:
+                raise SystemExit(f"--d values must be multiples of {NUM_EXPERTS} (GrAP slices), got {d}")
     dtypes = args.dtypes.split(",") if args.dtypes else preset["dtypes"]
     repeats = args.repeats or preset["repeats"]
     chosen = tuple(args.groups.split(",")) if args.groups else None
@@ -539,8 +586,13 @@ def main() -> None:
     logging.getLogger("DeepSpeed").setLevel(logging.ERROR)
     peers = available_peers()
     other_routers = [r for r in available_routers() if r not in ("switch", "topk")]
+    chosen_routers = args.routers.split(",") if args.routers else None
+    for router in chosen_routers or ():
+        if router not in available_routers():
+            raise SystemExit(f"unknown router {router!r}; routers: {', '.join(available_routers())}")
     print(f"threads={threads}  sizes={sizes}  dtypes={dtypes}  repeats={repeats}  warmup={args.warmup}  "
-          f"peers={sorted(peers)}  n={NUM_EXPERTS}  f=4d")
+          f"peers={sorted(peers)}  n={NUM_EXPERTS}  f=4d  load average={os.getloadavg()[0]:.2f} "
+          f"(cpus={os.cpu_count()})")
 
     results = []
     started = time.perf_counter()
@@ -548,7 +600,8 @@ def main() -> None:
         for d, num_tokens in sizes:
             for dtype_name in dtypes:
                 dtype = getattr(torch, dtype_name)
-                groups = chosen or (preset["groups"] or {}).get((d, num_tokens), GROUPS)
+                default_groups = GROUPS if args.sizes or args.d or args.S else None
+                groups = chosen or default_groups or (preset["groups"] or {}).get((d, num_tokens), GROUPS)
                 for group in groups:
                     x, grad, ids = make_batch(d, num_tokens, dtype, clustered=group == "clustered")
                     if group == "mixtral":
@@ -556,7 +609,7 @@ def main() -> None:
                     elif group == "deepspeed":
                         contenders = deepspeed_group(d, x, ids, grad, dtype, peers, args.cf)
                     elif group == "routers":
-                        routers = other_routers if "deepspeed" in groups else available_routers()
+                        routers = chosen_routers or (other_routers if "deepspeed" in groups else available_routers())
                         contenders = routers_group(d, x, ids, grad, dtype, routers)
                     else:
                         contenders = clustered_group(d, x, ids, grad, dtype)
@@ -584,6 +637,7 @@ def main() -> None:
                    "peers": {name: _version(name) for name in sorted(peers)}},
         "results": results,
         "targets": targets,
+        "load_average_end": os.getloadavg(),
         "seconds": time.perf_counter() - started,
     }
     output = args.output or RESULTS_DIR / f"layer_{args.preset}.json"

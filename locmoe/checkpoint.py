@@ -6,6 +6,13 @@ optimiser, scheduler, data position, RNG states (python, numpy, torch), step, th
 and the tokenizer. Only tensors and plain Python values are stored, so it loads with
 ``torch.load(weights_only=True)`` (no pickled code).
 
+Format 2 stores the model and optimiser in the consolidated, rank-count-independent form of
+:mod:`locmoe.parallel.checkpoint`: every MoE layer's experts as full ``(n, ...)`` tensors in global
+expert order with their global ids (``<layer>.expert_ids``), the optimiser state keyed by parameter
+name. A run saved on 4 ranks resumes on 2 ranks or in one process; a checkpoint whose experts do
+not match the model's (other ids, count or shapes) is refused. Format 1 files (per-process state
+dicts without expert ids) are refused with a clear error.
+
 Writing is atomic: the bytes go to a temporary file in the same folder, are fsynced and renamed,
 and only then does the sidecar ``step-00000100.pt.sha256`` (written the same way) vouch for them.
 On load, a checkpoint whose sidecar is missing or whose sha256 differs (a crash mid-write, a
@@ -33,16 +40,22 @@ import torch
 from locmoe.atomic_file import write_atomic
 from locmoe.config import RunConfig
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 CHECKPOINT_DIR = "checkpoints"
 _NAME = re.compile(r"^step-(\d{8})\.pt$")
 
 # Fields that may change between a checkpoint and its resumption: where files go, how often to
-# evaluate, checkpoint and report, when to stop this invocation. Everything else shapes the
-# trajectory (model, data, order, optimiser, schedule) and must match for an exact continuation.
+# evaluate, checkpoint and report, when to stop this invocation, and the parallel layout (a run
+# saved on 4 ranks resumes on 2 ranks or in one process; the hierarchical all-to-all and the timeout
+# never change results). Everything else shapes the trajectory (model, data, order, optimiser,
+# schedule) and must match. The layout keeps a continuation exact when the routing groups and the
+# nodes stay the same: a global routing scope (or per-sequence groups) makes the groups independent
+# of the rank count, and with a locality loss the node layout (ranks_per_node, simulated_nodes)
+# must describe the same nodes.
 RESUMABLE_CHANGES = frozenset(
     {"out", "cache_dir", "stop_after", "eval_every", "eval_batches", "checkpoint_every", "keep_checkpoints",
-     "threads", "progress"}
+     "threads", "progress", "expert_parallel", "ranks_per_node", "hierarchical", "collective_timeout",
+     "simulated_nodes", "simulated_placement"}
 )
 
 
@@ -103,7 +116,8 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
     state = torch.load(path, map_location="cpu", weights_only=True)
     if state.get("format") != FORMAT_VERSION:
         raise ValueError(
-            f"checkpoint {str(path)!r} has format {state.get('format')!r}; this locmoe reads format {FORMAT_VERSION}"
+            f"checkpoint {str(path)!r} has format {state.get('format')!r}; this locmoe reads format {FORMAT_VERSION} "
+            "(format 2 records global expert ids; older checkpoints cannot be resumed)"
         )
     return state
 

@@ -4,10 +4,16 @@
     locmoe eval --checkpoint PATH            (validation loss / perplexity)
     locmoe sample --checkpoint PATH --prompt TEXT
     locmoe demo
+    locmoe compare [--quick] [--routers LIST] [--seeds LIST] [--out DIR]   (see locmoe.compare.cli)
 
 Every config field is a flag of ``train`` (``--d-model 128`` or ``--d_model 128``), applied over the
 ``--config`` file, which is applied over the defaults (or, with ``--resume``, over the run's saved
 config). A bad value fails with one line on stderr and exit code 2, before anything is written.
+A true/false field's flag alone means true (``--hierarchical`` = ``--hierarchical true``).
+
+Expert parallelism: start ``train`` under ``torchrun``, e.g. ``torchrun --standalone
+--nproc_per_node=4 -m locmoe train --expert-parallel 4 --ranks-per-node 2 --out runs/ep4``
+(``--hierarchical-all-to-all``, ``--collective-timeout SECONDS``); only rank 0 prints and writes.
 Subcommands live in :data:`COMMANDS`; a new one (e.g. ``compare``) adds an entry there.
 """
 
@@ -15,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import signal
 import sys
 from collections.abc import Callable, Sequence
@@ -25,6 +32,7 @@ from locmoe.config import (
     ACTIVATIONS,
     DISPATCH_MODES,
     POSITIONS,
+    SIMULATED_PLACEMENTS,
     RunConfig,
     field_owners,
     field_types,
@@ -58,6 +66,8 @@ _METAVARS = {
     "int": "INT", "float": "FLOAT", "str": "TEXT", "bool": "true|false", "int | None": "INT|none",
     "float | str": "CF|default|dropless", "dict[str, Any]": "K=V,...|JSON",
 }
+# Extra spellings of a field's flag, besides --field-name and --field_name.
+_FLAG_ALIASES = {"hierarchical": ("--hierarchical-all-to-all",)}
 
 
 def _add_train_arguments(parser: argparse.ArgumentParser) -> None:
@@ -68,15 +78,18 @@ def _add_train_arguments(parser: argparse.ArgumentParser) -> None:
     choices = {
         "router": available_routers(), "positions": POSITIONS, "activation": ACTIVATIONS, "dispatch": DISPATCH_MODES,
         "corpus": ("python-docs", "linux-docs", "linux-docs-networking", "PATH"),
+        "simulated_placement": SIMULATED_PLACEMENTS,
     }
     for name, kind in field_types().items():
         flags = [f"--{name.replace('_', '-')}"] + ([f"--{name}"] if "_" in name else [])
+        flags += _FLAG_ALIASES.get(name, ())
         section = owners.get(name)
         label = f"{section}.{name}" if section else name
         allowed = f"; one of {', '.join(choices[name])}" if name in choices else ""
+        switch = {"nargs": "?", "const": "true"} if kind == "bool" else {}
         parser.add_argument(
             *flags, dest=name, default=argparse.SUPPRESS, metavar=_METAVARS.get(kind, "VALUE"),
-            help=f"{label} (default {defaults[name]!r}{allowed})",
+            help=f"{label} (default {defaults[name]!r}{allowed})", **switch,
         )
 
 
@@ -98,18 +111,32 @@ def _resolve_train_config(args: argparse.Namespace) -> RunConfig:
     return base.with_overrides(overrides)
 
 
+def _is_first_rank() -> bool:
+    """Rank 0 of a ``torchrun`` job (or of a process group already set up), or a lone process."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank() == 0
+    return os.environ.get("RANK", "0") == "0"
+
+
 def _run_train(args: argparse.Namespace) -> int:
     from locmoe.train import format_summary, train
 
     config = _resolve_train_config(args)
+    speaks = _is_first_rank()  # before train(), which may end the process group
     summary = train(config, resume=args.resume)
-    print(format_summary(summary))
+    if speaks:
+        print(format_summary(summary))
     if summary["status"] == "interrupted":
-        print(
-            f"interrupted by {summary['signal']} at step {summary['step']}; checkpoint {summary['checkpoint']}; "
-            f"continue with: locmoe train --out {config.run_dir} --resume",
-            file=sys.stderr,
-        )
+        if speaks:
+            ranks = summary.get("world_size", 1)
+            launcher = f"torchrun --nproc_per_node={ranks} -m locmoe" if ranks > 1 else "locmoe"
+            print(
+                f"interrupted by {summary['signal']} at step {summary['step']}; checkpoint {summary['checkpoint']}; "
+                f"continue with: {launcher} train --out {config.run_dir} --resume",
+                file=sys.stderr,
+            )
         return 128 + int(signal.Signals[summary["signal"]])
     return 0
 
@@ -123,14 +150,20 @@ def _add_checkpoint_argument(parser: argparse.ArgumentParser) -> None:
 def _load_for_inference(path: str):
     from locmoe.checkpoint import resolve_checkpoint
     from locmoe.model import build_model
+    from locmoe.parallel.runtime import ExpertParallelRuntime
 
     checkpoint_path, state = resolve_checkpoint(path)
     try:
         config = RunConfig.from_dict(state["config"])
     except (ValueError, TypeError) as error:
         raise ValueError(f"checkpoint {checkpoint_path} has a config this locmoe cannot use: {error}") from None
-    model = build_model(config.model, config.data.vocab_size)
-    model.load_state_dict(state["model"])
+    # One process, whatever the run's number of ranks: the checkpoint holds every expert.
+    runtime = ExpertParallelRuntime.single_process()
+    model = runtime.build_model(build_model, config.model, config.data.vocab_size)
+    try:
+        runtime.load_model_state(model, state["model"])
+    except ValueError as error:
+        raise ValueError(f"cannot load {checkpoint_path}: {error}") from None
     model.eval()
     return checkpoint_path, state, config, model
 
@@ -206,6 +239,12 @@ def _run_sample(args: argparse.Namespace) -> int:
     return 0
 
 
+def _compare_cli():
+    from locmoe.compare import cli
+
+    return cli
+
+
 def _run_demo(args: argparse.Namespace) -> int:
     from locmoe.demo import run_demo
 
@@ -218,6 +257,11 @@ COMMANDS: dict[str, Command] = {
     "eval": Command("validation loss and perplexity of a checkpoint", _add_eval_arguments, _run_eval),
     "sample": Command("generate text from a checkpoint", _add_sample_arguments, _run_sample),
     "demo": Command("every router on one batch, side by side", lambda parser: None, _run_demo),
+    "compare": Command(
+        "train every router with the same data and budget; write report.md, report.json and plots",
+        lambda parser: _compare_cli().add_compare_arguments(parser),
+        lambda args: _compare_cli().run_compare(args),
+    ),
 }
 
 

@@ -1,6 +1,6 @@
 """Run configuration: frozen, validated dataclasses that map 1:1 to TOML keys and command-line flags.
 
-A run is ``RunConfig(out, model, data, train)``. Every field of the three sections has a unique
+A run is ``RunConfig(out, model, data, train, parallel)``. Every field of the sections has a unique
 name, so ``--d-model 128`` on the command line, ``d_model = 128`` under ``[model]`` in a TOML file
 and ``ModelConfig(d_model=128)`` in Python are the same setting. Each ``__post_init__`` rejects a
 bad value with a ``ValueError`` that names the field, the value and what is allowed.
@@ -27,6 +27,7 @@ POSITIONS = ("rotary", "learned")
 ACTIVATIONS = ("gelu", "swiglu")
 DISPATCH_MODES = ("pad", "pack")
 CAPACITY_WORDS = ("default", "dropless")
+SIMULATED_PLACEMENTS = ("rows", "corpus")
 
 
 def _fail(name: str, value: object, allowed: str) -> None:
@@ -211,12 +212,63 @@ class TrainConfig:
             _fail("train.progress", self.progress, "true or false")
 
 
-SECTIONS: dict[str, type] = {"model": ModelConfig, "data": DataConfig, "train": TrainConfig}
+@dataclass(frozen=True)
+class ParallelConfig:
+    """Expert parallelism under ``torchrun`` and simulated nodes in one process (SPEC §7; see
+    :mod:`locmoe.parallel`).
+
+    Under ``torchrun`` (``WORLD_SIZE`` set) the run joins the job: ``expert_parallel`` = ``P`` ranks
+    share the experts (0 = all ranks; it must divide the world size and ``num_experts``), the other
+    parameters are replicated over all ranks. ``ranks_per_node`` > 0 says how many consecutive ranks
+    share a node (to simulate several nodes on one machine); 0 takes ``LOCAL_WORLD_SIZE``. The
+    ``hierarchical`` all-to-all (gather within a node, exchange across nodes, scatter within; LocMoE's
+    group-wise all-to-all) gives identical results with different traffic. A collective that stalls
+    for ``collective_timeout`` seconds fails every rank with an error naming the layer and step.
+    Without ``torchrun``, ``expert_parallel`` must be 0 or 1.
+
+    ``simulated_nodes`` = ``N`` > 0 **(ours)**: one process (no ``torchrun``) places its experts
+    contiguously on ``N`` simulated nodes (expert ``e`` on node ``e // (n / N)``, as ``N`` ranks
+    would hold them) and its tokens on the same nodes, and passes both to the routers: the locality
+    loss (SPEC §4) sees that topology and every MoE layer logs ``remote_share`` per step.
+    ``simulated_placement`` says where a token lives: ``"rows"`` = the batch rows split into ``N``
+    contiguous blocks (exactly what ``N`` single-rank nodes of ``torchrun`` get; rows are i.i.d., so
+    no router can lower the remote share below ``1 − 1/N`` in expectation), ``"corpus"`` = the node
+    holding the contiguous ``1/N`` shard of the training stream the row's window was taken from (data
+    sharded by document, as multi-node loaders shard files), so the data on a node has its own topics
+    and the locality loss has something to learn. Neither changes the data order.
+    """
+
+    expert_parallel: int = 0
+    ranks_per_node: int = 0
+    hierarchical: bool = False
+    collective_timeout: float = 300.0
+    simulated_nodes: int = 0
+    simulated_placement: str = "rows"
+
+    def __post_init__(self) -> None:
+        _int_at_least("parallel.expert_parallel", self.expert_parallel, 0)
+        _int_at_least("parallel.ranks_per_node", self.ranks_per_node, 0)
+        if not isinstance(self.hierarchical, bool):
+            _fail("parallel.hierarchical", self.hierarchical, "true or false")
+        _number_in("parallel.collective_timeout", self.collective_timeout, 0.0, 1e7, open_low=True)
+        _int_at_least("parallel.simulated_nodes", self.simulated_nodes, 0)
+        _choice("parallel.simulated_placement", self.simulated_placement, SIMULATED_PLACEMENTS)
+        if self.simulated_nodes and self.expert_parallel > 1:
+            _fail(
+                "parallel.simulated_nodes", self.simulated_nodes,
+                f"0 when expert_parallel={self.expert_parallel} (nodes are simulated in one process; "
+                "under torchrun set ranks_per_node)",
+            )
+
+
+SECTIONS: dict[str, type] = {
+    "model": ModelConfig, "data": DataConfig, "train": TrainConfig, "parallel": ParallelConfig,
+}
 
 
 @dataclass(frozen=True)
 class RunConfig:
-    """One training run: where it writes (``out``) and its three sections.
+    """One training run: where it writes (``out``) and its four sections.
 
     ``out`` may contain ``{field}`` placeholders of any section field, e.g. the default
     ``runs/{router}-seed{seed}``; :attr:`run_dir` fills them in.
@@ -226,6 +278,7 @@ class RunConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
 
     def __post_init__(self) -> None:
         if not isinstance(self.out, str) or not self.out:
@@ -233,6 +286,20 @@ class RunConfig:
         for name, cls in SECTIONS.items():
             if not isinstance(getattr(self, name), cls):
                 _fail(name, getattr(self, name), f"a {cls.__name__}")
+        experts = self.model.num_experts
+        if self.parallel.expert_parallel > 1 and experts % self.parallel.expert_parallel:
+            _fail(
+                "parallel.expert_parallel", self.parallel.expert_parallel,
+                f"a divisor of num_experts={experts} (every rank holds the same number of experts)",
+            )
+        nodes = self.parallel.simulated_nodes
+        if nodes and experts % nodes:
+            _fail("parallel.simulated_nodes", nodes, f"a divisor of num_experts={experts}")
+        if nodes and self.parallel.simulated_placement == "rows" and self.train.batch_size % nodes:
+            _fail(
+                "parallel.simulated_nodes", nodes,
+                f"a divisor of batch_size={self.train.batch_size} (simulated_placement='rows' splits the rows)",
+            )
         try:
             self.out.format(**self.flat())
         except (KeyError, IndexError, ValueError) as error:
@@ -259,7 +326,7 @@ class RunConfig:
         (default: the defaults). Unknown keys are errors naming the key and the allowed ones."""
         base = base or cls()
         if not isinstance(values, dict):
-            _fail("config", values, "a table with out, [model], [data] and [train]")
+            _fail("config", values, "a table with out, [model], [data], [train] and [parallel]")
         unknown = sorted(set(values) - {"out", *SECTIONS})
         if unknown:
             raise ValueError(f"unknown config key(s) {', '.join(unknown)}; allowed: out, {', '.join(SECTIONS)}")

@@ -4,6 +4,11 @@ Never a dense ``S x n x C`` one-hot einsum: the kept assignments of a :class:`Ro
 sorted by expert once; ``pad`` scatters them into an ``n x C x d`` buffer (static shapes, one batched
 matmul, the drop-and-pad regime of the papers), ``pack`` keeps exactly the kept tokens in contiguous
 per-expert blocks. Both feed the same expert weights and give the same result.
+
+The single-process layer uses :func:`dispatch_and_combine`, which gathers, computes, gates and
+scatters expert by expert (no buffer of all ``A`` assignments); :func:`run_experts` and
+:func:`combine` are the same steps on explicit ``(A, d)`` rows, for the expert-parallel layer, whose
+rows travel through all-to-alls in between.
 """
 
 from __future__ import annotations
@@ -91,6 +96,23 @@ def run_experts(
     buffer = buffer.index_copy(0, buffer_index, tokens)
     out = experts.forward_padded(buffer.view(num_experts, slots, x.shape[1]))
     return out.view(num_experts * slots, x.shape[1]).index_select(0, buffer_index)
+
+
+def dispatch_and_combine(
+    x: torch.Tensor, order: DispatchOrder, plan: RoutingPlan, experts: GroupedExperts, mode: str
+) -> torch.Tensor:
+    """``y (S, d)``: :func:`run_experts` then :func:`combine` in one pass over the experts
+    (:meth:`GroupedExperts.forward_routed`), without building the ``(A, d)`` buffers of all
+    assignments. Same result; ``pad`` computes ``C`` rows per expert (``C`` = the plan's capacity, or
+    the largest expert load when dropless), ``pack`` exactly the kept assignments."""
+    if mode not in DISPATCH_MODES:
+        raise ValueError(f"dispatch must be one of {', '.join(DISPATCH_MODES)}; got {mode!r}")
+    counts = order.tokens_per_expert.tolist()  # the host sync that sizes the per-expert blocks
+    padded_rows = None
+    if mode == "pad":
+        padded_rows = max(int(plan.capacity if plan.capacity is not None else max(counts, default=0)), 1)
+    gates = plan.gate_weights.reshape(-1).index_select(0, order.slot_index)
+    return experts.forward_routed(x, order.token_index, gates, counts, padded_rows)
 
 
 def combine(expert_out: torch.Tensor, order: DispatchOrder, plan: RoutingPlan, num_tokens: int) -> torch.Tensor:

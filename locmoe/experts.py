@@ -18,6 +18,12 @@ on contiguous slices, or one ``bmm``), weight gradients are written per expert s
 ``(n, d, f)`` tensors, and the backward of the activation reuses the saved activations' memory.
 The price of that reuse: the same forward can be back-propagated only once (``retain_graph=True``
 followed by a second backward raises).
+
+:meth:`GroupedExperts.forward_routed` goes one step further for the single-process layer: it takes the
+layer input and the sorted assignments and gathers, computes, gates and scatters expert by expert,
+so no ``(A, d)`` tensor of all assignments (gathered tokens, expert outputs, gated outputs and their
+gradients) is ever allocated: at d=512, S=8192, top-2 that removed about 50,000 page faults (200 MB
+first touched) per forward+backward on our CPU.
 """
 
 from __future__ import annotations
@@ -42,6 +48,85 @@ def _segments(counts: list[int]) -> list[tuple[int, int, int]]:
     return segments
 
 
+def _expert_forward(
+    rows: torch.Tensor, w_in: torch.Tensor, w_gate: torch.Tensor | None, w_out: torch.Tensor, out: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+    """One expert on its ``(R, d)`` rows, written into ``out (R, d)``; returns what backward needs:
+    the pre-activations ``up`` (and ``gate`` for swiglu) and the hidden activation."""
+    up = torch.mm(rows, w_in)
+    if w_gate is None:
+        gate = None
+        hidden = F.gelu(up)
+    else:
+        gate = torch.mm(rows, w_gate)
+        hidden = F.silu(gate).mul_(up)
+    torch.mm(hidden, w_out, out=out)
+    return up, gate, hidden
+
+
+def _expert_backward(
+    saved: tuple[torch.Tensor, torch.Tensor | None, torch.Tensor],
+    rows: torch.Tensor,
+    grad_rows: torch.Tensor,
+    weights: tuple[torch.Tensor, torch.Tensor | None, torch.Tensor],
+    weight_grads: tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None],
+    grad_tokens: torch.Tensor | None,
+) -> None:
+    """Backward of :func:`_expert_forward` for output gradient ``grad_rows (R, d)``: writes the
+    weight gradients of this expert (``(d, f)``/``(f, d)`` slices, ``None`` = not needed) and the
+    input gradient into ``grad_tokens (R, d)`` (``None`` = not needed). Overwrites ``saved``."""
+    up, gate, hidden = saved
+    w_in, w_gate, w_out = weights
+    grad_w_in, grad_w_gate, grad_w_out = weight_grads
+    if grad_w_out is not None:
+        torch.mm(hidden.t(), grad_rows, out=grad_w_out)
+    if grad_tokens is None and grad_w_in is None and grad_w_gate is None:
+        return
+    grad_hidden = torch.mm(grad_rows, w_out.t())
+    if gate is None:
+        # d/du GeLU(u), written over grad_hidden (same shape, elementwise).
+        grad_up = torch.ops.aten.gelu_backward.grad_input(grad_hidden, up, grad_input=grad_hidden)
+        grad_gate = None
+    else:
+        # h = SiLU(g) ⊙ u:  dL/du = dh ⊙ SiLU(g),  dL/dg = (dh ⊙ u) ⊙ SiLU'(g), in place over the
+        # saved tensors, which are not needed afterwards.
+        silu_gate = torch.ops.aten.silu.out(gate, out=hidden)
+        grad_gate = up.mul_(grad_hidden)
+        torch.ops.aten.silu_backward.grad_input(grad_gate, gate, grad_input=grad_gate)
+        grad_up = grad_hidden.mul_(silu_gate)
+    if grad_tokens is not None:
+        torch.mm(grad_up, w_in.t(), out=grad_tokens)
+        if grad_gate is not None:
+            grad_tokens.addmm_(grad_gate, w_gate.t())
+    if grad_w_in is not None:
+        torch.mm(rows.t(), grad_up, out=grad_w_in)
+    if grad_w_gate is not None:
+        torch.mm(rows.t(), grad_gate, out=grad_w_gate)
+
+
+def _weight_grads(ctx, weights, present: set[int]) -> tuple[torch.Tensor | None, ...]:
+    """Gradient buffers of the three stacked weights (``None`` where not needed or absent)."""
+    needs = ctx.needs_input_grad[-3:]
+    return tuple(
+        _weight_grad_buffer(weight, present) if need and weight is not None else None
+        for weight, need in zip(weights, needs, strict=True)
+    )
+
+
+def _expert_slices(grads: tuple[torch.Tensor | None, ...], expert: int) -> tuple[torch.Tensor | None, ...]:
+    return tuple(None if grad is None else grad[expert] for grad in grads)
+
+
+def _expert_weights(weights, expert: int) -> tuple[torch.Tensor | None, ...]:
+    return tuple(None if weight is None else weight[expert] for weight in weights)
+
+
+_REUSED = (
+    "GroupedExperts reuses its saved activations in backward, so a forward can be back-propagated "
+    "only once; run the forward again instead of retain_graph=True"
+)
+
+
 class _ExpertFFN(torch.autograd.Function):
     """``rows -> W_out(act(rows · W_in [, rows · W_gate]))`` for ``(R, d)`` rows grouped by expert
     (``counts[e]`` consecutive rows each), one expert at a time.
@@ -57,25 +142,18 @@ class _ExpertFFN(torch.autograd.Function):
     def forward(
         ctx,
         tokens: torch.Tensor,
+        counts: list[int],
         w_in: torch.Tensor,
         w_gate: torch.Tensor | None,
         w_out: torch.Tensor,
-        counts: list[int],
     ) -> torch.Tensor:
         out = tokens.new_empty(tokens.shape)
         segments = _segments(counts)
-        activations = []
-        for expert, start, stop in segments:
-            rows = tokens[start:stop]
-            up = torch.mm(rows, w_in[expert])
-            if w_gate is None:
-                gate = None
-                hidden = F.gelu(up)
-            else:
-                gate = torch.mm(rows, w_gate[expert])
-                hidden = F.silu(gate).mul_(up)
-            torch.mm(hidden, w_out[expert], out=out[start:stop])
-            activations.append((up, gate, hidden))
+        weights = (w_in, w_gate, w_out)
+        activations = [
+            _expert_forward(tokens[start:stop], *_expert_weights(weights, expert), out=out[start:stop])
+            for expert, start, stop in segments
+        ]
         ctx.save_for_backward(tokens, w_in, w_gate, w_out)
         ctx.activations = activations
         ctx.segments = segments
@@ -84,52 +162,126 @@ class _ExpertFFN(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor):
         if ctx.activations is None:
-            raise RuntimeError(
-                "GroupedExperts reuses its saved activations in backward, so a forward can be back-propagated "
-                "only once; run the forward again instead of retain_graph=True"
-            )
+            raise RuntimeError(_REUSED)
         tokens, w_in, w_gate, w_out = ctx.saved_tensors
+        weights = (w_in, w_gate, w_out)
         activations, segments = ctx.activations, ctx.segments
         ctx.activations = None  # overwritten below and freed expert by expert
-        need_tokens, need_in, need_gate, need_out = ctx.needs_input_grad[:4]
-        need_hidden = need_tokens or need_in or need_gate
         grad_out = grad_out.contiguous()
-        grad_tokens = tokens.new_zeros(tokens.shape) if need_tokens and not segments else None
-        grad_tokens = tokens.new_empty(tokens.shape) if need_tokens and segments else grad_tokens
-        present = {expert for expert, _, _ in segments}
-        grad_w_in, grad_w_gate, grad_w_out = (
-            _weight_grad_buffer(weight, present) if need else None
-            for weight, need in ((w_in, need_in), (w_gate, need_gate and w_gate is not None), (w_out, need_out))
-        )
+        grad_tokens = None
+        if ctx.needs_input_grad[0]:
+            grad_tokens = tokens.new_empty(tokens.shape) if segments else tokens.new_zeros(tokens.shape)
+        grads = _weight_grads(ctx, weights, {expert for expert, _, _ in segments})
         for index, (expert, start, stop) in enumerate(segments):
-            up, gate, hidden = activations[index]
-            activations[index] = None
-            rows, grad_rows = tokens[start:stop], grad_out[start:stop]
-            if grad_w_out is not None:
-                torch.mm(hidden.t(), grad_rows, out=grad_w_out[expert])
-            if not need_hidden:
-                continue
-            grad_hidden = torch.mm(grad_rows, w_out[expert].t())
-            if gate is None:
-                # d/du GeLU(u), written over grad_hidden (same shape, elementwise).
-                grad_up = torch.ops.aten.gelu_backward.grad_input(grad_hidden, up, grad_input=grad_hidden)
-                grad_gate = None
-            else:
-                # h = SiLU(g) ⊙ u:  dL/du = dh ⊙ SiLU(g),  dL/dg = (dh ⊙ u) ⊙ SiLU'(g), in place over the
-                # saved tensors, which are not needed afterwards.
-                silu_gate = torch.ops.aten.silu.out(gate, out=hidden)
-                grad_gate = up.mul_(grad_hidden)
-                torch.ops.aten.silu_backward.grad_input(grad_gate, gate, grad_input=grad_gate)
-                grad_up = grad_hidden.mul_(silu_gate)
-            if grad_tokens is not None:
-                torch.mm(grad_up, w_in[expert].t(), out=grad_tokens[start:stop])
-                if grad_gate is not None:
-                    grad_tokens[start:stop].addmm_(grad_gate, w_gate[expert].t())
-            if grad_w_in is not None:
-                torch.mm(rows.t(), grad_up, out=grad_w_in[expert])
-            if grad_w_gate is not None:
-                torch.mm(rows.t(), grad_gate, out=grad_w_gate[expert])
-        return grad_tokens, grad_w_in, grad_w_gate, grad_w_out, None
+            saved, activations[index] = activations[index], None
+            _expert_backward(
+                saved,
+                tokens[start:stop],
+                grad_out[start:stop],
+                _expert_weights(weights, expert),
+                _expert_slices(grads, expert),
+                None if grad_tokens is None else grad_tokens[start:stop],
+            )
+        return grad_tokens, None, *grads
+
+
+class _RoutedExpertFFN(torch.autograd.Function):
+    """Dispatch, experts and combine in one pass over the experts:
+    ``y_t = Σ_a [t_a = t] · g_a · E_{e_a}(x_{t_a})`` for assignments ``a`` sorted by expert.
+
+    Per expert, its tokens are gathered from ``x (S, d)`` into a small buffer, run through the FFN,
+    scaled by their gates and added into ``y (S, d)``; backward mirrors it. No ``(A, d)`` tensor of all
+    assignments is ever built: on CPU such buffers are large, fresh allocations each step (page
+    faults on first touch), while the per-expert ones are recycled by the allocator and stay in cache.
+    ``padded_rows`` = ``C`` runs every expert on ``C`` rows (its tokens, then zero rows: the
+    drop-and-pad regime, in forward and backward); ``None`` runs exactly the assigned rows.
+    The expert inputs are gathered again in backward rather than saved.
+    """
+
+    @staticmethod
+    def forward(
+        ctx,
+        x: torch.Tensor,
+        gates: torch.Tensor,
+        token_index: torch.Tensor,
+        counts: list[int],
+        padded_rows: int | None,
+        w_in: torch.Tensor,
+        w_gate: torch.Tensor | None,
+        w_out: torch.Tensor,
+    ) -> torch.Tensor:
+        out = x.new_zeros(x.shape)
+        weights = (w_in, w_gate, w_out)
+        segments = _all_segments(counts) if padded_rows is not None else _segments(counts)
+        keep_outputs = ctx.needs_input_grad[1]
+        saved = []
+        for expert, start, stop in segments:
+            index = token_index[start:stop]
+            rows = _gather_rows(x, index, padded_rows)
+            expert_out = rows.new_empty(rows.shape)
+            activations = _expert_forward(rows, *_expert_weights(weights, expert), out=expert_out)
+            kept_out = expert_out[: stop - start]
+            out.index_add_(0, index, kept_out * gates[start:stop, None])
+            saved.append((activations, kept_out if keep_outputs else None))
+        ctx.save_for_backward(x, gates, token_index, w_in, w_gate, w_out)
+        ctx.activations = saved
+        ctx.segments = segments
+        ctx.padded_rows = padded_rows
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out: torch.Tensor):
+        if ctx.activations is None:
+            raise RuntimeError(_REUSED)
+        x, gates, token_index, w_in, w_gate, w_out = ctx.saved_tensors
+        weights = (w_in, w_gate, w_out)
+        saved, segments, padded_rows = ctx.activations, ctx.segments, ctx.padded_rows
+        ctx.activations = None
+        need_x, need_gates = ctx.needs_input_grad[:2]
+        grad_out = grad_out.contiguous()
+        grad_x = x.new_zeros(x.shape) if need_x else None
+        grad_gates = gates.new_zeros(gates.shape) if need_gates else None
+        grads = _weight_grads(ctx, weights, {expert for expert, _, _ in segments})
+        for position, (expert, start, stop) in enumerate(segments):
+            (activations, kept_out), saved[position] = saved[position], None
+            index = token_index[start:stop]
+            grad_rows = _gather_rows(grad_out, index, padded_rows)
+            grad_kept = grad_rows[: stop - start]
+            if grad_gates is not None:
+                # dL/dg_a = <dL/dy_{t_a}, E(x_{t_a})>, over the saved output (not needed afterwards).
+                torch.sum(kept_out.mul_(grad_kept), dim=1, out=grad_gates[start:stop])
+            grad_kept.mul_(gates[start:stop, None])
+            grad_rows_in = grad_rows.new_empty(grad_rows.shape) if need_x else None
+            _expert_backward(
+                activations,
+                _gather_rows(x, index, padded_rows),
+                grad_rows,
+                _expert_weights(weights, expert),
+                _expert_slices(grads, expert),
+                grad_rows_in,
+            )
+            if grad_x is not None:
+                grad_x.index_add_(0, index, grad_rows_in[: stop - start])
+        return grad_x, grad_gates, None, None, None, *grads
+
+
+def _all_segments(counts: list[int]) -> list[tuple[int, int, int]]:
+    """``(expert, start, stop)`` for every expert, empty ones included (the padded regime)."""
+    starts = [0]
+    for count in counts:
+        starts.append(starts[-1] + count)
+    return [(expert, starts[expert], starts[expert + 1]) for expert in range(len(counts))]
+
+
+def _gather_rows(source: torch.Tensor, index: torch.Tensor, padded_rows: int | None) -> torch.Tensor:
+    """``source[index]`` as a new ``(len(index), d)`` tensor, or, with ``padded_rows``, as the first
+    rows of a ``(padded_rows, d)`` buffer whose remaining rows are zero."""
+    if padded_rows is None:
+        return source.index_select(0, index)
+    rows = source.new_empty(padded_rows, source.shape[1])
+    torch.index_select(source, 0, index, out=rows[: index.shape[0]])
+    rows[index.shape[0] :].zero_()
+    return rows
 
 
 def _weight_grad_buffer(weight: torch.Tensor, present: set[int]) -> torch.Tensor:
@@ -180,7 +332,7 @@ class GroupedExperts(nn.Module):
         num_experts, capacity, d_model = tokens.shape
         w_in, w_gate, w_out = self._weights(tokens)
         rows = tokens.to(w_in.dtype).reshape(num_experts * capacity, d_model)
-        out = _ExpertFFN.apply(rows, w_in, w_gate, w_out, [capacity] * num_experts)
+        out = _ExpertFFN.apply(rows, [capacity] * num_experts, w_in, w_gate, w_out)
         return out.view(num_experts, capacity, d_model)
 
     def forward_packed(self, tokens: torch.Tensor, tokens_per_expert: list[int]) -> torch.Tensor:
@@ -194,7 +346,33 @@ class GroupedExperts(nn.Module):
                 f"got {tokens_per_expert}"
             )
         w_in, w_gate, w_out = self._weights(tokens)
-        return _ExpertFFN.apply(tokens.to(w_in.dtype).contiguous(), w_in, w_gate, w_out, list(tokens_per_expert))
+        return _ExpertFFN.apply(tokens.to(w_in.dtype).contiguous(), list(tokens_per_expert), w_in, w_gate, w_out)
+
+    def forward_routed(
+        self,
+        x: torch.Tensor,
+        token_index: torch.Tensor,
+        gates: torch.Tensor,
+        tokens_per_expert: list[int],
+        padded_rows: int | None = None,
+    ) -> torch.Tensor:
+        """``(S, d) -> (S, d)``: ``y_t = Σ_a [t_a = t] · g_a · E_{e_a}(x_{t_a})`` (LocMoE eq. 1) for
+        assignments ``a`` sorted by expert (``token_index (A,)``, ``gates (A,)``, ``tokens_per_expert[i]``
+        consecutive assignments each). ``padded_rows = C``: every expert computes ``C`` rows
+        (drop-and-pad); ``None``: exactly its assignments. Tokens with no assignment get 0.
+        """
+        if len(tokens_per_expert) != self.num_experts or sum(tokens_per_expert) != token_index.shape[0]:
+            raise ValueError(
+                f"tokens_per_expert must give {self.num_experts} counts summing to {token_index.shape[0]} "
+                f"assignments, got {tokens_per_expert}"
+            )
+        if padded_rows is not None and max(tokens_per_expert, default=0) > padded_rows:
+            raise ValueError(f"an expert has {max(tokens_per_expert)} assignments > padded_rows={padded_rows}")
+        w_in, w_gate, w_out = self._weights(x)
+        rows = x.to(w_in.dtype)
+        return _RoutedExpertFFN.apply(
+            rows, gates.to(w_in.dtype), token_index, list(tokens_per_expert), padded_rows, w_in, w_gate, w_out
+        )
 
     def extra_repr(self) -> str:
         return f"num_experts={self.num_experts}, d_model={self.d_model}, d_ff={self.d_ff}, activation={self.activation}"

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 from torch import nn
 
-from locmoe.dispatch import DISPATCH_MODES, combine, processed_slots, run_experts, sort_by_expert
+from locmoe.dispatch import DISPATCH_MODES, dispatch_and_combine, processed_slots, sort_by_expert
 from locmoe.experts import GroupedExperts
 from locmoe.metrics import calinski_harabasz, routing_metrics, to_python
 from locmoe.routing.base import ROUTER_DEFAULT, RoutingContext
@@ -38,6 +40,9 @@ class MoELayer(nn.Module):
     ``last_metrics`` the SPEC §6 metrics as plain floats/lists (converted on first read).
     The whole input is one routing group (routers with a ``scope`` option may split it by sequence).
     """
+
+    # state_dict format version (nn.Module's mechanism): 2 added the ``_forward_count`` buffer.
+    _version = 2
 
     def __init__(
         self,
@@ -75,7 +80,10 @@ class MoELayer(nn.Module):
         self.last_plan: RoutingPlan | None = None
         self._metric_tensors: dict[str, torch.Tensor] = {}
         self._metrics_cache: dict[str, float | int | list] | None = None
-        self._forward_count = 0
+        # Training forwards so far: a buffer, so a resumed run computes the Calinski–Harabasz index at
+        # the same steps as an uninterrupted one (saved in checkpoints; see _load_from_state_dict).
+        self._forward_count: torch.Tensor
+        self.register_buffer("_forward_count", torch.zeros((), dtype=torch.long))
 
     @property
     def router_name(self) -> str:
@@ -122,8 +130,7 @@ class MoELayer(nn.Module):
         )
         plan = self.router(flat, context)
         order = sort_by_expert(plan.expert_ids, self.num_experts)
-        expert_out = run_experts(flat, order, self.experts, self.dispatch, plan.capacity)
-        out = combine(expert_out, order, plan, flat.shape[0])
+        out = dispatch_and_combine(flat, order, plan, self.experts, self.dispatch)
 
         self.aux_loss = sum(plan.losses.values(), flat.new_zeros(()))
         self.last_plan = plan
@@ -140,12 +147,33 @@ class MoELayer(nn.Module):
         for name, value in plan.losses.items():
             metrics[f"loss_{name}"] = value.detach()
         if self.training:
-            self._forward_count += 1
-        if self.ch_interval and self.training and self._forward_count % self.ch_interval == 0:
+            self._forward_count.add_(1)
+        if self.ch_interval and self.training and int(self._forward_count) % self.ch_interval == 0:
             labels = plan.expert_ids.max(dim=1).values  # first kept expert; dropped tokens form label -1
             metrics["calinski_harabasz"] = torch.tensor(calinski_harabasz(flat, labels))
         self._metric_tensors = metrics
         self._metrics_cache = None
+
+    def _load_from_state_dict(
+        self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+    ) -> None:
+        """Accept state dicts saved before ``_forward_count`` existed (module version 1, or no version
+        recorded, e.g. a plain ``dict`` copy): the count then restarts at 0 with a warning. A version-2
+        state dict without it is reported missing as usual."""
+        key = f"{prefix}_forward_count"
+        version = local_metadata.get("version")
+        tolerate = key not in state_dict and (version is None or version < 2)
+        super()._load_from_state_dict(
+            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+        )
+        if tolerate and key in missing_keys:
+            missing_keys.remove(key)
+            self._forward_count.zero_()
+            warnings.warn(
+                f"state dict has no {key!r} (saved by an older locmoe): the layer's training-forward count "
+                f"restarts at 0, so Calinski–Harabasz steps (ch_interval) may shift after this resume",
+                stacklevel=2,
+            )
 
     @property
     def last_metrics(self) -> dict[str, float | int | list]:

@@ -5,7 +5,8 @@ A decoder-only transformer (GPT-2 shape): token embedding, ``n_layers`` pre-norm
 token embedding. Attention is causal ``F.scaled_dot_product_attention``; positions are rotary
 (RoPE, applied to queries and keys, GPT-NeoX half-split layout) or a learned table. The FFN of every
 ``moe_every``-th block is a :class:`locmoe.MoELayer` fed the input token ids (the ``hash`` router
-needs them); the others are dense MLPs with the same activation and inner size as one expert.
+needs them) and, when given, the node each token lives on (the locality loss and ``remote_share``);
+the others are dense MLPs with the same activation and inner size as one expert.
 
 ``GPT.forward(ids)`` returns ``(logits, aux_loss)``: the router losses summed over the MoE layers
 (zero for a dense model), to be added to the language-model loss; ``GPT.loss(ids, targets)``
@@ -125,10 +126,15 @@ class Block(nn.Module):
             self.ffn = DenseMLP(config.d_model, config.d_ff, config.activation)
         self.dropout = nn.Dropout(config.dropout)
 
-    def forward(self, x: torch.Tensor, token_ids: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, token_ids: torch.Tensor, token_nodes: torch.Tensor | None = None
+    ) -> torch.Tensor:
         x = x + self.dropout(self.attn(self.norm_attn(x)))
         normed = self.norm_ffn(x)
-        ffn_out = self.ffn(normed, token_ids=token_ids) if isinstance(self.ffn, MoELayer) else self.ffn(normed)
+        if isinstance(self.ffn, MoELayer):
+            ffn_out = self.ffn(normed, token_ids=token_ids, token_nodes=token_nodes)
+        else:
+            ffn_out = self.ffn(normed)
         return x + self.dropout(ffn_out)
 
 
@@ -179,8 +185,9 @@ class GPT(nn.Module):
         """``layer{i}`` -> the ``MoELayer`` of block ``i`` (0-based)."""
         return {f"layer{i}": block.ffn for i, block in enumerate(self.blocks) if isinstance(block.ffn, MoELayer)}
 
-    def features(self, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """The trunk: ``ids (B, T)`` -> final-normed hidden states ``(B, T, d)`` and the summed aux loss."""
+    def features(self, ids: torch.Tensor, token_nodes: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """The trunk: ``ids (B, T)`` -> final-normed hidden states ``(B, T, d)`` and the summed aux loss.
+        ``token_nodes (B, T)``: the node each token lives on, for the MoE layers (``None`` = their default)."""
         if ids.dim() != 2:
             raise ValueError(f"ids must have shape (batch, time), got {tuple(ids.shape)}")
         length = ids.shape[1]
@@ -191,24 +198,27 @@ class GPT(nn.Module):
             x = x + self.position_embedding.weight[:length]
         x = self.dropout(x)
         for block in self.blocks:
-            x = block(x, ids)
+            x = block(x, ids, token_nodes)
         aux_loss = sum((layer.aux_loss for layer in self.moe_layers.values()), x.new_zeros(()))
         return self.norm_out(x), aux_loss
 
-    def forward(self, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, ids: torch.Tensor, token_nodes: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """``ids (B, T)`` -> ``logits (B, T, V)`` and the router losses summed over MoE layers ``()``."""
-        hidden, aux_loss = self.features(ids)
+        hidden, aux_loss = self.features(ids, token_nodes)
         return self.lm_head(hidden), aux_loss
 
-    def loss(self, ids: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Mean next-token cross-entropy (nats) of ``targets (B, T)`` and the summed aux loss.
+    def loss(
+        self, ids: torch.Tensor, targets: torch.Tensor, token_nodes: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Mean next-token cross-entropy (nats) of ``targets (B, T)`` and the summed aux loss
+        (``token_nodes`` as in :meth:`features`).
 
         Same value as ``cross_entropy(forward(ids)[0], targets)``, but the output projection and
         softmax run over ``LOSS_CHUNK_TOKENS`` rows at a time, so the full ``(B·T, V)`` logits (and
         their gradient) never exist at once: less memory traffic (about 10 % faster for this head on
         our 2-core CPU) and a smaller peak memory.
         """
-        hidden, aux_loss = self.features(ids)
+        hidden, aux_loss = self.features(ids, token_nodes)
         hidden = hidden.reshape(-1, hidden.shape[-1])
         targets = targets.reshape(-1)
         total = hidden.new_zeros(())
@@ -223,13 +233,16 @@ class GPT(nn.Module):
 
     def parameter_counts(self) -> dict[str, int]:
         """``total`` parameters (tied weights once) and ``active`` per token: each MoE layer counts
-        ``top_k`` experts' weights instead of all ``n`` (k = 1 for every router except ``topk``)."""
+        ``top_k`` experts' weights instead of all ``n`` (k = 1 for every router except ``topk``).
+        A layer whose experts are sharded over ranks counts all ``n`` experts, not only its own."""
         total = sum(p.numel() for p in self.parameters())
         active = total
         for layer in self.moe_layers.values():
-            expert_weights = sum(p.numel() for p in layer.experts.parameters())
+            held = layer.experts.num_experts  # n, or this rank's n / P
+            per_expert = sum(p.numel() for p in layer.experts.parameters()) // held
             top_k = int(getattr(layer.router, "top_k", 1) or 1)
-            active -= expert_weights - expert_weights * top_k // layer.num_experts
+            total += per_expert * (layer.num_experts - held)
+            active -= per_expert * held - per_expert * top_k
         return {"total": total, "active": active}
 
     @torch.no_grad()

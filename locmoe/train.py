@@ -1,10 +1,19 @@
 """The training loop: ``train(config) -> summary``.
 
 One run = one ``RunConfig``. The trainer prepares the data (corpus -> tokenizer -> token ids), builds
-the model with a builder function (the default :func:`locmoe.model.build_model`; an expert-parallel
-run passes one that shards experts over its process group), and optimises ``LM loss + router aux
-losses`` with AdamW (no weight decay on vectors: norms), a linear warm-up then cosine learning rate,
-and gradient clipping.
+the model with a builder function (the default :func:`locmoe.model.build_model`), and optimises
+``LM loss + router aux losses`` with AdamW (no weight decay on vectors: norms), a linear warm-up then
+cosine learning rate, and gradient clipping.
+
+Expert parallelism (SPEC §7): started by ``torchrun`` (``WORLD_SIZE`` set), every rank runs this
+same loop through an :class:`~locmoe.parallel.ExpertParallelRuntime` (``config.parallel``): the MoE
+layers' experts are sharded over the expert-parallel group, every rank draws the same global batch
+and takes its block of rows (so the data order is the single-process run's), gradients are
+synchronised and clipped by the global norm, the logged losses are means over the ranks and the MoE
+metrics are merged over them (:func:`locmoe.metrics.merge_rank_metrics`), every step logs the bytes
+the all-to-alls moved (``traffic``), a stop request on any rank stops every rank at the same step,
+and only global rank 0 writes files. Without ``torchrun`` the runtime is a single process and all of
+this reduces to the plain loop; ``parallel.simulated_nodes`` then simulates a topology in it.
 
 Determinism: the model is initialised from ``train.seed`` and the batches come in a fixed order
 from ``data.data_seed`` (:class:`locmoe.data.BatchLoader`), so every router sees the same tokens in
@@ -13,14 +22,19 @@ and continues bit for bit.
 
 Outputs in the run directory: ``config.json`` / ``config.toml`` (the resolved config),
 ``metrics.jsonl`` (one JSON object per step: loss, lm_loss, aux_loss, lr, grad_norm, tokens_per_s,
-elapsed_s and ``moe`` = each MoE layer's SPEC §6 metrics; ``val_loss``/``val_perplexity`` on
-evaluation steps), ``checkpoints/`` and ``summary.json`` (the final summary, also returned).
+elapsed_s, ``moe`` = each MoE layer's SPEC §6 metrics (with a topology, ``remote_share``) and
+``traffic`` = :meth:`~locmoe.parallel.ExpertParallelRuntime.traffic`, the bytes sent intra-node and
+inter-node by dispatch and combine, summed over layers and ranks, forward and backward (zeros in one
+process); ``val_loss``/``val_perplexity`` on evaluation steps), ``checkpoints/`` and ``summary.json``
+(the final summary, also returned).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
+import os
 import random
 import signal
 import time
@@ -30,12 +44,15 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.distributed as dist
 from torch import nn
 from tqdm import tqdm
 
 from locmoe.atomic_file import write_atomic
 from locmoe.checkpoint import (
+    CHECKPOINT_DIR,
     check_compatible,
+    checkpoint_name,
     latest_checkpoint,
     list_checkpoints,
     rng_state,
@@ -47,11 +64,13 @@ from locmoe.config import ModelConfig, RunConfig, TrainConfig, to_toml
 from locmoe.data.dataset import PreparedData, prepare_data
 from locmoe.data.loader import BatchLoader, validation_batches
 from locmoe.model import GPT, build_model
+from locmoe.parallel.runtime import ExpertParallelRuntime
 
 ModelBuilder = Callable[[ModelConfig, int], nn.Module]
 StepCallback = Callable[[int, dict[str, Any]], None]
 
 SUMMARY_TAIL_STEPS = 50  # the summary's train loss averages the last this many steps
+IGNORED_TARGET = -100  # cross_entropy's ignore_index: a padding target that adds nothing to the loss
 
 
 def lr_factor(step: int, config: TrainConfig) -> float:
@@ -72,21 +91,77 @@ def build_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.AdamW:
 
 
 @torch.no_grad()
-def evaluate(model: GPT, tokens: np.ndarray, batch_size: int, max_batches: int = 0) -> dict[str, float]:
+def evaluate(
+    model: GPT,
+    tokens: np.ndarray,
+    batch_size: int,
+    max_batches: int = 0,
+    runtime: ExpertParallelRuntime | None = None,
+) -> dict[str, float]:
     """Validation loss (mean next-token cross-entropy, nats) and perplexity over the fixed
-    validation batches. Runs in eval mode (routers do not update their state) and restores the mode."""
+    validation batches. Runs in eval mode (routers do not update their state) and restores the mode.
+
+    With an expert-parallel ``runtime`` this is collective (every rank calls it): each rank takes its
+    block of every batch's rows (as evenly as possible when a last batch does not split) and the
+    totals are summed over the ranks, so every rank returns the run's result. A last batch with
+    fewer rows than ranks is padded with copies of its last row whose targets are ignored, so every
+    rank routes some tokens (the padding then shares that batch's routing groups) **(ours)**."""
     was_training = model.training
     model.eval()
     total, count = 0.0, 0
+    split = runtime is not None and runtime.world_size > 1
     try:
         for inputs, targets in validation_batches(tokens, model.config.seq_len, batch_size, max_batches):
+            if split:
+                missing = runtime.world_size - inputs.shape[0]
+                if missing > 0:
+                    inputs = torch.cat([inputs, inputs[-1:].expand(missing, -1)])
+                    targets = torch.cat([targets, targets.new_full((missing, targets.shape[1]), IGNORED_TARGET)])
+                inputs, targets = runtime.local_rows(inputs, targets, even=False)
             lm_loss, _ = model.loss(inputs, targets)
+            # The loss is a mean over all targets; ignored ones add nothing to its sum.
             total += float(lm_loss) * targets.numel()
-            count += targets.numel()
+            count += int((targets != IGNORED_TARGET).sum())
     finally:
         model.train(was_training)
+    if split:
+        total, count = runtime.sum_over_ranks(torch.tensor([total, count], dtype=torch.float64)).tolist()
+        count = int(count)
     loss = total / count
     return {"val_loss": loss, "val_perplexity": math.exp(min(loss, 700.0)), "val_tokens": count}
+
+
+def start_runtime(config: RunConfig) -> ExpertParallelRuntime:
+    """The run's runtime: join the job ``torchrun`` started (``WORLD_SIZE`` set, or a process group
+    already initialised), else one process, with ``parallel.simulated_nodes`` if asked.
+
+    Each rank uses ``train.threads`` CPU threads, else what ``OMP_NUM_THREADS`` says, else one. The
+    trainer keeps the model on the CPU, so the backend is gloo (NCCL needs the model on GPUs)."""
+    parallel = config.parallel
+    if "WORLD_SIZE" not in os.environ and not dist.is_initialized():
+        if parallel.expert_parallel > 1:
+            raise ValueError(
+                f"parallel.expert_parallel={parallel.expert_parallel} needs that many processes: launch with "
+                f"torchrun --nproc_per_node={parallel.expert_parallel} -m locmoe train ..., or pass "
+                "--expert-parallel 0 to train in one process"
+            )
+        return ExpertParallelRuntime.single_process(parallel.simulated_nodes)
+    runtime = ExpertParallelRuntime.start(
+        parallel.expert_parallel or None,
+        ranks_per_node=parallel.ranks_per_node or None,
+        hierarchical=parallel.hierarchical,
+        timeout_s=parallel.collective_timeout,
+        threads=config.train.threads,
+        backend="gloo",
+    )
+    if parallel.simulated_nodes and runtime.world_size > 1:
+        runtime.close()
+        raise ValueError(
+            f"parallel.simulated_nodes={parallel.simulated_nodes} simulates nodes in one process; with "
+            f"{runtime.world_size} ranks set --ranks-per-node instead"
+        )
+    runtime.simulated_nodes = parallel.simulated_nodes
+    return runtime
 
 
 def unigram_entropy(tokens: np.ndarray, vocab_size: int) -> float:
@@ -223,11 +298,32 @@ def train(
     checkpoint's compatibility) happens before anything is written to the run directory, and fails
     with a ``ValueError``. ``callbacks`` are called as ``callback(step, record)`` after each step.
     SIGINT/SIGTERM stop the run after the current step, with a checkpoint (status ``"interrupted"``).
+    Under ``torchrun`` every rank calls this (module docstring).
     """
+    if config.train.threads:
+        torch.set_num_threads(config.train.threads)
+    runtime = start_runtime(config)
+    try:
+        return _train(config, runtime, resume, model_builder, list(callbacks))
+    finally:
+        runtime.close()
+
+
+def _train(
+    config: RunConfig,
+    runtime: ExpertParallelRuntime,
+    resume: bool,
+    model_builder: ModelBuilder,
+    callbacks: list[StepCallback],
+) -> dict[str, Any]:
     train_config = config.train
     run_dir = config.run_dir
-    if train_config.threads:
-        torch.set_num_threads(train_config.threads)
+    writer = runtime.is_writer
+    if train_config.batch_size % runtime.world_size:
+        raise ValueError(
+            f"train.batch_size={train_config.batch_size} does not split over {runtime.world_size} ranks; "
+            f"allowed: a multiple of {runtime.world_size} (each rank takes the same number of rows)"
+        )
 
     resumed: tuple[Path, dict[str, Any]] | None = None
     if resume:
@@ -238,7 +334,8 @@ def train(
     elif _existing_run_files(run_dir):
         raise ValueError(f"{run_dir} already holds a run; pass --resume to continue it, or choose another --out")
 
-    data = prepare_data(config.data)
+    # The writer fills the tokenizer and token caches; the other ranks then read them.
+    data = runtime.writer_first(lambda: prepare_data(config.data), "data preparation")
     if resumed and resumed[1]["corpus_sha256"] != data.corpus_sha256:
         raise ValueError(f"cannot resume from {resumed[0]}: the corpus text changed since the checkpoint")
     if resumed and resumed[1]["tokenizer"] != data.tokenizer.to_json():
@@ -246,7 +343,7 @@ def train(
     random.seed(train_config.seed)
     np.random.seed(train_config.seed)
     torch.manual_seed(train_config.seed)
-    model = model_builder(config.model, config.data.vocab_size)
+    model = runtime.build_model(model_builder, config.model, config.data.vocab_size)
     optimizer = build_optimizer(model, train_config)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, train_config))
     loader = BatchLoader(data.train_ids, config.model.seq_len, train_config.batch_size, config.data.data_seed)
@@ -256,69 +353,90 @@ def train(
     step, elapsed_before = 0, 0.0
     if resumed:
         state = resumed[1]
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
+        try:
+            runtime.load_model_state(model, state["model"])
+            runtime.load_optimizer_state(model, optimizer, state["optimizer"])
+        except ValueError as error:
+            raise ValueError(f"cannot resume from {resumed[0]}: {error}") from None
         scheduler.load_state_dict(state["scheduler"])
         loader.load_state_dict(state["data"])
         set_rng_state(state["rng"])
         step, elapsed_before = int(state["step"]), float(state["elapsed_s"])
-
-    # From here on we write.
-    run_dir.mkdir(parents=True, exist_ok=True)
-    write_atomic(run_dir / "config.json", (json.dumps(config.to_dict(), indent=2) + "\n").encode())
-    try:
-        write_atomic(run_dir / "config.toml", to_toml(config).encode())
-    except ValueError:  # a router option TOML cannot express (e.g. None): config.json is the record
-        (run_dir / "config.toml").unlink(missing_ok=True)
     metrics_path = run_dir / "metrics.jsonl"
     records = _read_metrics(metrics_path, step)
-    # Steps logged after the checkpoint we resume from are replayed, so drop them.
-    write_atomic(metrics_path, "".join(json.dumps(r) + "\n" for r in records).encode())
+    runtime.barrier("run directory read")  # no rank reads a file the writer is about to rewrite
 
-    def checkpoint_state() -> dict[str, Any]:
-        return {
+    # From here on we write (the writer only).
+    if writer:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        write_atomic(run_dir / "config.json", (json.dumps(config.to_dict(), indent=2) + "\n").encode())
+        try:
+            write_atomic(run_dir / "config.toml", to_toml(config).encode())
+        except ValueError:  # a router option TOML cannot express (e.g. None): config.json is the record
+            (run_dir / "config.toml").unlink(missing_ok=True)
+        # Steps logged after the checkpoint we resume from are replayed, so drop them.
+        write_atomic(metrics_path, "".join(json.dumps(r) + "\n" for r in records).encode())
+
+    def save() -> Path:
+        """Checkpoint the current step (collective: the consolidated state is gathered on every rank)."""
+        state = {
             "step": step,
             "elapsed_s": elapsed_before + (time.perf_counter() - started),
             "config": config.to_dict(),
-            "model": model.state_dict(),
-            "optimizer": optimizer.state_dict(),
+            "world_size": runtime.world_size,
+            "model": runtime.model_state(model),
+            "optimizer": runtime.optimizer_state(model, optimizer),
             "scheduler": scheduler.state_dict(),
             "data": loader.state_dict(),
             "rng": rng_state(),
             "tokenizer": data.tokenizer.to_json(),
             "corpus_sha256": data.corpus_sha256,
         }
+        if writer:
+            return save_checkpoint(run_dir, step, state, train_config.keep_checkpoints)
+        return run_dir / CHECKPOINT_DIR / checkpoint_name(step)
 
     last_stop = train_config.stop_after if train_config.stop_after else train_config.steps
     last_stop = min(last_stop, train_config.steps)
     tokens_per_step = train_config.batch_size * config.model.seq_len
-    callbacks = list(callbacks)
+    placement = config.parallel.simulated_placement
     started = time.perf_counter()
     train_time = 0.0
     steps_this_run = 0
     checkpoint_path: Path | None = resumed[0] if resumed else None
     checkpoint_step = step if resumed else -1
+    stop_signal = 0  # the signal that stopped the run, agreed by all ranks (0 = none)
     model.train()
     progress = tqdm(
-        total=train_config.steps, initial=step, disable=not train_config.progress, dynamic_ncols=True,
+        total=train_config.steps, initial=step, disable=not (train_config.progress and writer), dynamic_ncols=True,
         desc=f"{config.model.router}", unit="step",
     )
-    with stop_on_signals() as stop, metrics_path.open("a", encoding="utf-8") as metrics_file:
-        while step < last_stop and not stop.requested:
+    metrics_output = metrics_path.open("a", encoding="utf-8") if writer else contextlib.nullcontext()
+    with stop_on_signals() as stop, metrics_output as metrics_file:
+        while step < last_stop and not stop_signal:
             step_start = time.perf_counter()
+            fraction = None
+            if runtime.simulated_nodes and placement == "corpus":
+                fraction = torch.from_numpy(loader.batch_windows(loader.position) / loader.num_windows)
             inputs, targets = loader.next_batch()
+            token_nodes = runtime.token_nodes(inputs, fraction)
+            inputs, targets = runtime.local_rows(inputs, targets)
             lr = scheduler.get_last_lr()[0]
-            lm_loss, aux_loss = model.loss(inputs, targets)
+            runtime.set_step(model, step + 1)
+            # token_nodes only when simulated: a plain loss(ids, targets) is all a model must offer.
+            topology = {} if token_nodes is None else {"token_nodes": token_nodes}
+            lm_loss, aux_loss = model.loss(inputs, targets, **topology)
             loss = lm_loss + aux_loss
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             max_norm = train_config.grad_clip if train_config.grad_clip > 0 else math.inf
-            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
+            grad_norm = runtime.finish_backward(model, max_norm, step + 1)
             optimizer.step()
             scheduler.step()
             step += 1
-            loss_value, lm_value, aux_value, norm_value = torch.stack(
-                [loss.detach(), lm_loss.detach(), aux_loss.detach(), grad_norm]
+            logged = runtime.mean_over_ranks(torch.stack([loss.detach(), lm_loss.detach(), aux_loss.detach()]), step)
+            loss_value, lm_value, aux_value, norm_value = torch.cat(
+                [logged, grad_norm.detach().reshape(1).to(logged.dtype)]
             ).tolist()  # the one device sync of the step
             step_time = time.perf_counter() - step_start
             train_time += step_time
@@ -333,7 +451,8 @@ def train(
                 "tokens_per_s": tokens_per_step / step_time,
                 "elapsed_s": elapsed_before + (time.perf_counter() - started),
                 "epoch": loader.epoch,
-                "moe": model.routing_metrics(),
+                "moe": runtime.routing_metrics(model, step),
+                "traffic": runtime.traffic(model, step),
             }
             if not math.isfinite(loss_value):
                 raise FloatingPointError(f"the loss became {loss_value} at step {step}; lower --lr or check the data")
@@ -341,13 +460,16 @@ def train(
             if (train_config.eval_every and step % train_config.eval_every == 0) or (
                 finishing and step == train_config.steps
             ):
-                record.update(evaluate(model, data.validation_ids, train_config.batch_size, train_config.eval_batches))
+                record.update(
+                    evaluate(model, data.validation_ids, train_config.batch_size, train_config.eval_batches, runtime)
+                )
             record["elapsed_s"] = elapsed_before + (time.perf_counter() - started)
-            metrics_file.write(json.dumps(record) + "\n")
-            metrics_file.flush()
+            if writer:
+                metrics_file.write(json.dumps(record) + "\n")
+                metrics_file.flush()
             records.append(record)
             if (train_config.checkpoint_every and step % train_config.checkpoint_every == 0) or finishing:
-                checkpoint_path = save_checkpoint(run_dir, step, checkpoint_state(), train_config.keep_checkpoints)
+                checkpoint_path = save()
                 checkpoint_step = step
             for callback in callbacks:
                 callback(step, record)
@@ -356,11 +478,13 @@ def train(
             if "val_loss" in record:
                 postfix["val"] = f"{record['val_loss']:.3f}"
             progress.set_postfix(postfix, refresh=False)
+            # Every rank must stop at the same step: the largest signal number any rank received.
+            stop_signal = runtime.max_over_ranks(stop.signal_number or 0, step)
         if checkpoint_step != step:  # stopped by a signal between checkpoints
-            checkpoint_path = save_checkpoint(run_dir, step, checkpoint_state(), train_config.keep_checkpoints)
+            checkpoint_path = save()
     progress.close()
 
-    if stop.requested:
+    if stop_signal:
         status = "interrupted"
     elif step >= train_config.steps:
         status = "completed"
@@ -371,7 +495,9 @@ def train(
         config, data, model, records, status, step, elapsed_before + (time.perf_counter() - started),
         throughput, checkpoint_path,
     )
-    if stop.requested:
-        summary["signal"] = signal.Signals(stop.signal_number).name
-    write_atomic(run_dir / "summary.json", (json.dumps(summary, indent=2) + "\n").encode())
+    summary["world_size"] = runtime.world_size
+    if stop_signal:
+        summary["signal"] = signal.Signals(stop_signal).name
+    if writer:
+        write_atomic(run_dir / "summary.json", (json.dumps(summary, indent=2) + "\n").encode())
     return summary

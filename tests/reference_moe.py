@@ -78,4 +78,4 @@ def hash_assignments(token_ids: list[int], n: int, multiplier: int, offset: int,
 
 
 def conventional_capacity(cf: float, S: int, n: int, k: int = 1) -> int:
-    return max(1, math.ceil(cf * k * S / n))
+    return max(1, math.ceil(cf * k * S / n - 1e-9))  # 1.1 · 1600 / 8 = 220.00000000000003 -> 220

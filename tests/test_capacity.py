@@ -12,7 +12,9 @@ from hypothesis import strategies as st
 from scipy import special
 
 from locmoe.capacity import betainc, delta_statistic, dynamic_capacity, ec_min, locmoe_capacity, p_delta
+from locmoe.routing.base import capacity_from_factor
 from locmoe.routing.grap import grap_affinity
+from locmoe.routing.registry import build_router
 
 # ---------------------------------------------------------------------------------------------------
 # Regularised incomplete beta
@@ -260,6 +262,17 @@ def test_locmoe_capacity_clamps_the_bound_between_balanced_share_and_cf():
     assert locmoe_capacity(torch.tensor(0.3, dtype=torch.float64), 128, 8, 1800) == 227
     assert locmoe_capacity(math.nan, 128, 8, 1800) == 225  # nothing kept: the floor
     assert locmoe_capacity(0.99, 128, 8, 1800) == 248  # infinite bound: the ceiling
+
+
+def test_capacity_from_factor_is_not_pushed_up_by_float_rounding():
+    # 1.1 · 1600 / 8 evaluates to 220.00000000000003; the capacity is 220, not 221.
+    assert 1.1 * 1600 / 8 > 220
+    assert capacity_from_factor(1.1, 1600, 8) == 220
+    assert capacity_from_factor(1.1, 1601, 8) == 221  # a real excess still rounds up
+    assert capacity_from_factor(1.1, 1600, 8, top_k=2) == 440
+    assert capacity_from_factor(0.01, 10, 8) == 1  # never below 1
+    assert locmoe_capacity(0.99, 128, 8, 1600) == 220  # the LocMoE ceiling uses the same rule
+    assert build_router("switch", 16, 8, capacity_factor=1.1)(torch.randn(1600, 16)).capacity == 220
 
 
 def test_locmoe_capacity_rejects_bad_arguments():

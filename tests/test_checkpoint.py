@@ -118,6 +118,11 @@ def test_config_changes_that_alter_the_run_are_incompatible():
     assert config_differences(saved, base) == []
     harmless = base.with_overrides({"eval_every": 7, "checkpoint_every": 3, "stop_after": 5, "out": "x"})
     assert config_differences(saved, harmless) == []
+    # The parallel layout may change: a run saved on 4 ranks resumes on 2 or in one process.
+    relaid = base.with_overrides({"expert_parallel": 4, "ranks_per_node": 2, "hierarchical": True,
+                                  "collective_timeout": 30.0})
+    assert config_differences(saved, relaid) == []
+    assert config_differences(relaid.to_dict(), base.with_overrides({"simulated_nodes": 2})) == []
     changed = base.with_overrides({"d_model": 128, "lr": 1e-4})
     differences = config_differences(saved, changed)
     assert len(differences) == 2 and differences[0].startswith("d_model (checkpoint: 256, now: 128)")

@@ -95,6 +95,25 @@ def test_flags_override_the_config_file_which_overrides_the_defaults(tmp_path, c
     assert (config.model.d_model, config.model.router, config.train.steps) == (128, "switch", 9)
     assert config.model.capacity_factor == 1.5 and config.model.top_k == 1
     assert config.model.router_options == {"aux_coef": 0.05} and config.out == "runs/x"
+    assert config.parallel.expert_parallel == 0 and not config.parallel.hierarchical
+
+
+def test_expert_parallel_flags_set_the_parallel_section(monkeypatch):
+    captured = {}
+
+    def fake_train(config, resume):
+        captured["config"] = config
+        return {"status": "completed"}
+
+    monkeypatch.setattr("locmoe.train.train", fake_train)
+    monkeypatch.setattr("locmoe.train.format_summary", lambda summary: "")
+    assert main(["train", "--expert-parallel", "4", "--ranks-per-node", "2", "--hierarchical-all-to-all",
+                 "--collective-timeout", "30", "--progress"]) == 0
+    parallel = captured["config"].parallel
+    assert (parallel.expert_parallel, parallel.ranks_per_node, parallel.hierarchical) == (4, 2, True)
+    assert parallel.collective_timeout == 30.0 and captured["config"].train.progress is True
+    assert main(["train", "--hierarchical", "false", "--simulated-nodes", "2"]) == 0
+    assert not captured["config"].parallel.hierarchical and captured["config"].parallel.simulated_nodes == 2
 
 
 BAD_VALUES = [
@@ -107,6 +126,8 @@ BAD_VALUES = [
     (["train", "--router", "switch", "--router-options", "tau=0.5"], "does not take option"),
     (["train", "--no-such-flag", "1"], "unrecognized arguments: --no-such-flag 1"),
     (["train", "--step", "5"], "unrecognized arguments: --step 5"),  # no prefix guessing
+    (["train", "--expert-parallel", "2"], "parallel.expert_parallel=2 needs that many processes"),
+    (["train", "--collective-timeout", "-1"], "parallel.collective_timeout=-1.0 is invalid"),
     (["eval", "--checkpoint", "/no/such/run"], "checkpoint '/no/such/run' does not exist"),
     (["sample", "--checkpoint", "x", "--prompt", "a", "--temperature", "-1"], "--temperature='-1' is invalid"),
     ([], "the following arguments are required: COMMAND"),

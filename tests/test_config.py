@@ -9,6 +9,7 @@ import pytest
 from locmoe.config import (
     DataConfig,
     ModelConfig,
+    ParallelConfig,
     RunConfig,
     TrainConfig,
     field_owners,
@@ -37,6 +38,15 @@ from locmoe.config import (
         (lambda: TrainConfig(lr=float("nan")), "train.lr=nan is invalid"),
         (lambda: TrainConfig(progress="yes"), "train.progress='yes' is invalid; allowed: true or false"),
         (lambda: RunConfig(out="runs/{nonsense}"), "out='runs/{nonsense}' is invalid"),
+        (lambda: ParallelConfig(expert_parallel=-1), "expert_parallel=-1 is invalid; allowed: an integer >= 0"),
+        (lambda: ParallelConfig(collective_timeout=0), "collective_timeout=0 is invalid; allowed: a number in"),
+        (lambda: ParallelConfig(hierarchical="yes"), "hierarchical='yes' is invalid; allowed: true or false"),
+        (lambda: ParallelConfig(simulated_placement="random"), "placement='random' is invalid; allowed: rows"),
+        (lambda: ParallelConfig(simulated_nodes=2, expert_parallel=4), "simulated_nodes=2 is invalid; allowed: 0"),
+        (lambda: RunConfig().with_overrides({"expert_parallel": 3}), "allowed: a divisor of num_experts=8"),
+        (lambda: RunConfig().with_overrides({"simulated_nodes": 3}), "parallel.simulated_nodes=3 is invalid"),
+        (lambda: RunConfig().with_overrides({"simulated_nodes": 8, "num_experts": 16, "batch_size": 12}),
+         "a divisor of batch_size=12"),
     ],
 )
 def test_bad_values_name_the_field_the_value_and_what_is_allowed(make, message):
@@ -58,7 +68,8 @@ def test_toml_round_trip_keeps_every_field(tmp_path):
     config = RunConfig().with_overrides(
         {"out": "runs/a b \"quoted\"", "router": "topk", "top_k": 2, "capacity_factor": "dropless",
          "router_options": {"renormalize": True, "aux_coef": 0.02}, "lr": 1e-4, "progress": False,
-         "corpus": "/data/ünïcode.txt"}
+         "corpus": "/data/ünïcode.txt", "expert_parallel": 4, "ranks_per_node": 2, "hierarchical": True,
+         "collective_timeout": 60.0, "simulated_placement": "corpus"}
     )
     path = tmp_path / "run.toml"
     path.write_text(to_toml(config))
@@ -86,6 +97,8 @@ def test_out_placeholders_are_filled_from_fields():
 def test_field_names_are_unique_and_parse_from_text():
     owners = field_owners()
     assert owners["d_model"] == "model" and owners["corpus"] == "data" and owners["steps"] == "train"
+    assert owners["expert_parallel"] == "parallel" and owners["simulated_nodes"] == "parallel"
+    assert parse_field("hierarchical", "true") is True and parse_field("collective_timeout", "30") == 30.0
     assert parse_field("top_k", "none") is None and parse_field("top_k", "2") == 2
     assert parse_field("capacity_factor", "1.25") == 1.25 and parse_field("capacity_factor", "dropless") == "dropless"
     assert parse_field("router_options", '{"tau": 0.5}') == {"tau": 0.5}

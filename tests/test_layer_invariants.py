@@ -126,3 +126,33 @@ def test_calinski_harabasz_matches_sklearn():
 
 def test_every_registered_router_is_listed():
     assert set(BASELINES) <= set(available_routers())
+
+
+def test_forward_count_is_saved_so_ch_steps_survive_a_resume():
+    torch.manual_seed(0)
+    layer = MoELayer(8, 16, 4, router="switch", ch_interval=3)
+    x = torch.randn(32, 8)
+    for _ in range(2):
+        layer(x)
+    state = layer.state_dict()
+    assert int(state["_forward_count"]) == 2
+    resumed = MoELayer(8, 16, 4, router="switch", ch_interval=3)
+    resumed.load_state_dict(state)
+    resumed(x)  # the third training forward overall: the CH index is due, as without the resume
+    assert "calinski_harabasz" in resumed.last_metrics
+    layer.eval()
+    layer(x)  # evaluation forwards are not counted
+    assert int(layer.state_dict()["_forward_count"]) == 2
+
+
+def test_state_dict_from_before_forward_count_loads_with_a_warning():
+    layer = MoELayer(8, 16, 4, router="switch")
+    old = {key: value for key, value in layer.state_dict().items() if key != "_forward_count"}  # no version info
+    layer._forward_count.fill_(5)
+    with pytest.warns(UserWarning, match="_forward_count"):
+        layer.load_state_dict(old)
+    assert int(layer._forward_count) == 0
+    current = layer.state_dict()
+    del current["_forward_count"]  # a version-2 state dict that lost the key is an error, not a restart
+    with pytest.raises(RuntimeError, match="Missing key.*_forward_count"):
+        layer.load_state_dict(current)

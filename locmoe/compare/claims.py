@@ -138,7 +138,7 @@ def remote_share_claim(runs: Sequence[dict]) -> Claim:
     without = _by_seed(runs, NO_LOCALITY, "remote_share")
     drops = _paired(with_loc, without, lambda w, wo: wo - w)
     if not drops:
-        return _missing(name, paper, f"{LOCMOE_PLUS} and {NO_LOCALITY} runs with a topology (--nodes > 1)")
+        return _missing(name, paper, f"{LOCMOE_PLUS} and {NO_LOCALITY} runs with a topology (--simulated-nodes > 1)")
     summary = summarize(drops)
     holds = _beyond_spread_at_least(drops, 1e-12)
     return Claim(name, paper, f"remote share lower by {summary.format(3)} (absolute) with the locality loss", holds,

@@ -7,7 +7,8 @@ import math
 from collections.abc import Sequence
 from pathlib import Path
 
-from locmoe.compare.claims import BASELINE, evaluate_claims
+from locmoe.atomic_file import write_atomic
+from locmoe.compare.claims import BASELINE, Claim, evaluate_claims
 from locmoe.compare.plots import make_plots
 from locmoe.compare.stats import summarize
 
@@ -63,6 +64,22 @@ def _options_section(runs: Sequence[dict]) -> list[str]:
     return lines + [""]
 
 
+VERDICTS = {True: "holds", False: "does not hold", None: "not measured"}
+
+
+def claims_table(claims: Sequence[Claim | dict]) -> list[str]:
+    """Markdown table of the claims: paper figure vs measured, and the verdict."""
+    lines = ["| claim | paper | measured | verdict |", "|---|---|---|---|"]
+    for claim in claims:
+        c = claim.to_dict() if isinstance(claim, Claim) else claim
+        verdict = f"**{VERDICTS[c['holds']]}**"
+        per_seed = (c.get("details") or {}).get("per_seed")
+        if c["holds"] is not None and per_seed is not None and len(per_seed) < 2:
+            verdict += " (one seed: no spread to hold beyond)"
+        lines.append(f"| {c['name']} | {c['paper']} | {c['measured']} | {verdict} |")
+    return lines
+
+
 def write_report(runs: Sequence[dict], out_dir: Path, settings: dict | None = None) -> dict:
     """Evaluate the claims, draw the plots, write ``report.json`` and ``report.md``; return the JSON."""
     out_dir = Path(out_dir)
@@ -71,11 +88,8 @@ def write_report(runs: Sequence[dict], out_dir: Path, settings: dict | None = No
     plots = make_plots(runs, out_dir)
     report = {"settings": settings or {}, "runs": list(runs), "claims": [c.to_dict() for c in claims],
               "plots": plots}
-    tmp = out_dir / "report.json.tmp"
-    tmp.write_text(json.dumps(report, indent=1, default=float))
-    tmp.replace(out_dir / "report.json")
+    write_atomic(out_dir / "report.json", json.dumps(report, indent=1, default=float).encode())
 
-    verdict = {True: "holds", False: "does not hold", None: "not measured"}
     lines = ["# LocMoE+ vs baselines: comparison report", ""]
     if settings:
         lines += ["Settings: " + ", ".join(f"{k} = `{v}`" for k, v in settings.items()), ""]
@@ -86,22 +100,20 @@ def write_report(runs: Sequence[dict], out_dir: Path, settings: dict | None = No
         "",
         "## Claims (SPEC §8)",
         "",
-        "| claim | paper | measured | verdict |",
-        "|---|---|---|---|",
     ]
-    lines += [f"| {c.name} | {c.paper} | {c.measured} | **{verdict[c.holds]}** |" for c in claims]
+    lines += claims_table(claims)
     lines += ["", "## Results per router (mean ± std over seeds)", ""]
     lines += results_table(runs)
     lines += [
         "",
         "tokens processed = expert token slots computed, summed over steps and MoE layers (n·C per layer "
         "in drop-and-pad); tokens kept = assignments actually processed; drop rate = share of tokens no "
-        "expert kept (mean over steps, first MoE layer); load CV = std/mean of per-expert kept tokens.",
+        "expert kept (mean over steps and MoE layers); load CV = std/mean of per-expert kept tokens.",
         "",
     ]
     lines += _options_section(runs)
     if plots:
         lines += ["## Plots", ""]
         lines += [f"### {title}\n\n![{title}]({name})\n" for title, name in plots.items()]
-    (out_dir / "report.md").write_text("\n".join(lines) + "\n")
+    write_atomic(out_dir / "report.md", ("\n".join(lines) + "\n").encode())
     return report

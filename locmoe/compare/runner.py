@@ -20,10 +20,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from locmoe.checkpoint import latest_checkpoint
+from locmoe.checkpoint import config_differences, latest_checkpoint
 from locmoe.compare.report import write_report
 from locmoe.config import RunConfig
-from locmoe.routing.registry import available_routers, router_options
+from locmoe.routing.base import RouterDefault
+from locmoe.routing.registry import available_routers, router_class, router_options
 
 NO_LOCALITY_SUFFIX = "-noloc"
 
@@ -41,9 +42,23 @@ PRESETS: dict[str, dict[str, Any]] = {
         "routers": ("switch", "topk", "expert_choice", "hash", "locmoe", "locmoe_plus", "tcr", "ecr",
                     "locmoe_plus-noloc"),
         "seeds": (0, 1, 2),
-        "overrides": {"steps": 1000, "eval_every": 100, "ch_interval": 50},
+        # Two simulated nodes with corpus placement (ours): the locality claims need a topology in
+        # which a token's node says something about the token (see ParallelConfig).
+        "overrides": {"steps": 1000, "eval_every": 100, "ch_interval": 50, "simulated_nodes": 2,
+                      "simulated_placement": "corpus"},
     },
 }
+
+
+class ComparisonInterrupted(Exception):
+    """A run stopped before its last step, on a signal (Ctrl-C / SIGTERM; ``signal`` is its name) or
+    because ``stop_after`` asked (``signal`` is None), after writing its checkpoint. Re-running the
+    comparison resumes it."""
+
+    def __init__(self, run_dir: Path, signal: str | None) -> None:
+        super().__init__(f"{run_dir} stopped early" + (f" by {signal}" if signal else ""))
+        self.run_dir = run_dir
+        self.signal = signal
 
 
 @dataclass(frozen=True)
@@ -96,9 +111,12 @@ def run_config_for(base: RunConfig, contender: Contender, seed: int, out_dir: Pa
     )
 
 
-def _saved_config_matches(run_dir: Path, config: RunConfig) -> bool:
+def _saved_config_differences(run_dir: Path, config: RunConfig) -> list[str]:
+    """How the run on disk differs from ``config`` in fields a resume may not change."""
     saved = run_dir / "config.json"
-    return saved.exists() and json.loads(saved.read_text()) == json.loads(json.dumps(config.to_dict()))
+    if not saved.exists():
+        return ["no config.json"]
+    return config_differences(json.loads(saved.read_text()), config)
 
 
 def run_one(config: RunConfig, train_fn: Callable[..., dict]) -> dict:
@@ -106,9 +124,11 @@ def run_one(config: RunConfig, train_fn: Callable[..., dict]) -> dict:
     run_dir = config.run_dir
     summary_path = run_dir / "summary.json"
     if run_dir.exists() and any(run_dir.iterdir()):
-        if not _saved_config_matches(run_dir, config):
+        differences = _saved_config_differences(run_dir, config)
+        if differences:
             raise ValueError(
-                f"{run_dir} holds a run with a different config; choose another --out or delete that run"
+                f"{run_dir} holds a run with a different config ({'; '.join(differences)}); "
+                "choose another --out or delete that run"
             )
         if summary_path.exists():
             summary = json.loads(summary_path.read_text())
@@ -128,6 +148,25 @@ def _metric_series(records: list[dict], key: str, layer: str | None) -> list:
         if layer is not None and layer in layers and key in layers[layer]:
             values.append(layers[layer][key])
     return values
+
+
+def effective_router_options(router: str, config: RunConfig) -> dict[str, Any]:
+    """Every option ``router`` ran with: its defaults, the config's options over them, and the
+    config's capacity factor / top-k, with "the router's default" resolved to the value it means."""
+    options = {**router_options(router), **config.model.router_options}
+    capacity = config.model.capacity_factor
+    if "capacity_factor" in options:
+        if capacity == "dropless":
+            options["capacity_factor"] = None
+        elif capacity != "default":
+            options["capacity_factor"] = capacity
+    if "top_k" in options and config.model.top_k is not None:
+        options["top_k"] = config.model.top_k
+    default_capacity = router_class(router).default_capacity_factor
+    return {
+        key: (default_capacity if key == "capacity_factor" else None) if isinstance(value, RouterDefault) else value
+        for key, value in options.items()
+    }
 
 
 def run_record(contender: Contender, config: RunConfig, summary: dict) -> dict:
@@ -165,8 +204,8 @@ def run_record(contender: Contender, config: RunConfig, summary: dict) -> dict:
         "label": contender.label,
         "router": contender.router,
         "seed": config.train.seed,
-        "router_options": {**router_options(contender.router), **config.model.router_options},
-        "capacity_factor": config.model.capacity_factor,
+        "router_options": effective_router_options(contender.router, config),
+        "capacity_factor": effective_router_options(contender.router, config).get("capacity_factor"),
         "run_dir": str(run_dir),
         "steps": summary["step"],
         "final_val_loss": summary["final_val_loss"],
@@ -208,7 +247,14 @@ def compare(
     for index, (contender, seed, config) in enumerate(configs, start=1):
         on_run(f"[{index}/{len(configs)}] {contender.label} seed {seed} -> {config.run_dir}")
         summary = run_one(config, train_fn)
-        runs.append(run_record(contender, config, summary))
+        if summary.get("status") != "completed":
+            raise ComparisonInterrupted(config.run_dir, summary.get("signal"))
+        record = run_record(contender, config, summary)
+        on_run(
+            f"      val loss {record['final_val_loss']:.4f}, tokens processed {record['tokens_processed']:,}, "
+            f"drop rate {record['drop_rate'] or 0.0:.3f}, {record['tokens_per_s']:,.0f} tokens/s"
+        )
+        runs.append(record)
     settings = {
         "steps": base.train.steps,
         "seeds": ",".join(map(str, seeds)),

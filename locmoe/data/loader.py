@@ -48,12 +48,15 @@ class BatchLoader:
             self._epoch_order = (epoch, generator.permutation(self.num_windows))
         return self._epoch_order[1]
 
-    def batch(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Batch number ``index`` (0-based over the whole run): ``inputs, targets`` ``(B, T)``."""
+    def batch_windows(self, index: int) -> np.ndarray:
+        """The window numbers ``(B,)`` of batch ``index``: row ``b`` starts at token ``windows[b] · T``."""
         epoch, offset = divmod(index, self.batches_per_epoch)
         order = self.epoch_order(epoch)
-        windows = order[offset * self.batch_size : (offset + 1) * self.batch_size]
-        return window_tokens(self.tokens, windows, self.seq_len)
+        return order[offset * self.batch_size : (offset + 1) * self.batch_size]
+
+    def batch(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Batch number ``index`` (0-based over the whole run): ``inputs, targets`` ``(B, T)``."""
+        return window_tokens(self.tokens, self.batch_windows(index), self.seq_len)
 
     def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
         batch = self.batch(self.position)

@@ -71,11 +71,13 @@ def _check_expert_ids(path: str, ids: torch.Tensor, num_experts: int) -> None:
 
 
 def consolidated_state_dict(model: nn.Module, groups: ExpertParallelGroups | None = None) -> dict[str, Any]:
-    """``model.state_dict()`` with all experts of every sharded layer gathered (collective)."""
+    """``model.state_dict()`` with all experts of every sharded layer gathered (collective), and the
+    global expert ids of every MoE layer (``arange(n)`` for an unsharded one, which holds them all)."""
     groups = groups or ExpertParallelGroups.single_process()
     state = dict(model.state_dict())
     for path, layer in _moe_layers(model).items():
         if not isinstance(layer, ExpertParallelMoELayer):
+            state[f"{_prefix(path)}{EXPERT_IDS}"] = torch.arange(layer.num_experts)
             continue
         prefix = _prefix(path)
         ids = _gather_blocks(layer.expert_ids, groups, path)

@@ -102,7 +102,13 @@ def resolve_capacity_factor(value: object, default: float | None, *, allow_none:
     return float(value)
 
 
+# Slack on ceil() (the same as locmoe.capacity's): 1.1 · 1600 / 8 is 220.00000000000003 in binary
+# floating point and must give 220, not 221.
+_CEIL_SLACK = 1e-9
+
+
 def capacity_from_factor(capacity_factor: float, num_tokens: int, num_experts: int, top_k: int = 1) -> int:
     """Conventional capacity ``C_cf = ceil(cf * k * S / n)`` (SPEC §3; GShard/Switch, with ``k``
-    slots per token for top-k routing). Never below 1."""
-    return max(1, math.ceil(capacity_factor * top_k * num_tokens / num_experts))
+    slots per token for top-k routing). Never below 1. A product within ``1e-9`` above an integer
+    counts as that integer (float rounding, not a real excess)."""
+    return max(1, math.ceil(capacity_factor * top_k * num_tokens / num_experts - _CEIL_SLACK))

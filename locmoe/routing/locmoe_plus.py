@@ -199,7 +199,9 @@ class LocMoEPlusRouter(GrAPRouter):
         margin: ``≥ 0``, default 0.1: ``C_t = clamp(ceil(max_i k_i^τ · (1 + margin)), C_floor, C_cf)``.
         capacity_ema: EMA weight of the capacity target over training steps in ``[0, 1)``, 0 = off.
         scope: routing group, ``"batch"`` (default; all tokens here) or ``"sequence"``; ``"global"``
-            needs expert parallelism and raises for now **(ours)**.
+            (all tokens of the expert-parallel group) is a property of the layer, not of the router:
+            :class:`locmoe.parallel.ExpertParallelMoELayer` and the trainer accept it, the router
+            alone raises **(ours)**.
 
     ``C_t`` is computed per group size ``S_g`` and shared by the groups; the plan's ``capacity`` is
     ``G · C_t`` (the drop-and-pad slots per expert over the ``G`` groups). ``C_t`` becomes a Python int
@@ -257,8 +259,9 @@ class LocMoEPlusRouter(GrAPRouter):
         self.capacity_ema = check_number("capacity_ema", capacity_ema, low=0.0, high=1.0, high_open=True)
         if scope == "global":
             raise ValueError(
-                "scope='global' (route over all tokens of the expert-parallel group) needs expert parallelism, "
-                "which is not available yet; use scope='batch' or 'sequence'"
+                "scope='global' (route over all tokens of the expert-parallel group) needs expert parallelism: "
+                "use locmoe.parallel.ExpertParallelMoELayer (or `locmoe train`, which handles it in one process "
+                "and under torchrun); a router alone takes scope='batch' or 'sequence'"
             )
         self.scope = check_choice("scope", scope, ("sequence", "batch"))
         self.capacity_state: torch.Tensor

@@ -59,7 +59,7 @@ def reference_selection(affinity, *, top_l, tau, select_temperature, score, grou
 
 def reference_capacity(k_tau, margin, floor, capacity_factor, group_size, num_experts):
     target = max(max(row) for row in k_tau) * (1 + margin)
-    ceiling = max(1, math.ceil(capacity_factor * group_size / num_experts))
+    ceiling = max(1, math.ceil(capacity_factor * group_size / num_experts - 1e-9))
     return min(max(math.ceil(target - 1e-9), floor), ceiling)
 
 

@@ -1,0 +1,106 @@
+"""Arguments of ``locmoe compare`` (registered in :data:`locmoe.cli.COMMANDS`).
+
+    locmoe compare [--quick | --preset quick|full] [--routers switch,locmoe_plus,...] [--seeds 0,1]
+                   [--out runs/compare] [--config FILE.toml] [--FIELD VALUE ...]
+
+The preset gives the shared model/training config, the routers and the seeds; ``--config`` goes
+over the preset and every ``--FIELD`` flag (the same fields as ``locmoe train``) over that. The
+fields a comparison sets per run (``router``, ``seed``, ``out``) are refused as flags, so the one
+that varies is never silently overwritten. Re-running the same command reuses finished runs and
+resumes an interrupted one.
+"""
+
+from __future__ import annotations
+
+import argparse
+import signal
+import sys
+from pathlib import Path
+
+from locmoe.compare.report import claims_table
+from locmoe.compare.runner import PRESETS, ComparisonInterrupted, compare, parse_contenders, preset_config
+from locmoe.config import RunConfig, field_types, load_config_file, parse_field
+
+DEFAULT_PRESET = "full"
+DEFAULT_OUT = "runs/compare"
+# Set per run by the comparison itself; as flags they would be ambiguous.
+PER_RUN_FIELDS = {"router": "--routers", "seed": "--seeds", "out": "--out", "progress": "(runs report one line each)"}
+
+
+def add_compare_arguments(parser: argparse.ArgumentParser) -> None:
+    presets = parser.add_mutually_exclusive_group()
+    presets.add_argument("--preset", choices=tuple(PRESETS), default=None,
+                         help=f"shared config, routers and seeds (default {DEFAULT_PRESET})")
+    presets.add_argument("--quick", action="store_const", dest="preset", const="quick",
+                         help="the quick preset (what `make run` uses)")
+    parser.add_argument("--routers", metavar="LIST",
+                        help="comma-separated routers, or ROUTER-noloc for the router with locality_coef=0")
+    parser.add_argument("--seeds", metavar="LIST", help="comma-separated integer seeds, e.g. 0,1,2")
+    parser.add_argument("--out", default=DEFAULT_OUT, metavar="DIR",
+                        help=f"comparison directory: runs/, report.md, report.json, plots (default {DEFAULT_OUT})")
+    parser.add_argument("--config", metavar="FILE", help="TOML (or JSON) config applied over the preset")
+    defaults = RunConfig().flat()
+    for name in field_types():
+        if name in PER_RUN_FIELDS:
+            continue
+        flags = [f"--{name.replace('_', '-')}"] + ([f"--{name}"] if "_" in name else [])
+        parser.add_argument(*flags, dest=f"field_{name}", default=argparse.SUPPRESS, metavar="VALUE",
+                            help=f"config field {name} for every run (default: the preset's, else {defaults[name]!r})")
+    for name in ("router", "seed"):
+        parser.add_argument(f"--{name}", dest=f"refused_{name}", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+
+
+def parse_seeds(text: str) -> tuple[int, ...]:
+    """``"0,1,2"`` -> ``(0, 1, 2)``; anything else is a ``ValueError`` naming the bad item."""
+    seeds = []
+    for item in text.split(","):
+        item = item.strip()
+        try:
+            seed = int(item)
+        except ValueError:
+            message = f"--seeds: {item!r} is not an integer; pass a comma-separated list such as 0,1,2"
+            raise ValueError(message) from None
+        if seed < 0:
+            raise ValueError(f"--seeds: {seed} is negative; seeds are integers >= 0")
+        if seed in seeds:
+            raise ValueError(f"--seeds: {seed} is listed twice")
+        seeds.append(seed)
+    return tuple(seeds)
+
+
+def resolve_comparison(args: argparse.Namespace) -> tuple[RunConfig, list, tuple[int, ...], Path]:
+    """The shared base config, contenders, seeds and output directory; raises ``ValueError`` on bad input."""
+    refused = [name for name in ("router", "seed") if hasattr(args, f"refused_{name}")]
+    if refused:
+        name = refused[0]
+        raise ValueError(f"--{name.replace('_', '-')} is set per run by compare; use {PER_RUN_FIELDS[name]} instead")
+    base, routers, seeds = preset_config(args.preset or DEFAULT_PRESET)
+    if args.config:
+        base = load_config_file(args.config, base)
+    overrides = {
+        key[len("field_"):]: parse_field(key[len("field_"):], text)
+        for key, text in vars(args).items()
+        if key.startswith("field_")
+    }
+    base = base.with_overrides(overrides)
+    contenders = parse_contenders(args.routers.split(",") if args.routers else routers)
+    if args.seeds is not None:
+        seeds = parse_seeds(args.seeds)
+    return base, contenders, seeds, Path(args.out)
+
+
+def run_compare(args: argparse.Namespace) -> int:
+    base, contenders, seeds, out_dir = resolve_comparison(args)
+    try:
+        report = compare(base, contenders, seeds, out_dir)
+    except ComparisonInterrupted as stop:
+        cause = f"interrupted by {stop.signal}" if stop.signal else "stopped as --stop-after asked"
+        print(
+            f"{cause} during {stop.run_dir}; its checkpoint and every finished run are kept; "
+            "re-run the same command (without --stop-after) to continue",
+            file=sys.stderr,
+        )
+        return 128 + int(signal.Signals[stop.signal]) if stop.signal else 0
+    print("\n".join(claims_table(report["claims"])))
+    print(f"report: {out_dir / 'report.md'} (and report.json and the PNG plots beside it)")
+    return 0
