@@ -85,6 +85,9 @@ def locality_loss(
     if not 0.0 <= smoothing < 1.0:
         raise ValueError(f"locality smoothing must be in [0, 1), got {smoothing!r}")
     num_tokens, num_experts = router_probs.shape
+    if num_tokens == 0:
+        # No tokens, no routing distribution: a zero that still back-propagates (into nothing).
+        return router_probs.sum() * coef
     probs = router_probs.float()
     if token_nodes is None or expert_nodes is None:
         current = probs.mean(dim=0)

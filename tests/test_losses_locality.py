@@ -111,3 +111,14 @@ def test_finite_with_hard_routing_and_gradients_pull_mass_home():
 def test_bad_smoothing_raises():
     with pytest.raises(ValueError, match=r"smoothing must be in \[0, 1\), got 1.0"):
         locality_loss(PROBS, TOKEN_NODES, EXPERT_NODES, 0.01, smoothing=1.0)
+
+
+@pytest.mark.parametrize("with_nodes", [False, True])
+def test_no_tokens_gives_a_zero_loss_that_back_propagates(with_nodes):
+    probs = torch.zeros(0, 4, dtype=torch.float64, requires_grad=True)
+    token_nodes = torch.zeros(0, dtype=torch.long) if with_nodes else None
+    expert_nodes = torch.tensor([0, 0, 1, 1]) if with_nodes else None
+    loss = locality_loss(probs, token_nodes, expert_nodes, coef=0.5)
+    assert loss.shape == () and float(loss) == 0.0
+    loss.backward()
+    assert probs.grad.shape == (0, 4)
