@@ -20,14 +20,11 @@ import math
 
 import torch
 
-from locmoe.routing.base import capacity_from_factor
+from locmoe.routing.base import capacity_from_factor, ceil_tolerant
 from locmoe.routing.plan import DROPPED
 from locmoe.routing.selection import count_per_expert, rank_within_expert
 
 EC_MIN_FORMS = ("exact", "erfc", "exp")
-
-# Slack on ceil(): 10 · 1.1 is 11.000000000000002 in binary floating point and must round to 11.
-_CEIL_SLACK = 1e-9
 
 
 # --------------------------------------------------------------------------------------------------
@@ -262,7 +259,7 @@ def _clamp_capacity(target: float, floor: int, ceiling: int) -> int:
         return min(floor, ceiling)
     if target == math.inf:
         return ceiling
-    return min(max(math.ceil(target - _CEIL_SLACK), floor), ceiling)
+    return min(max(ceil_tolerant(target), floor), ceiling)
 
 
 def locmoe_capacity(

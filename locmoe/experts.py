@@ -133,6 +133,15 @@ _REUSED = (
 )
 
 
+def _take_activations(ctx) -> list:
+    """The per-expert activations saved by a forward, handed over once: backward overwrites them
+    and frees them expert by expert, so a second backward of the same forward raises."""
+    if ctx.activations is None:
+        raise RuntimeError(_REUSED)
+    activations, ctx.activations = ctx.activations, None
+    return activations
+
+
 class _ExpertFFN(torch.autograd.Function):
     """``rows -> W_out(act(rows · W_in [, rows · W_gate]))`` for ``(R, d)`` rows grouped by expert
     (``counts[e]`` consecutive rows each), one expert at a time.
@@ -168,12 +177,10 @@ class _ExpertFFN(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor):
-        if ctx.activations is None:
-            raise RuntimeError(_REUSED)
+        activations = _take_activations(ctx)
         tokens, w_in, w_gate, w_out = ctx.saved_tensors
         weights = (w_in, w_gate, w_out)
-        activations, segments = ctx.activations, ctx.segments
-        ctx.activations = None  # overwritten below and freed expert by expert
+        segments = ctx.segments
         grad_out = grad_out.contiguous()
         grad_tokens = None
         if ctx.needs_input_grad[0]:
@@ -238,12 +245,10 @@ class _RoutedExpertFFN(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor):
-        if ctx.activations is None:
-            raise RuntimeError(_REUSED)
+        saved = _take_activations(ctx)
         x, gates, token_index, w_in, w_gate, w_out = ctx.saved_tensors
         weights = (w_in, w_gate, w_out)
-        saved, segments, padded_rows = ctx.activations, ctx.segments, ctx.padded_rows
-        ctx.activations = None
+        segments, padded_rows = ctx.segments, ctx.padded_rows
         need_x, need_gates = ctx.needs_input_grad[:2]
         grad_out = grad_out.contiguous()
         grad_x = x.new_zeros(x.shape) if need_x else None

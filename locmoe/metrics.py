@@ -77,8 +77,6 @@ def load_statistics(tokens_per_expert: torch.Tensor) -> dict[str, torch.Tensor]:
 # Counts that add up over the ranks of an expert-parallel step (each rank reports its own tokens or
 # its own experts' slots); traffic byte and message counts (``*_bytes_*``, ``*_messages_*``) too.
 COUNTS_OVER_RANKS = ("tokens_per_expert", "tokens_kept", "processed_slots", "received_tokens")
-LOAD_STATISTICS = ("load_cv", "max_over_mean", "dead_experts", "load_entropy")
-FORWARD_TRAFFIC_PHASES = ("dispatch", "combine")
 
 
 def _is_count(name: str) -> bool:
@@ -125,11 +123,9 @@ def merge_rank_metrics(
         shares = torch.tensor([float(rank["remote_share"]) for rank in per_rank], dtype=torch.float64)
         merged["remote_share"] = float((shares * kept).sum() / kept.sum().clamp_min(1))
     if "inter_node_share" in merged:
-        def forward_bytes(kind: str) -> float:
-            return sum(float(merged.get(f"{phase}_bytes_{kind}", 0)) for phase in FORWARD_TRAFFIC_PHASES)
+        from locmoe.parallel.traffic import TrafficCounter  # here: locmoe.parallel imports the layer
 
-        handed = sum(forward_bytes(kind) for kind in ("self", "intra_node", "inter_node"))
-        merged["inter_node_share"] = forward_bytes("inter_node") / handed if handed else 0.0
+        merged["inter_node_share"] = TrafficCounter.from_metrics(merged).inter_node_share()
     return merged
 
 

@@ -75,15 +75,21 @@ def test_every_config_field_is_a_flag():
         assert f"--{name.replace('_', '-')}" in flags and f"--{name}" in flags
 
 
-def test_flags_override_the_config_file_which_overrides_the_defaults(tmp_path, capsys, monkeypatch):
-    captured = {}
+@pytest.fixture
+def captured(monkeypatch):
+    """``locmoe train`` with the trainer replaced: the dict receives the RunConfig it would train."""
+    seen = {}
 
     def fake_train(config, resume):
-        captured["config"] = config
+        seen["config"] = config
         return {"status": "completed"}
 
     monkeypatch.setattr("locmoe.train.train", fake_train)
     monkeypatch.setattr("locmoe.train.format_summary", lambda summary: "")
+    return seen
+
+
+def test_flags_override_the_config_file_which_overrides_the_defaults(tmp_path, capsys, captured):
     (tmp_path / "run.toml").write_text(
         'out = "runs/x"\n[model]\nd_model = 128\nrouter = "switch"\n[train]\nsteps = 7\n'
         '[model.router_options]\naux_coef = 0.02\n'
@@ -98,15 +104,7 @@ def test_flags_override_the_config_file_which_overrides_the_defaults(tmp_path, c
     assert config.parallel.expert_parallel == 0 and not config.parallel.hierarchical
 
 
-def test_expert_parallel_flags_set_the_parallel_section(monkeypatch):
-    captured = {}
-
-    def fake_train(config, resume):
-        captured["config"] = config
-        return {"status": "completed"}
-
-    monkeypatch.setattr("locmoe.train.train", fake_train)
-    monkeypatch.setattr("locmoe.train.format_summary", lambda summary: "")
+def test_expert_parallel_flags_set_the_parallel_section(captured):
     assert main(["train", "--expert-parallel", "4", "--ranks-per-node", "2", "--hierarchical-all-to-all",
                  "--collective-timeout", "30", "--progress"]) == 0
     parallel = captured["config"].parallel

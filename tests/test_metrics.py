@@ -56,3 +56,15 @@ def test_a_shared_routing_group_reports_its_proposals_once_and_one_rank_is_uncha
     merged = merge_rank_metrics(same, ranks_per_routing_group=2)
     assert merged["proposals_per_expert"] == per_rank[0]["proposals_per_expert"]
     assert merge_rank_metrics(per_rank[:1]) == per_rank[0]
+
+
+def test_inter_node_share_is_recomputed_from_the_summed_forward_bytes():
+    per_rank = [
+        {"dispatch_bytes_self": 10, "dispatch_bytes_intra_node": 0, "dispatch_bytes_inter_node": 30,
+         "combine_bytes_inter_node": 5, "dispatch_grad_bytes_inter_node": 999, "inter_node_share": 0.7},
+        {"dispatch_bytes_self": 50, "dispatch_bytes_intra_node": 10, "dispatch_bytes_inter_node": 0,
+         "combine_bytes_inter_node": 5, "dispatch_grad_bytes_inter_node": 1, "inter_node_share": 0.0},
+    ]
+    merged = merge_rank_metrics(per_rank)
+    # forward phases only (dispatch, combine): inter 30 + 10, handed 60 + 10 + 40; backward bytes ignored
+    assert merged["inter_node_share"] == pytest.approx(40 / 110)

@@ -16,7 +16,7 @@ knows: recording adds no device synchronisation.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 KINDS = ("self", "intra_node", "inter_node")
@@ -81,6 +81,18 @@ class TrafficCounter:
                 metrics[f"{phase}_messages_{kind}"] = self.messages[phase][kind]
         metrics["inter_node_share"] = self.inter_node_share()
         return metrics
+
+    @classmethod
+    def from_metrics(cls, metrics: Mapping[str, object]) -> TrafficCounter:
+        """The counter behind flat ``{phase}_bytes_{kind}`` / ``{phase}_messages_{kind}`` metrics (the
+        inverse of :meth:`as_metrics`; other keys are ignored), e.g. after summing them over ranks."""
+        counter = cls()
+        for name, value in metrics.items():
+            for table, infix in ((counter.bytes, "_bytes_"), (counter.messages, "_messages_")):
+                phase, found, kind = name.partition(infix)
+                if found and kind in KINDS:
+                    table.setdefault(phase, _zero())[kind] = int(value)
+        return counter
 
     def merge(self, other: TrafficCounter) -> None:
         """Add ``other``'s totals to these."""

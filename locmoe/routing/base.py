@@ -7,6 +7,7 @@ routers alike; whatever differs between strategies lives behind this interface.
 
 from __future__ import annotations
 
+import abc
 import math
 from dataclasses import dataclass
 
@@ -52,7 +53,7 @@ class RoutingContext:
     expert_nodes: torch.Tensor | None = None
 
 
-class Router(nn.Module):
+class Router(nn.Module, metaclass=abc.ABCMeta):
     """Base class: subclasses implement :meth:`route`.
 
     Class attributes:
@@ -74,8 +75,10 @@ class Router(nn.Module):
         self.d_model = d_model
         self.num_experts = num_experts
 
-    def route(self, x: torch.Tensor, context: RoutingContext) -> RoutingPlan:  # pragma: no cover
-        raise NotImplementedError  # abstract: every registered router overrides it
+    @abc.abstractmethod
+    def route(self, x: torch.Tensor, context: RoutingContext) -> RoutingPlan:
+        """The router's selection for ``x (S, d_model)``: every router class defines it (a class that
+        does not cannot be instantiated)."""
 
     def forward(self, x: torch.Tensor, context: RoutingContext | None = None) -> RoutingPlan:
         """Route ``x`` of shape ``(S, d_model)``."""
@@ -102,13 +105,18 @@ def resolve_capacity_factor(value: object, default: float | None, *, allow_none:
     return float(value)
 
 
-# Slack on ceil() (the same as locmoe.capacity's): 1.1 · 1600 / 8 is 220.00000000000003 in binary
-# floating point and must give 220, not 221.
+# Slack on ceil(): 1.1 · 1600 / 8 is 220.00000000000003 in binary floating point and must give 220.
 _CEIL_SLACK = 1e-9
+
+
+def ceil_tolerant(value: float) -> int:
+    """``ceil(value)``, except that a value within ``1e-9`` above an integer counts as that integer
+    (float rounding of a product such as ``cf · S / n``, not a real excess). Shared by every capacity."""
+    return math.ceil(value - _CEIL_SLACK)
 
 
 def capacity_from_factor(capacity_factor: float, num_tokens: int, num_experts: int, top_k: int = 1) -> int:
     """Conventional capacity ``C_cf = ceil(cf * k * S / n)`` (SPEC §3; GShard/Switch, with ``k``
     slots per token for top-k routing). Never below 1. A product within ``1e-9`` above an integer
     counts as that integer (float rounding, not a real excess)."""
-    return max(1, math.ceil(capacity_factor * top_k * num_tokens / num_experts - _CEIL_SLACK))
+    return max(1, ceil_tolerant(capacity_factor * top_k * num_tokens / num_experts))

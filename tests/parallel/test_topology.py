@@ -78,3 +78,13 @@ def test_traffic_counter_classifies_each_send_by_node():
     assert metrics["combine_bytes_inter_node"] == 7 and metrics["dispatch_messages_self"] == 1
     counter.reset()
     assert counter.total("self") == 0 and counter.inter_node_share() == 0.0
+
+
+def test_traffic_counter_round_trips_through_its_flat_metrics():
+    counter = TrafficCounter()
+    node_of = {0: 0, 1: 0, 2: 1}.__getitem__
+    counter.record_sends("dispatch", 0, [0, 1, 2], [4, 0, 9], node_of)
+    counter.record_sends("combine_grad", 2, [0, 1, 2], [3, 2, 1], node_of)
+    again = TrafficCounter.from_metrics({**counter.as_metrics(), "tokens_kept": 12})
+    assert again.bytes == counter.bytes and again.messages == counter.messages
+    assert again.inter_node_share() == counter.inter_node_share()
