@@ -105,6 +105,21 @@ def resolve_capacity_factor(value: object, default: float | None, *, allow_none:
     return float(value)
 
 
+def gate_logits(gate: nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    """Router logits ``(S, d) -> (S, n)`` of a learned linear gate, in float32 (or float64 for a
+    float64 input).
+
+    Switch Transformer's "selective precision" (Fedus et al. 2022, §2.4), also DeepSpeed's gate: a
+    bf16/fp16 layer (or autocast) would otherwise round the logits to 8 mantissa bits, so near-ties
+    between experts resolve by rounding and the softmax, top-k and capacity ranking that follow see
+    coarse scores. The ``(S, n)`` product is a negligible share of the layer's compute; the gate's
+    weight keeps its own dtype (gradients flow back through the casts).
+    """
+    dtype = torch.promote_types(x.dtype, torch.float32)
+    with torch.autocast(x.device.type, enabled=False):
+        return torch.nn.functional.linear(x.to(dtype), gate.weight.to(dtype))
+
+
 # Slack on ceil(): 1.1 · 1600 / 8 is 220.00000000000003 in binary floating point and must give 220.
 _CEIL_SLACK = 1e-9
 

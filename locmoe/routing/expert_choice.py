@@ -11,7 +11,14 @@ import torch
 from torch import nn
 
 from locmoe.losses import z_loss
-from locmoe.routing.base import ROUTER_DEFAULT, Router, RoutingContext, capacity_from_factor, resolve_capacity_factor
+from locmoe.routing.base import (
+    ROUTER_DEFAULT,
+    Router,
+    RoutingContext,
+    capacity_from_factor,
+    gate_logits,
+    resolve_capacity_factor,
+)
 from locmoe.routing.plan import DROPPED, RoutingPlan
 from locmoe.routing.selection import count_per_expert
 from locmoe.routing.topk import _check_coef
@@ -62,15 +69,15 @@ class ExpertChoiceRouter(Router):
         self.gate = nn.Linear(d_model, num_experts, bias=False)
 
     def route(self, x: torch.Tensor, context: RoutingContext) -> RoutingPlan:
-        logits = self.gate(x)
-        probs = torch.softmax(logits.float(), dim=-1)
+        logits = gate_logits(self.gate, x)
+        probs = torch.softmax(logits, dim=-1)
         capacity = min(capacity_from_factor(self.capacity_factor, x.shape[0], self.num_experts), x.shape[0])
         expert_ids, gate_weights = expert_choice_selection(probs, capacity)
         top1 = probs.argmax(dim=-1)
-        losses = {"z_loss": z_loss(logits.float(), self.z_loss_coef)} if self.z_loss_coef > 0 else {}
+        losses = {"z_loss": z_loss(logits, self.z_loss_coef)} if self.z_loss_coef > 0 else {}
         return RoutingPlan(
             expert_ids=expert_ids,
-            gate_weights=gate_weights.to(x.dtype),
+            gate_weights=gate_weights,
             num_experts=self.num_experts,
             capacity=capacity,
             tokens_per_expert=count_per_expert(expert_ids, self.num_experts),

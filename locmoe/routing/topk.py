@@ -13,7 +13,14 @@ import torch
 from torch import nn
 
 from locmoe.losses import load_balance_loss, z_loss
-from locmoe.routing.base import ROUTER_DEFAULT, Router, RoutingContext, capacity_from_factor, resolve_capacity_factor
+from locmoe.routing.base import (
+    ROUTER_DEFAULT,
+    Router,
+    RoutingContext,
+    capacity_from_factor,
+    gate_logits,
+    resolve_capacity_factor,
+)
 from locmoe.routing.plan import RoutingPlan
 from locmoe.routing.selection import count_per_expert, keep_within_capacity, mask_dropped, positional_priority
 
@@ -35,7 +42,8 @@ def token_choice_plan(
 ) -> RoutingPlan:
     """Top-k token choice from router logits ``(S, n)``; pure function of its inputs.
 
-    Probabilities are computed in float32 for stability and returned in the logits' dtype.
+    Probabilities are computed in float32 for stability; gate values come back in the logits' dtype
+    (float32 from the routers, whose logits come from :func:`gate_logits`).
     """
     num_tokens, num_experts = logits.shape
     probs = torch.softmax(logits.float(), dim=-1)
@@ -106,7 +114,7 @@ class TopKRouter(Router):
         if self.capacity_factor is not None:
             capacity = capacity_from_factor(self.capacity_factor, x.shape[0], self.num_experts, self.top_k)
         return token_choice_plan(
-            self.gate(x),
+            gate_logits(self.gate, x),
             self.top_k,
             capacity,
             renormalize=self.renormalize,
