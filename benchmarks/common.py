@@ -3,7 +3,8 @@
 A contender is a zero-argument callable that runs one measured iteration and returns the seconds it
 took (so it can exclude its own set-up, e.g. clearing gradients). :func:`alternate` warms every
 contender up, then runs rounds in which every contender runs once, the order rotating from round to
-round (A B C, B C A, C A B, ...), so slow drifts of a shared machine hit all contenders alike.
+round (A B C, B C A, C A B, ...), so slow drifts of a shared machine hit all contenders alike;
+:func:`paired_ratio` compares two contenders round by round.
 """
 
 from __future__ import annotations
@@ -77,6 +78,16 @@ def alternate(contenders: dict[str, Contender], repeats: int, warmup: int = 1) -
 
 def median(values: list[float]) -> float:
     return statistics.median(values)
+
+
+def paired_ratio(numerators: list[float], denominators: list[float]) -> float:
+    """Median over rounds of ``numerators[r] / denominators[r]``: the times of one :func:`alternate`
+    round ran back to back, so a slow phase of a shared machine scales both and cancels in their
+    ratio, where a ratio of two medians would keep it."""
+    if len(numerators) != len(denominators) or not numerators:
+        raise ValueError(f"paired_ratio needs two equally long, non-empty lists, got {len(numerators)} and "
+                         f"{len(denominators)} values")
+    return statistics.median(a / b for a, b in zip(numerators, denominators, strict=True))
 
 
 def spread(values: list[float]) -> float:

@@ -3,7 +3,9 @@
 For each size ``(d, S)`` (``f = 4d``, ``n = 8``) and dtype, on one random batch ``x (S, d)`` (which
 requires grad, as inside a network) and one fixed output gradient, contenders are timed doing
 ``y = layer(x); y.backward(grad)``. Groups of contenders that are compared with each other alternate
-(rotating order every round) after a warm-up; the tables show medians, tokens/s and time ratios.
+(rotating order every round) after a warm-up; the tables show medians, tokens/s and time ratios. A
+ratio is the median over rounds of the two contenders' ratio in that round (``paired_ratio``), not a
+ratio of medians: on a shared machine a slow phase then scales both sides and cancels.
 
 Groups:
 
@@ -69,7 +71,17 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import RESULTS_DIR, alternate, environment, format_table, median, set_threads, spread, write_json  # noqa: E402
+from common import (  # noqa: E402
+    RESULTS_DIR,
+    alternate,
+    environment,
+    format_table,
+    median,
+    paired_ratio,
+    set_threads,
+    spread,
+    write_json,
+)
 
 from locmoe import MoELayer, available_routers  # noqa: E402
 
@@ -288,9 +300,8 @@ def agreement(ours_out: torch.Tensor, peer_out: torch.Tensor) -> dict[str, float
     top-1 picks among equal-priority tokens by ``topk`` over a 0/1 mask, so a few dropped tokens may
     differ; in bf16 a near-tie between two experts may also resolve differently)."""
     tolerance = AGREEMENT_TOLERANCE[ours_out.dtype]
-    ours_out, peer_out = ours_out.float().reshape(peer_out.shape[0], -1), peer_out.float().reshape(
-        peer_out.shape[0], -1
-    )
+    width = ours_out.shape[-1]  # one row per token, whatever the leading dims (Mixtral's are (1, S))
+    ours_out, peer_out = ours_out.float().reshape(-1, width), peer_out.float().reshape(-1, width)
     scale = ours_out.abs().max().clamp_min(1e-12)
     row_error = (ours_out - peer_out).abs().amax(dim=1) / scale
     return {"max_rel_diff": float(row_error.max()), "rows_agreeing": float((row_error < tolerance).double().mean())}
@@ -421,14 +432,14 @@ def run_group(contenders: list[Contender], num_tokens: int, repeats: int, warmup
         }
         if c.floor is not None:
             row["floor"] = c.floor
-            row["over_floor"] = seconds / medians[c.floor]
+            row["over_floor"] = paired_ratio(times[c.name], times[c.floor])
         if c.peer is not None and c.peer in medians:
             row["peer"] = c.peer
-            row["over_peer"] = seconds / medians[c.peer]
-            row["speedup_vs_peer"] = medians[c.peer] / seconds
+            row["over_peer"] = paired_ratio(times[c.name], times[c.peer])
+            row["speedup_vs_peer"] = paired_ratio(times[c.peer], times[c.name])
             if c.kind == "ours" and c.floor is not None:
                 # The best speed-up over the peer that removing all our non-GEMM work could give.
-                row["peer_over_floor"] = medians[c.peer] / medians[c.floor]
+                row["peer_over_floor"] = paired_ratio(times[c.peer], times[c.floor])
         for key, value in c.info.items():
             if key != "tokens_per_expert":
                 row[key] = value

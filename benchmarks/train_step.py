@@ -11,9 +11,11 @@ copy of the batch stream; routers alternate step by step (rotating order) after 
 
     .venv/bin/python benchmarks/train_step.py                      # every router, 10 timed steps each
     .venv/bin/python benchmarks/train_step.py --routers switch,locmoe_plus --steps 20 --threads 1
+    .venv/bin/python benchmarks/train_step.py --precisions float32,bfloat16   # train.precision side by side
 
-Prints a table of medians (ms/step, tokens/s, ratio to ``switch``, MoE slots processed per step)
-and writes ``benchmarks/results/train_step.json`` (or ``--output``).
+Prints a table of medians (ms/step, tokens/s, ratio to ``switch`` at the same precision, with
+several precisions the speed-up over float32, MoE slots processed per step) and writes
+``benchmarks/results/train_step.json`` (or ``--output``).
 """
 
 from __future__ import annotations
@@ -30,12 +32,22 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import RESULTS_DIR, alternate, environment, format_table, median, set_threads, spread, write_json  # noqa: E402
+from common import (  # noqa: E402
+    RESULTS_DIR,
+    alternate,
+    environment,
+    format_table,
+    median,
+    paired_ratio,
+    set_threads,
+    spread,
+    write_json,
+)
 
 from locmoe import available_routers  # noqa: E402
-from locmoe.config import RunConfig  # noqa: E402
+from locmoe.config import PRECISIONS, RunConfig  # noqa: E402
 from locmoe.model import build_model  # noqa: E402
-from locmoe.train import build_optimizer, lr_factor  # noqa: E402
+from locmoe.train import build_optimizer, forward_precision, lr_factor  # noqa: E402
 
 
 class TrainStep:
@@ -57,7 +69,8 @@ class TrainStep:
         inputs, targets = self.batches[self.step % len(self.batches)]
         train = self.config.train
         start = time.perf_counter()
-        lm_loss, aux_loss = self.model.loss(inputs, targets)
+        with forward_precision(train.precision):
+            lm_loss, aux_loss = self.model.loss(inputs, targets)
         loss = lm_loss + aux_loss
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -96,6 +109,8 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps per router first (default 2)")
     parser.add_argument("--dispatch", choices=("pad", "pack"), help="override model.dispatch (default: pad)")
     parser.add_argument("--random-tokens", action="store_true", help="random ids instead of the corpus")
+    parser.add_argument("--precisions", default="float32",
+                        help=f"comma list of train.precision values to time side by side ({','.join(PRECISIONS)})")
     parser.add_argument("--threads", type=int, help="torch threads (default: torch's, i.e. OMP_NUM_THREADS)")
     parser.add_argument("--output", type=Path)
     args = parser.parse_args()
@@ -104,43 +119,58 @@ def main() -> None:
     for router in routers:
         if router not in available_routers():
             raise SystemExit(f"unknown router {router!r}; routers: {', '.join(available_routers())}")
+    precisions = args.precisions.split(",")
+    for precision in precisions:
+        if precision not in PRECISIONS:
+            raise SystemExit(f"unknown precision {precision!r} in --precisions; allowed: {', '.join(PRECISIONS)}")
     threads = set_threads(args.threads)
     base = RunConfig()
     model_config = base.model if args.dispatch is None else replace(base.model, dispatch=args.dispatch)
     base = replace(base, model=model_config)
     batches = make_batches(base, args.warmup + args.steps, args.random_tokens)
     tokens_per_step = base.train.batch_size * base.model.seq_len
-    print(f"threads={threads}  routers={routers}  steps={args.steps}  warmup={args.warmup}  "
+    print(f"threads={threads}  routers={routers}  precisions={precisions}  steps={args.steps}  warmup={args.warmup}  "
           f"model: d={base.model.d_model} layers={base.model.n_layers} moe_every={base.model.moe_every} "
           f"n={base.model.num_experts} d_ff={base.model.d_ff} dispatch={base.model.dispatch}  "
           f"batch {base.train.batch_size}x{base.model.seq_len} = {tokens_per_step} tokens"
           f"{'  (random tokens)' if args.random_tokens else ''}")
 
-    steps = {router: TrainStep(replace(base, model=replace(base.model, router=router)), batches) for router in routers}
+    steps, keys = {}, {}
+    for precision in precisions:
+        for router in routers:
+            name = router if len(precisions) == 1 else f"{router} {precision}"
+            config = replace(base, model=replace(base.model, router=router),
+                             train=replace(base.train, precision=precision))
+            steps[name], keys[name] = TrainStep(config, batches), (router, precision)
     started = time.perf_counter()
     times = alternate(dict(steps), args.steps, args.warmup)
-    reference = median(times["switch"]) if "switch" in times else None
+    names = {key: name for name, key in keys.items()}
     rows = []
-    for router, step in steps.items():
-        seconds = median(times[router])
-        timed_slots = step.slots[args.warmup:]
+    for name, step in steps.items():
+        router, precision = keys[name]
+        seconds = median(times[name])
+        switch, full = names.get(("switch", precision)), names.get((router, "float32"))
         rows.append({
             "router": router,
+            "precision": precision,
             "median_ms": 1e3 * seconds,
-            "spread": spread(times[router]),
+            "spread": spread(times[name]),
             "tokens_per_s": tokens_per_step / seconds,
-            "over_switch": seconds / reference if reference else None,
-            "moe_slots_per_step": float(np.mean(timed_slots)),
+            "over_switch": paired_ratio(times[name], times[switch]) if switch else None,
+            "speedup_vs_float32": paired_ratio(times[full], times[name]) if full else None,
+            "moe_slots_per_step": float(np.mean(step.slots[args.warmup:])),
             "final_lm_loss": step.losses[-1],
-            "times_s": times[router],
+            "times_s": times[name],
         })
     print()
     print(format_table(rows, [
         ("router", "router", "s"),
+        ("precision", "precision", "s"),
         ("median_ms", "ms/step", ".1f"),
         ("spread", "IQR/med", ".2f"),
         ("tokens_per_s", "tokens/s", ".0f"),
         ("over_switch", "/switch", ".3f"),
+        ("speedup_vs_float32", "fp32/this", ".2f"),
         ("moe_slots_per_step", "MoE slots/step", ".0f"),
     ]))
     payload = {
@@ -148,7 +178,8 @@ def main() -> None:
         "environment": environment(),
         "config": {"model": asdict(base.model),
                    "batch_size": base.train.batch_size, "tokens_per_step": tokens_per_step, "steps": args.steps,
-                   "warmup": args.warmup, "random_tokens": args.random_tokens, "routers": routers},
+                   "warmup": args.warmup, "random_tokens": args.random_tokens, "routers": routers,
+                   "precisions": precisions},
         "rows": rows,
         "seconds": time.perf_counter() - started,
     }

@@ -193,7 +193,7 @@ def _run_eval(args: argparse.Namespace) -> int:
     data = prepare_data(config.data)
     if data.tokenizer.to_json() != state["tokenizer"]:
         raise ValueError(f"the tokenizer built for {config.data.corpus!r} differs from the one in {path}")
-    result = evaluate(model, data.validation_ids, config.train.batch_size, batches)
+    result = evaluate(model, data.validation_ids, config.train.batch_size, batches, precision=config.train.precision)
     result = {"checkpoint": str(path), "step": int(state["step"]), "corpus": data.corpus_name, **result}
     if args.json:
         print(json.dumps(result))

@@ -224,7 +224,9 @@ class GPT(nn.Module):
         total = hidden.new_zeros(())
         for start in range(0, hidden.shape[0], LOSS_CHUNK_TOKENS):
             logits = self.lm_head(hidden[start : start + LOSS_CHUNK_TOKENS])
-            total = total + F.cross_entropy(logits, targets[start : start + LOSS_CHUNK_TOKENS], reduction="sum")
+            # float() is free in float32 and keeps the softmax in float32 under bf16 autocast.
+            chunk_targets = targets[start : start + LOSS_CHUNK_TOKENS]
+            total = total + F.cross_entropy(logits.float(), chunk_targets, reduction="sum")
         return total / targets.numel(), aux_loss
 
     def routing_metrics(self) -> dict[str, dict]:

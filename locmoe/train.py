@@ -3,7 +3,8 @@
 One run = one ``RunConfig``. The trainer prepares the data (corpus -> tokenizer -> token ids), builds
 the model with a builder function (the default :func:`locmoe.model.build_model`), and optimises
 ``LM loss + router aux losses`` with AdamW (no weight decay on vectors: norms), a linear warm-up then
-cosine learning rate, and gradient clipping.
+cosine learning rate, and gradient clipping; ``train.precision = "bfloat16"`` runs the forward passes
+under bf16 autocast (:func:`forward_precision`).
 
 Expert parallelism (SPEC §7): started by ``torchrun`` (``WORLD_SIZE`` set), every rank runs this
 same loop through an :class:`~locmoe.parallel.ExpertParallelRuntime` (``config.parallel``): the MoE
@@ -90,6 +91,15 @@ def build_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.AdamW:
     return torch.optim.AdamW(groups, lr=config.lr, betas=(config.beta1, config.beta2), eps=config.adam_eps)
 
 
+def forward_precision(precision: str, device_type: str = "cpu") -> contextlib.AbstractContextManager:
+    """The context of a forward pass at ``train.precision`` (:class:`locmoe.config.TrainConfig`):
+    nothing for float32, ``torch.autocast`` to bf16 for bfloat16. Backward runs outside it, as
+    autocast wants (its ops follow the dtypes the forward chose)."""
+    if precision == "float32":
+        return contextlib.nullcontext()
+    return torch.autocast(device_type, dtype=getattr(torch, precision))
+
+
 @torch.no_grad()
 def evaluate(
     model: GPT,
@@ -97,6 +107,7 @@ def evaluate(
     batch_size: int,
     max_batches: int = 0,
     runtime: ExpertParallelRuntime | None = None,
+    precision: str = "float32",
 ) -> dict[str, float]:
     """Validation loss (mean next-token cross-entropy, nats) and perplexity over the fixed
     validation batches. Runs in eval mode (routers do not update their state) and restores the mode.
@@ -118,7 +129,8 @@ def evaluate(
                     inputs = torch.cat([inputs, inputs[-1:].expand(missing, -1)])
                     targets = torch.cat([targets, targets.new_full((missing, targets.shape[1]), IGNORED_TARGET)])
                 inputs, targets = runtime.local_rows(inputs, targets, even=False)
-            lm_loss, _ = model.loss(inputs, targets)
+            with forward_precision(precision):
+                lm_loss, _ = model.loss(inputs, targets)
             # The loss is a mean over all targets; ignored ones add nothing to its sum.
             total += float(lm_loss) * targets.numel()
             count += int((targets != IGNORED_TARGET).sum())
@@ -425,7 +437,8 @@ def _train(
             runtime.set_step(model, step + 1)
             # token_nodes only when simulated: a plain loss(ids, targets) is all a model must offer.
             topology = {} if token_nodes is None else {"token_nodes": token_nodes}
-            lm_loss, aux_loss = model.loss(inputs, targets, **topology)
+            with forward_precision(train_config.precision):
+                lm_loss, aux_loss = model.loss(inputs, targets, **topology)
             loss = lm_loss + aux_loss
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -461,7 +474,8 @@ def _train(
                 finishing and step == train_config.steps
             ):
                 record.update(
-                    evaluate(model, data.validation_ids, train_config.batch_size, train_config.eval_batches, runtime)
+                    evaluate(model, data.validation_ids, train_config.batch_size, train_config.eval_batches, runtime,
+                             train_config.precision)
                 )
             record["elapsed_s"] = elapsed_before + (time.perf_counter() - started)
             if writer:

@@ -97,3 +97,17 @@ def test_train_step_benchmark_runs_every_requested_router(tmp_path):
     assert set(rows) == {"switch", "locmoe_plus"}
     assert rows["switch"]["over_switch"] == pytest.approx(1.0)
     assert all(row["moe_slots_per_step"] > 0 and row["median_ms"] > 0 for row in rows.values())
+
+
+def test_paired_ratio_cancels_a_slow_phase_that_a_ratio_of_medians_keeps():
+    sys.path.insert(0, str(BENCHMARKS))
+    try:
+        from common import median, paired_ratio
+    finally:
+        sys.path.remove(str(BENCHMARKS))
+    ours = [1.0, 1.0, 1.0, 3.0, 3.0]  # the machine slowed down 3x for the last two rounds...
+    peer = [2.0, 2.0, 6.0, 6.0, 6.0]  # ...and for the peer's runs from round 3 on
+    assert paired_ratio(ours, peer) == pytest.approx(0.5)
+    assert median(ours) / median(peer) == pytest.approx(1 / 6)
+    with pytest.raises(ValueError, match="equally long"):
+        paired_ratio([1.0], [1.0, 2.0])
