@@ -5,7 +5,11 @@ requires grad, as inside a network) and one fixed output gradient, contenders ar
 ``y = layer(x); y.backward(grad)``. Groups of contenders that are compared with each other alternate
 (rotating order every round) after a warm-up; the tables show medians, tokens/s and time ratios. A
 ratio is the median over rounds of the two contenders' ratio in that round (``paired_ratio``), not a
-ratio of medians: on a shared machine a slow phase then scales both sides and cancels.
+ratio of medians: on a shared machine a slow phase then scales both sides and cancels. Columns
+``best/floor`` and ``best`` (next to ``peer/ours``) are the same ratios of the two contenders' fastest
+rounds: interference only ever adds time, so the fastest of 9 rounds is the steadiest estimate of a
+contender's own cost when the machine is busy. Targets are judged on the paired medians (the stricter
+reading on our runs); the JSON keeps both.
 
 Groups:
 
@@ -433,10 +437,12 @@ def run_group(contenders: list[Contender], num_tokens: int, repeats: int, warmup
         if c.floor is not None:
             row["floor"] = c.floor
             row["over_floor"] = paired_ratio(times[c.name], times[c.floor])
+            row["best_over_floor"] = min(times[c.name]) / min(times[c.floor])
         if c.peer is not None and c.peer in medians:
             row["peer"] = c.peer
             row["over_peer"] = paired_ratio(times[c.name], times[c.peer])
             row["speedup_vs_peer"] = paired_ratio(times[c.peer], times[c.name])
+            row["best_speedup_vs_peer"] = min(times[c.peer]) / min(times[c.name])
             if c.kind == "ours" and c.floor is not None:
                 # The best speed-up over the peer that removing all our non-GEMM work could give.
                 row["peer_over_floor"] = paired_ratio(times[c.peer], times[c.floor])
@@ -456,8 +462,10 @@ def print_group(title: str, rows: list[dict[str, object]]) -> None:
         ("tokens_per_s", "tokens/s", ".0f"),
         ("processed_slots", "slots", "d"),
         ("over_floor", "/floor", ".3f"),
+        ("best_over_floor", "best/floor", ".3f"),
         ("over_peer", "/peer", ".3f"),
         ("speedup_vs_peer", "peer/ours", ".2f"),
+        ("best_speedup_vs_peer", "best", ".2f"),
         ("peer_over_floor", "peer/floor", ".2f"),
         ("max_rel_diff", "maxdiff", ".1e"),
         ("rows_agreeing", "agree", ".3f"),
@@ -486,10 +494,14 @@ def _targets_for_dtype(results: list[dict[str, object]], dtype: str) -> list[dic
         candidates = [row for name, row in group_rows.items() if name.startswith(prefix)]
         return min(candidates, key=lambda row: row["median_ms"]) if candidates else None
 
-    def target(what: str, value: float, relation: str, threshold: float, row: dict[str, object]) -> dict:
+    def target(what: str, key: str, relation: str, threshold: float, row: dict[str, object]) -> dict:
+        value = row[key]
         met = value <= threshold if relation == "<=" else value >= threshold
         entry = {"target": f"{what} [{dtype}]", "dtype": dtype, "contender": row["name"], "measured": value,
                  "relation": relation, "threshold": threshold, "met": bool(met)}
+        best = {"over_floor": "best_over_floor", "speedup_vs_peer": "best_speedup_vs_peer"}.get(key)
+        if best in row:
+            entry["measured_best"] = row[best]
         if relation == ">=" and "peer_over_floor" in row:
             entry["bound"] = row["peer_over_floor"]
         return entry
@@ -497,30 +509,30 @@ def _targets_for_dtype(results: list[dict[str, object]], dtype: str) -> list[dic
     targets = []
     top2 = best(rows("512x8192", "mixtral"), "ours topk2 dropless")
     if top2:
-        targets.append(target("dropless top-2 time / floor (d=512, S=8192)", top2["over_floor"], "<=",
+        targets.append(target("dropless top-2 time / floor (d=512, S=8192)", "over_floor", "<=",
                               TARGETS["dropless_top2_over_floor"], top2))
         if "speedup_vs_peer" in top2:
-            targets.append(target("Mixtral[eager] time / ours (d=512, S=8192)", top2["speedup_vs_peer"], ">=",
+            targets.append(target("Mixtral[eager] time / ours (d=512, S=8192)", "speedup_vs_peer", ">=",
                                   TARGETS["mixtral_speedup"], top2))
     deepspeed = rows("512x8192", "deepspeed")
     for prefix in ("ours switch", "ours topk2"):
         row = best(deepspeed, prefix)
         if row and "speedup_vs_peer" in row:
-            targets.append(target(f"{row['peer']} time / ours (d=512, S=8192)", row["speedup_vs_peer"], ">=",
+            targets.append(target(f"{row['peer']} time / ours (d=512, S=8192)", "speedup_vs_peer", ">=",
                                   TARGETS["deepspeed_speedup"], row))
     for entry in results:
         if entry["size"].startswith("1024x"):
             for row in entry["rows"]:
                 if row["kind"] == "ours":
                     targets.append(target(f"time / floor (d=1024, S={entry['size'].split('x')[1]})",
-                                          row["over_floor"], "<=", TARGETS["overhead_over_floor_d1024"], row))
+                                          "over_floor", "<=", TARGETS["overhead_over_floor_d1024"], row))
     clustered = rows("512x8192", "clustered")
     for mode in ("pad", "pack"):
         plus, switch = clustered.get(f"ours locmoe_plus gelu/{mode}"), clustered.get(f"ours switch gelu/{mode}")
         if plus and switch:
             share = plus["processed_slots"] / switch["processed_slots"]
             entry = target(f"locmoe_plus speed-up over switch cf1.1 ({mode}, clustered batch)",
-                           plus["speedup_vs_peer"], ">=", TARGETS["locmoe_plus_speedup"], plus)
+                           "speedup_vs_peer", ">=", TARGETS["locmoe_plus_speedup"], plus)
             entry["processed_share"] = share
             entry["applies"] = share <= TARGETS["locmoe_plus_max_share"]
             targets.append(entry)
@@ -662,6 +674,8 @@ def main() -> None:
         print("\nTargets (issue 7; time ratios measured side by side in one group):")
         for t in targets:
             extra = f", processes {t['processed_share']:.0%} of switch's slots" if "processed_share" in t else ""
+            if "measured_best" in t:
+                extra += f"; best rounds {t['measured_best']:.3f}"
             if "bound" in t:
                 extra += f"; bound {t['bound']:.2f} = peer time / our floor"
             verdict = "met" if t["met"] else "NOT met"

@@ -82,6 +82,28 @@ def test_two_expert_parallel_ranks_follow_the_one_process_run(cache_dir, tmp_pat
     assert summaries[1]["tokens_seen"] == summaries[0]["tokens_seen"]
 
 
+def test_bf16_expert_parallel_ranks_follow_the_one_process_bf16_run(cache_dir, tmp_path):  # noqa: F811
+    """``--precision bfloat16`` under torchrun: the rows reach the experts through the all-to-alls as
+    float32 and come back as bf16; the routers see float32 either way, so the first step's plans are
+    the one process's exactly, and the losses agree to bf16 rounding (products summed in another
+    order, so later steps' weights, and a near-threshold routing decision, may differ by that)."""
+    single_out, parallel_out = tmp_path / "single", tmp_path / "parallel"
+    extra = ("--steps", str(STEPS), "--precision", "bfloat16")
+    assert main(_argv(cache_dir, single_out, *extra, "--simulated-nodes", "2")) == 0
+    _run_ranks(tmp_path, 2, _argv(cache_dir, parallel_out, *extra, "--expert-parallel", "2",
+                                  "--ranks-per-node", "1"), "bf16")
+    single, parallel = read_metrics(single_out), read_metrics(parallel_out)
+    assert [r["step"] for r in parallel] == [r["step"] for r in single]
+    for p, s in zip(parallel, single, strict=True):
+        for key in ("loss", "lm_loss") + (("val_loss",) if "val_loss" in s else ()):
+            assert p[key] == pytest.approx(s[key], abs=5e-3), (p["step"], key)
+    for key in ("tokens_per_expert", "proposals_per_expert", "capacity"):
+        assert parallel[0]["moe"]["layer1"][key] == single[0]["moe"]["layer1"][key], key
+    fp32 = tmp_path / "fp32"
+    assert main(_argv(cache_dir, fp32, "--steps", str(STEPS), "--simulated-nodes", "2")) == 0
+    assert [r["loss"] for r in read_metrics(fp32)] != [r["loss"] for r in single]  # bf16 really ran
+
+
 @pytest.mark.slow
 def test_a_run_stopped_on_four_ranks_resumes_on_two_ranks_and_in_one_process(cache_dir, tmp_path):  # noqa: F811
     """4 ranks (2 nodes × 2, hierarchical all-to-all) of a 6-step run; after step 3 only rank 3 gets
