@@ -8,8 +8,8 @@ ratio is the median over rounds of the two contenders' ratio in that round (``pa
 ratio of medians: on a shared machine a slow phase then scales both sides and cancels. Columns
 ``best/floor`` and ``best`` (next to ``peer/ours``) are the same ratios of the two contenders' fastest
 rounds: interference only ever adds time, so the fastest of 9 rounds is the steadiest estimate of a
-contender's own cost when the machine is busy. Targets are judged on the paired medians (the stricter
-reading on our runs); the JSON keeps both.
+contender's own cost when the machine is busy. Targets are judged on the paired medians; the JSON
+and the target lines keep both.
 
 Groups:
 
@@ -42,7 +42,7 @@ target above it cannot be met by removing overhead, only by processing fewer slo
 bf16 (AVX512-BF16 or AMX), where bf16 GEMMs run 2-3x faster than fp32 and the non-GEMM part of a layer
 weighs more. Targets are evaluated per dtype.
 
-    .venv/bin/python benchmarks/layer.py --quick            # the target sizes (make bench); ~20 min, 2 cores
+    .venv/bin/python benchmarks/layer.py --quick            # the target sizes (make bench); ~14 min, 2 cores
     .venv/bin/python benchmarks/layer.py --preset full      # every size, fp32 and bf16; hours
     .venv/bin/python benchmarks/layer.py --d 512 --S 8192 --groups mixtral --repeats 9
     .venv/bin/python benchmarks/layer.py --d 256 --S 2048 --groups routers --routers switch,locmoe_plus
@@ -92,6 +92,8 @@ from locmoe import MoELayer, available_routers  # noqa: E402
 NUM_EXPERTS = 8
 GROUPS = ("mixtral", "deepspeed", "routers", "clustered")
 DTYPES = ("float32", "bfloat16")
+
+
 def native_bf16() -> bool:
     """Whether this CPU multiplies bf16 natively (AVX512-BF16 or AMX); elsewhere bf16 is emulated."""
     checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
