@@ -91,13 +91,13 @@ def build_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.AdamW:
     return torch.optim.AdamW(groups, lr=config.lr, betas=(config.beta1, config.beta2), eps=config.adam_eps)
 
 
-def forward_precision(precision: str, device_type: str = "cpu") -> contextlib.AbstractContextManager:
+def forward_precision(precision: str) -> contextlib.AbstractContextManager:
     """The context of a forward pass at ``train.precision`` (:class:`locmoe.config.TrainConfig`):
-    nothing for float32, ``torch.autocast`` to bf16 for bfloat16. Backward runs outside it, as
-    autocast wants (its ops follow the dtypes the forward chose)."""
+    nothing for float32, CPU ``torch.autocast`` to bf16 for bfloat16 (the trainer keeps the model on
+    the CPU). Backward runs outside it, as autocast wants (its ops follow the dtypes the forward chose)."""
     if precision == "float32":
         return contextlib.nullcontext()
-    return torch.autocast(device_type, dtype=getattr(torch, precision))
+    return torch.autocast("cpu", dtype=getattr(torch, precision))
 
 
 @torch.no_grad()

@@ -103,14 +103,10 @@ def test_train_step_benchmark_runs_every_requested_router(tmp_path):
 
 
 def test_paired_ratio_cancels_a_slow_phase_that_a_ratio_of_medians_keeps():
-    sys.path.insert(0, str(BENCHMARKS))
-    try:
-        from common import median, paired_ratio
-    finally:
-        sys.path.remove(str(BENCHMARKS))
+    layer = _load_layer_benchmark()  # it imports median and paired_ratio from benchmarks/common.py
     ours = [1.0, 1.0, 1.0, 3.0, 3.0]  # the machine slowed down 3x for the last two rounds...
     peer = [2.0, 2.0, 6.0, 6.0, 6.0]  # ...and for the peer's runs from round 3 on
-    assert paired_ratio(ours, peer) == pytest.approx(0.5)
-    assert median(ours) / median(peer) == pytest.approx(1 / 6)
+    assert layer.paired_ratio(ours, peer) == pytest.approx(0.5)
+    assert layer.median(ours) / layer.median(peer) == pytest.approx(1 / 6)
     with pytest.raises(ValueError, match="equally long"):
-        paired_ratio([1.0], [1.0, 2.0])
+        layer.paired_ratio([1.0], [1.0, 2.0])

@@ -10,6 +10,7 @@ from tiny_runs import cache_dir, read_metrics, tiny_config  # noqa: F401  (sessi
 from locmoe.checkpoint import list_checkpoints, load_checkpoint
 from locmoe.config import TrainConfig
 from locmoe.data.dataset import prepare_data
+from locmoe.data.loader import BatchLoader
 from locmoe.model import GPT
 from locmoe.train import evaluate, train
 
@@ -38,8 +39,6 @@ def test_first_bf16_step_is_the_autocast_forward_of_the_same_model_and_batch(run
     initial weights and the first batch, and differs from the float32 run's (autocast really ran)."""
     config = tiny_config(cache_dir, runs["bfloat16"], steps=STEPS)
     data = prepare_data(config.data)
-    from locmoe.data.loader import BatchLoader
-
     inputs, targets = BatchLoader(data.train_ids, config.model.seq_len, config.train.batch_size,
                                   config.data.data_seed).next_batch()
     torch.manual_seed(config.train.seed)
