@@ -9,6 +9,7 @@ between a token and its expert's gate weight.
 * :func:`delta_statistic` — the δ that feeds eq. 9, measured on the kept tokens (ours).
 * :func:`locmoe_capacity` — LocMoE's fixed capacity from the first batch (ours, from eq. 9).
 * :func:`dynamic_capacity` — LocMoE+'s per-step capacity from the score-sum counts ``k_i^τ`` (ours).
+* :func:`default_select_temperature` — the selection temperature ``3.2/√d`` (ours).
 
 The functions accept Python floats (and return floats) or tensors (and return float64 tensors without
 synchronising with the device), so a router can log ``ec_min`` every step without a host sync.
@@ -293,6 +294,22 @@ def locmoe_capacity(
     return _clamp_capacity(kappa * bound, floor, capacity_from_factor(capacity_factor, num_tokens, n))
 
 
+CAPACITY_RULES = ("mean", "max")
+
+
+def default_select_temperature(d_model: int) -> float:
+    """``T_sel = 3.2 / √d`` **(ours, design §3.2)**: 0.05 at the paper's d = 4096.
+
+    Cosines between isotropic vectors in ``d`` dimensions have spread ``1/√d``, so a fixed ``T_sel``
+    makes a small model's candidates look far more concentrated than isotropy warrants (the softmax
+    then puts the score mass on a few candidates and ``k^τ`` is far below ``τ·|T_i|``). Scaling with
+    ``1/√d`` keeps ``softmax(δ/T_sel)`` equally peaked at every width.
+    """
+    if isinstance(d_model, bool) or not isinstance(d_model, int) or d_model < 1:
+        raise ValueError(f"d_model must be a positive integer, got {d_model!r}")
+    return 3.2 / math.sqrt(d_model)
+
+
 def dynamic_capacity(
     k_tau: torch.Tensor,
     margin: float,
@@ -300,13 +317,21 @@ def dynamic_capacity(
     ceiling: int,
     ema_state: torch.Tensor | None = None,
     ema: float = 0.0,
+    rule: str = "mean",
 ) -> tuple[int, torch.Tensor]:
-    """LocMoE+ capacity of this step (ours, SPEC §3).
+    """LocMoE+ capacity of this step **(ours, design §3.3)**.
 
-    ``target = max_i k_i^τ · (1 + margin)``, optionally smoothed over steps
+    ``target = agg_i k_i^τ · (1 + margin)`` with ``agg`` the mean over experts (and routing groups)
+    for ``rule="mean"`` (default) or the maximum for ``rule="max"``, optionally smoothed over steps
     ``s_t = ema · s_{t−1} + (1 − ema) · target`` (the first step, or a NaN/absent state, takes
     ``s_t = target``), then ``C_t = clamp(ceil(s_t), floor, ceiling)`` (the ceiling wins if
     ``floor > ceiling``).
+
+    Why the mean: with ``max`` the capacity is at least every ``k_i^τ``, so it never cuts a token
+    the score-sum threshold keeps; it only sizes the padding, and the busiest expert (about twice the
+    mean load) sets it. The paper's Corollary 6 asks the capacity to exceed the *typical* expert's
+    need, not the worst; with ``mean`` an expert whose ``k_i^τ > C_t`` keeps its ``C_t`` most affine
+    candidates (the Bottom-C cut of LocMoE+ eq. 6).
 
     Args:
         k_tau: per-expert (any shape) score-sum threshold counts ``k_i^τ``.
@@ -314,6 +339,7 @@ def dynamic_capacity(
         floor, ceiling: ``C_floor`` and ``C_cf``.
         ema_state: 0-d float64 ``s_{t−1}`` or ``None``/NaN when there is none yet.
         ema: smoothing weight in ``[0, 1)``; 0 = no smoothing.
+        rule: ``"mean"`` or ``"max"``.
     Returns:
         ``(C_t, s_t)``: the capacity as a Python int — the one host sync of the step, needed because
         ``C_t`` sizes the dispatch buffer — and the new state ``s_t`` (0-d float64) for the caller to
@@ -323,7 +349,11 @@ def dynamic_capacity(
         raise ValueError(f"margin must be >= 0, got {margin!r}")
     if not 0.0 <= ema < 1.0:
         raise ValueError(f"capacity_ema must be in [0, 1), got {ema!r}")
-    target = k_tau.detach().max().to(torch.float64) * (1.0 + margin)
+    if rule not in CAPACITY_RULES:
+        raise ValueError(f"capacity_rule must be one of {', '.join(CAPACITY_RULES)}; got {rule!r}")
+    counts = k_tau.detach().to(torch.float64)
+    aggregate = counts.mean() if rule == "mean" else counts.max()
+    target = aggregate * (1.0 + margin)
     if ema_state is None or ema == 0.0:
         state = target
     else:

@@ -385,7 +385,7 @@ def field_types() -> dict[str, str]:
     return types
 
 
-def _parse_scalar(text: str) -> Any:
+def parse_scalar(text: str) -> Any:
     """``"3"`` -> 3, ``"0.5"`` -> 0.5, ``"true"`` -> True, anything else stays a string."""
     lowered = text.strip().lower()
     if lowered in ("true", "false"):
@@ -417,7 +417,7 @@ def parse_field(name: str, text: str) -> Any:
         if kind == "int | None":
             return None if text.strip().lower() in ("none", "default") else int(text)
         if kind == "float | str":
-            value = _parse_scalar(text)
+            value = parse_scalar(text)
             return value if isinstance(value, str) else float(value)
         if kind.startswith("dict"):
             return _parse_options(text)
@@ -443,7 +443,7 @@ def _parse_options(text: str) -> dict[str, Any]:
         key, sep, value = item.partition("=")
         if not sep or not key.strip():
             raise ValueError
-        options[key.strip()] = _parse_scalar(value.strip())
+        options[key.strip()] = parse_scalar(value.strip())
     return options
 
 

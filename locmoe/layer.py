@@ -9,7 +9,7 @@ from torch import nn
 
 from locmoe.dispatch import DISPATCH_MODES, dispatch_and_combine, processed_slots, sort_by_expert
 from locmoe.experts import GroupedExperts
-from locmoe.metrics import calinski_harabasz, routing_metrics, to_python
+from locmoe.metrics import ClusterStatistics, calinski_harabasz, routing_metrics, specialisation_labels, to_python
 from locmoe.routing.base import ROUTER_DEFAULT, RoutingContext
 from locmoe.routing.plan import RoutingPlan
 from locmoe.routing.registry import build_router
@@ -33,7 +33,8 @@ class MoELayer(nn.Module):
         expert_nodes: optional ``(n,)`` node of each expert; with ``token_nodes`` at forward it
             enables the locality loss's topology and the ``remote_share`` metric.
         ch_interval: compute the Calinski–Harabasz index of the input features labelled by their
-            first kept expert every this many training forwards (0 = never; it costs ``O(S·d)``).
+            first-choice expert (:func:`locmoe.metrics.specialisation_labels`) every this many
+            training forwards (0 = never; it costs ``O(S·d)``).
         **router_options: passed to the router (e.g. ``aux_coef``, ``renormalize``, ``tau``).
 
     After a forward, ``aux_loss`` is the scalar sum of the router losses (back-propagates) and
@@ -76,6 +77,9 @@ class MoELayer(nn.Module):
         self.register_buffer("expert_nodes", None, persistent=False)
         if expert_nodes is not None:
             self.set_expert_nodes(expert_nodes)
+        # Set by an evaluation that measures specialisation (locmoe.train.evaluate): eval-mode forwards
+        # then add their features, labelled by metrics.specialisation_labels, to it.
+        self.cluster_statistics: ClusterStatistics | None = None
         self.aux_loss: torch.Tensor = torch.zeros(())
         self.last_plan: RoutingPlan | None = None
         self._metric_tensors: dict[str, torch.Tensor] = {}
@@ -149,8 +153,9 @@ class MoELayer(nn.Module):
         if self.training:
             self._forward_count.add_(1)
         if self.ch_interval and self.training and int(self._forward_count) % self.ch_interval == 0:
-            labels = plan.expert_ids.max(dim=1).values  # first kept expert; dropped tokens form label -1
-            metrics["calinski_harabasz"] = torch.tensor(calinski_harabasz(flat, labels))
+            metrics["calinski_harabasz"] = torch.tensor(calinski_harabasz(flat, specialisation_labels(plan)))
+        if self.cluster_statistics is not None and not self.training:
+            self.cluster_statistics.update(flat, specialisation_labels(plan))
         self._metric_tensors = metrics
         self._metrics_cache = None
 

@@ -154,6 +154,58 @@ def calinski_harabasz(features: torch.Tensor, labels: torch.Tensor) -> float:
     return float(between * (num_points - num_clusters) / (within * (num_clusters - 1)))
 
 
+def specialisation_labels(plan: RoutingPlan) -> torch.Tensor:
+    """The expert a token is labelled with for the Calinski–Harabasz index: its first choice before
+    any capacity or threshold cut (``plan.top1_expert``: TCR top-1 for the GrAP routers), else its
+    first kept slot (``DROPPED`` = −1 if it has none). ``(S,)`` int64.
+
+    Every token gets its own expert's label, so dropped tokens do not form a cluster of their own.
+    """
+    if plan.top1_expert is not None:
+        return plan.top1_expert
+    kept = plan.kept
+    first = kept.to(torch.int8).argmax(dim=1, keepdim=True)
+    return torch.where(kept.any(dim=1), plan.expert_ids.gather(1, first).squeeze(1), -1)
+
+
+class ClusterStatistics:
+    """Streaming sufficient statistics of labelled features for the Calinski–Harabasz index.
+
+    Holds per label the count, the feature sum and the sum of squared norms (float64), so the index
+    over many batches (e.g. every validation batch) needs no feature stored:
+    ``W = Σ‖x‖² − Σ_i n_i‖c_i‖²`` and ``B = Σ_i n_i‖c_i‖² − N‖c‖²``. Tokens labelled −1 are left out.
+    """
+
+    def __init__(self, num_labels: int, dim: int) -> None:
+        self.counts = torch.zeros(num_labels, dtype=torch.float64)
+        self.sums = torch.zeros(num_labels, dim, dtype=torch.float64)
+        self.square_norm = torch.zeros((), dtype=torch.float64)
+
+    def update(self, features: torch.Tensor, labels: torch.Tensor) -> None:
+        """Add ``features (N, d)`` with ``labels (N,)`` in ``[−1, num_labels)``."""
+        keep = labels >= 0
+        features = features.detach().to(torch.float64)[keep].to(self.sums.device)
+        labels = labels.detach().long()[keep].to(self.sums.device)
+        self.counts.index_add_(0, labels, torch.ones_like(labels, dtype=torch.float64))
+        self.sums.index_add_(0, labels, features)
+        self.square_norm += features.square().sum()
+
+    def calinski_harabasz(self) -> float:
+        """scikit-learn's index over everything added (0.0 with < 2 clusters or ``N ≤ k``)."""
+        present = self.counts > 0
+        counts, sums = self.counts[present], self.sums[present]
+        num_clusters, num_points = int(counts.numel()), float(counts.sum())
+        if num_clusters < 2 or num_points <= num_clusters:
+            return 0.0
+        centroid_energy = (sums.square().sum(1) / counts).sum()
+        overall = sums.sum(0) / num_points
+        between = centroid_energy - num_points * overall.square().sum()
+        within = self.square_norm - centroid_energy
+        if within <= 0:
+            return math.inf
+        return float(between * (num_points - num_clusters) / (within * (num_clusters - 1)))
+
+
 def to_python(metrics: dict[str, torch.Tensor | float | int]) -> dict[str, float | int | list]:
     """Tensors -> Python numbers (0-d) or lists; integers stay integers. One sync per call."""
     converted: dict[str, float | int | list] = {}

@@ -64,6 +64,7 @@ from locmoe.checkpoint import (
 from locmoe.config import ModelConfig, RunConfig, TrainConfig, to_toml
 from locmoe.data.dataset import PreparedData, prepare_data
 from locmoe.data.loader import BatchLoader, validation_batches
+from locmoe.metrics import ClusterStatistics
 from locmoe.model import GPT, build_model
 from locmoe.parallel.runtime import ExpertParallelRuntime
 
@@ -108,9 +109,15 @@ def evaluate(
     max_batches: int = 0,
     runtime: ExpertParallelRuntime | None = None,
     precision: str = "float32",
-) -> dict[str, float]:
+    specialisation: bool = False,
+) -> dict[str, Any]:
     """Validation loss (mean next-token cross-entropy, nats) and perplexity over the fixed
     validation batches. Runs in eval mode (routers do not update their state) and restores the mode.
+
+    ``specialisation``: also return ``val_calinski_harabasz`` = ``{layer: index}``, the
+    Calinski–Harabasz index of each MoE layer's input features over all these batches, every token
+    labelled by its first-choice expert (:func:`locmoe.metrics.specialisation_labels`; design §5.6).
+    One process only (an expert-parallel runtime leaves it out).
 
     With an expert-parallel ``runtime`` this is collective (every rank calls it): each rank takes its
     block of every batch's rows (as evenly as possible when a last batch does not split) and the
@@ -121,6 +128,9 @@ def evaluate(
     model.eval()
     total, count = 0.0, 0
     split = runtime is not None and runtime.world_size > 1
+    layers = model.moe_layers if specialisation and not split else {}
+    for layer in layers.values():
+        layer.cluster_statistics = ClusterStatistics(layer.num_experts, layer.d_model)
     try:
         for inputs, targets in validation_batches(tokens, model.config.seq_len, batch_size, max_batches):
             if split:
@@ -134,13 +144,19 @@ def evaluate(
             # The loss is a mean over all targets; ignored ones add nothing to its sum.
             total += float(lm_loss) * targets.numel()
             count += int((targets != IGNORED_TARGET).sum())
+        clustering = {name: layer.cluster_statistics.calinski_harabasz() for name, layer in layers.items()}
     finally:
         model.train(was_training)
+        for layer in layers.values():
+            layer.cluster_statistics = None
     if split:
         total, count = runtime.sum_over_ranks(torch.tensor([total, count], dtype=torch.float64)).tolist()
         count = int(count)
     loss = total / count
-    return {"val_loss": loss, "val_perplexity": math.exp(min(loss, 700.0)), "val_tokens": count}
+    result: dict[str, Any] = {"val_loss": loss, "val_perplexity": math.exp(min(loss, 700.0)), "val_tokens": count}
+    if layers:
+        result["val_calinski_harabasz"] = clustering
+    return result
 
 
 def start_runtime(config: RunConfig) -> ExpertParallelRuntime:
@@ -241,7 +257,7 @@ def summarize(
     """The run's final summary (``summary.json``), computed from the metrics records so a resumed
     run summarises its whole history."""
     evaluations = [
-        {"step": r["step"], "val_loss": r["val_loss"], "val_perplexity": r["val_perplexity"]}
+        {key: r[key] for key in ("step", "val_loss", "val_perplexity", "val_calinski_harabasz") if key in r}
         for r in records
         if "val_loss" in r
     ]
@@ -475,7 +491,7 @@ def _train(
             ):
                 record.update(
                     evaluate(model, data.validation_ids, train_config.batch_size, train_config.eval_batches, runtime,
-                             train_config.precision)
+                             train_config.precision, specialisation=True)
                 )
             record["elapsed_s"] = elapsed_before + (time.perf_counter() - started)
             if writer:

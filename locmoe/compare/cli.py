@@ -1,6 +1,6 @@
 """Arguments of ``locmoe compare`` (registered in :data:`locmoe.cli.COMMANDS`).
 
-    locmoe compare [--quick | --preset quick|full] [--routers switch,locmoe_plus,...] [--seeds 0,1]
+    locmoe compare [--quick | --preset quick|standard|frontier|full] [--routers switch,locmoe_plus,...] [--seeds 0,1]
                    [--out runs/compare] [--config FILE.toml] [--FIELD VALUE ...]
 
 The preset gives the shared model/training config, the routers and the seeds; ``--config`` goes
@@ -21,7 +21,7 @@ from locmoe.compare.report import claims_table
 from locmoe.compare.runner import PRESETS, ComparisonInterrupted, compare, parse_contenders, preset_config
 from locmoe.config import RunConfig, field_types, load_config_file, parse_field
 
-DEFAULT_PRESET = "full"
+DEFAULT_PRESET = "quick"
 DEFAULT_OUT = "runs/compare"
 # Set per run by the comparison itself; as flags they would be ambiguous.
 PER_RUN_FIELDS = {"router": "--routers", "seed": "--seeds", "out": "--out", "progress": "(runs report one line each)"}
@@ -30,11 +30,15 @@ PER_RUN_FIELDS = {"router": "--routers", "seed": "--seeds", "out": "--out", "pro
 def add_compare_arguments(parser: argparse.ArgumentParser) -> None:
     presets = parser.add_mutually_exclusive_group()
     presets.add_argument("--preset", choices=tuple(PRESETS), default=None,
-                         help=f"shared config, routers and seeds (default {DEFAULT_PRESET})")
+                         help=f"shared config, routers and seeds (default {DEFAULT_PRESET}, under 10 minutes; standard: "
+                         "the published comparison, about 60-90 minutes on 2 cores; frontier: compute vs "
+                         "quality, about an hour; full: every router, hours)")
     presets.add_argument("--quick", action="store_const", dest="preset", const="quick",
                          help="the quick preset (what `make run` uses)")
     parser.add_argument("--routers", metavar="LIST",
-                        help="comma-separated routers, or ROUTER-noloc for the router with locality_coef=0")
+                        help="comma-separated contenders: ROUTER, ROUTER-noloc (locality_coef=0), either with "
+                        "@matched (switch with locmoe_plus's measured capacity, same seed), @cfX (capacity "
+                        "factor X) or @key=value:key=value (router options), or a label of the preset")
     parser.add_argument("--seeds", metavar="LIST", help="comma-separated integer seeds, e.g. 0,1,2")
     parser.add_argument("--out", default=DEFAULT_OUT, metavar="DIR",
                         help=f"comparison directory: runs/, report.md, report.json, plots (default {DEFAULT_OUT})")
@@ -75,6 +79,7 @@ def resolve_comparison(args: argparse.Namespace) -> tuple[RunConfig, list, tuple
         name = refused[0]
         raise ValueError(f"--{name.replace('_', '-')} is set per run by compare; use {PER_RUN_FIELDS[name]} instead")
     base, routers, seeds = preset_config(args.preset or DEFAULT_PRESET)
+    args.preset = args.preset or DEFAULT_PRESET
     if args.config:
         base = load_config_file(args.config, base)
     overrides = {
@@ -83,7 +88,12 @@ def resolve_comparison(args: argparse.Namespace) -> tuple[RunConfig, list, tuple
         if key.startswith("field_")
     }
     base = base.with_overrides(overrides)
-    contenders = parse_contenders(args.routers.split(",") if args.routers else routers)
+    preset_contenders = {c.label: c for c in parse_contenders(routers)}
+    if args.routers:
+        # A preset's own labels (e.g. the frontier's locmoe_plus@c1.6-tau0.8) name its contenders.
+        contenders = parse_contenders([preset_contenders.get(n.strip(), n) for n in args.routers.split(",")])
+    else:
+        contenders = list(preset_contenders.values())
     if args.seeds is not None:
         seeds = parse_seeds(args.seeds)
     return base, contenders, seeds, Path(args.out)
@@ -92,7 +102,7 @@ def resolve_comparison(args: argparse.Namespace) -> tuple[RunConfig, list, tuple
 def run_compare(args: argparse.Namespace) -> int:
     base, contenders, seeds, out_dir = resolve_comparison(args)
     try:
-        report = compare(base, contenders, seeds, out_dir)
+        report = compare(base, contenders, seeds, out_dir, preset=args.preset)
     except ComparisonInterrupted as stop:
         cause = f"interrupted by {stop.signal}" if stop.signal else "stopped as --stop-after asked"
         print(

@@ -13,6 +13,7 @@ A contender is a router name from :func:`locmoe.available_routers`, or a variant
 from __future__ import annotations
 
 import json
+import math
 import shutil
 import statistics
 from collections.abc import Callable, Sequence
@@ -20,31 +21,150 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from locmoe.capacity import default_select_temperature
 from locmoe.checkpoint import config_differences, latest_checkpoint
 from locmoe.compare.report import write_report
-from locmoe.config import RunConfig
+from locmoe.config import RunConfig, parse_scalar
 from locmoe.routing.base import RouterDefault
 from locmoe.routing.registry import available_routers, router_class, router_options
 
 NO_LOCALITY_SUFFIX = "-noloc"
+MATCHED = "matched"
+MATCH_TARGET = "locmoe_plus"  # the run whose measured capacity switch@matched copies (same seed)
+FRONTIER_MODEL_WIDTH = 128
 
-# Presets: the base config fields every run shares. `quick` is what `make run` uses (about 10
-# minutes here); `full` is the documented longer comparison.
+
+@dataclass(frozen=True)
+class Contender:
+    """One column of the comparison: a label, the router it runs and what differs from the base.
+
+    ``capacity_factor`` (if set) replaces the base config's; ``matched_to`` names the contender
+    whose finished run of the same seed sets this one's capacity factor (the iso-compute control,
+    :func:`matched_capacity_factor`); it must come earlier in the list.
+    """
+
+    label: str
+    router: str
+    options: dict[str, Any] = field(default_factory=dict)
+    capacity_factor: float | None = None
+    matched_to: str | None = None
+
+
+def _parse_variant(name: str, router: str, variant: str) -> tuple[dict[str, Any], float | None, str | None]:
+    """``@matched``, ``@cf0.75`` or ``@key=value:key=value`` -> (options, capacity factor, matched_to)."""
+    if variant == MATCHED:
+        if "capacity_factor" not in router_options(router):
+            raise ValueError(f"contender {name!r}: router {router!r} has no capacity factor to match")
+        return {}, None, MATCH_TARGET
+    if variant.startswith("cf"):
+        try:
+            factor = float(variant[2:])
+        except ValueError:
+            factor = math.nan
+        if not (math.isfinite(factor) and factor > 0):
+            raise ValueError(f"contender {name!r}: {variant!r} is not cf followed by a positive number, e.g. cf0.75")
+        if "capacity_factor" not in router_options(router):
+            raise ValueError(f"contender {name!r}: router {router!r} takes no capacity factor")
+        return {}, factor, None
+    options: dict[str, Any] = {}
+    for item in variant.split(":"):
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ValueError(
+                f"contender {name!r}: variant {variant!r} is not 'matched', 'cfX' or 'key=value[:key=value...]'"
+            )
+        options[key] = parse_scalar(value)
+    return options, None, None
+
+
+def parse_contenders(names: Sequence[str | Contender]) -> list[Contender]:
+    """Contender names -> contenders; an unknown name is a ``ValueError``.
+
+    A name is ``ROUTER``, ``ROUTER-noloc`` (``locality_coef = 0``), or either followed by a variant:
+    ``@matched`` (capacity factor matched to ``locmoe_plus``'s measured capacity, same seed: the
+    iso-compute control), ``@cf0.75`` (that capacity factor) or ``@tau=0.8:select_temperature=0.1``
+    (router options). Ready-made :class:`Contender` objects pass through.
+    """
+    contenders: list[Contender] = []
+    valid = available_routers()
+    for raw in names:
+        if isinstance(raw, Contender):
+            contender = raw
+        else:
+            name = raw.strip()
+            base_name, _, variant = name.partition("@")
+            router, options = base_name, {}
+            if base_name.endswith(NO_LOCALITY_SUFFIX):
+                router = base_name[: -len(NO_LOCALITY_SUFFIX)]
+                if router in valid and "locality_coef" not in router_options(router):
+                    raise ValueError(f"contender {name!r}: router {router!r} has no locality loss to switch off")
+                options = {"locality_coef": 0.0}
+            if router not in valid:
+                raise ValueError(
+                    f"unknown contender {name!r}; use a router ({', '.join(valid)}), ROUTER{NO_LOCALITY_SUFFIX}, "
+                    "or either with @matched, @cfX or @key=value"
+                )
+            factor = matched_to = None
+            if variant:
+                extra, factor, matched_to = _parse_variant(name, router, variant)
+                options = {**options, **extra}
+            contender = Contender(name, router, options, factor, matched_to)
+        if any(c.label == contender.label for c in contenders):
+            raise ValueError(f"contender {contender.label!r} is listed twice")
+        if contender.matched_to is not None and not any(c.label == contender.matched_to for c in contenders):
+            raise ValueError(
+                f"contender {contender.label!r} copies the capacity of {contender.matched_to!r}: "
+                f"list {contender.matched_to!r} before it"
+            )
+        contenders.append(contender)
+    if not contenders:
+        raise ValueError("no routers to compare; pass --routers with at least one name")
+    return contenders
+
+
+def frontier_contenders(d_model: int) -> list[Contender]:
+    """The compute–quality frontier (design §6.4): ``switch`` at cf 0.5–1.25 against ``locmoe_plus``
+    over ``T_sel = c/√d`` (c ∈ {0.8, 1.6, 3.2}) × τ ∈ {0.8, 0.9}."""
+    contenders = [Contender(f"switch@cf{cf}", "switch", {}, cf) for cf in (0.5, 0.75, 1.0, 1.25)]
+    for scale in (0.8, 1.6, 3.2):
+        for tau in (0.8, 0.9):
+            options = {"select_temperature": round(scale / math.sqrt(d_model), 6), "tau": tau}
+            contenders.append(Contender(f"locmoe_plus@c{scale}-tau{tau}", "locmoe_plus", options))
+    return contenders
+
+
+# Presets: the base config fields every run shares, the contenders and the seeds. `quick` is what
+# `make run` uses (under 10 minutes here); `standard` is the published comparison (about 60–90
+# minutes on 2 cores); `frontier` the compute–quality frontier (about an hour); `full` every router.
+_QUICK_MODEL = {"d_model": 128, "d_ff": 512, "n_heads": 4, "n_layers": 4, "batch_size": 16, "seq_len": 128}
 PRESETS: dict[str, dict[str, Any]] = {
     "quick": {
-        "routers": ("switch", "locmoe", "locmoe_plus"),
+        "routers": ("switch", "locmoe", "locmoe_plus", "switch@matched"),
         "seeds": (0, 1),
         "overrides": {"steps": 150, "warmup_steps": 15, "eval_every": 50, "eval_batches": 8,
-                      "checkpoint_every": 50, "d_model": 128, "d_ff": 512, "n_heads": 4, "n_layers": 4,
-                      "batch_size": 16, "seq_len": 128, "ch_interval": 25},
+                      "checkpoint_every": 50, "dispatch": "pack", **_QUICK_MODEL},
+    },
+    "standard": {
+        "routers": ("switch", "locmoe_plus", "switch@matched", "tcr", "locmoe", "locmoe_plus-noloc"),
+        "seeds": (0, 1, 2),
+        # The default model; two simulated nodes with corpus placement (ours): the locality claims
+        # need a topology in which a token's node says something about the token (ParallelConfig).
+        "overrides": {"steps": 400, "warmup_steps": 40, "eval_every": 50, "eval_batches": 16,
+                      "checkpoint_every": 100, "dispatch": "pack", "simulated_nodes": 2,
+                      "simulated_placement": "corpus"},
+    },
+    "frontier": {
+        "routers": tuple(frontier_contenders(FRONTIER_MODEL_WIDTH)),
+        "seeds": (0, 1),
+        "overrides": {"steps": 300, "warmup_steps": 30, "eval_every": 50, "eval_batches": 16,
+                      "checkpoint_every": 100, "dispatch": "pack", **_QUICK_MODEL,
+                      "d_model": FRONTIER_MODEL_WIDTH},
     },
     "full": {
-        "routers": ("switch", "topk", "expert_choice", "hash", "locmoe", "locmoe_plus", "tcr", "ecr",
-                    "locmoe_plus-noloc"),
+        "routers": ("switch", "topk", "expert_choice", "hash", "locmoe", "locmoe_plus", "switch@matched", "tcr",
+                    "ecr", "locmoe_plus-noloc"),
         "seeds": (0, 1, 2),
-        # Two simulated nodes with corpus placement (ours): the locality claims need a topology in
-        # which a token's node says something about the token (see ParallelConfig).
-        "overrides": {"steps": 1000, "eval_every": 100, "ch_interval": 50, "simulated_nodes": 2,
+        "overrides": {"steps": 1000, "eval_every": 100, "dispatch": "pack", "simulated_nodes": 2,
                       "simulated_placement": "corpus"},
     },
 }
@@ -61,54 +181,41 @@ class ComparisonInterrupted(Exception):
         self.signal = signal
 
 
-@dataclass(frozen=True)
-class Contender:
-    """One column of the comparison: a label, the router it runs and the options that differ."""
+def matched_capacity_factor(record: dict, config: RunConfig) -> float:
+    """The capacity factor that gives ``switch`` the mean capacity of a finished run (design §6.3).
 
-    label: str
-    router: str
-    options: dict[str, Any] = field(default_factory=dict)
-
-
-def parse_contenders(names: Sequence[str]) -> list[Contender]:
-    """``["switch", "locmoe_plus-noloc"]`` -> contenders; an unknown name is a ``ValueError``."""
-    contenders: list[Contender] = []
-    valid = available_routers()
-    for raw in names:
-        name = raw.strip()
-        router, options = name, {}
-        if name.endswith(NO_LOCALITY_SUFFIX):
-            router = name[: -len(NO_LOCALITY_SUFFIX)]
-            if router in valid and "locality_coef" not in router_options(router):
-                raise ValueError(f"contender {name!r}: router {router!r} has no locality loss to switch off")
-            options = {"locality_coef": 0.0}
-        if router not in valid:
-            raise ValueError(
-                f"unknown contender {name!r}; use a router ({', '.join(valid)}) or ROUTER{NO_LOCALITY_SUFFIX}"
-            )
-        if any(c.label == name for c in contenders):
-            raise ValueError(f"contender {name!r} is listed twice")
-        contenders.append(Contender(name, router, options))
-    if not contenders:
-        raise ValueError("no routers to compare; pass --routers with at least one name")
-    return contenders
+    ``record`` is that run's :func:`run_record`; its ``mean_capacity`` is the mean over steps and
+    MoE layers of the capacity per expert ``C_t``. Switch then has ``C = ceil(cf·S/n)`` slots per
+    expert with ``cf = mean C_t · n / S`` (rounded to 6 digits, so a re-run derives the same config).
+    """
+    mean_capacity = record.get("mean_capacity")
+    if not mean_capacity or not math.isfinite(mean_capacity):
+        raise ValueError(f"run {record.get('run_dir')} has no capacity series to match")
+    tokens = config.train.batch_size * config.model.seq_len
+    return round(mean_capacity * config.model.num_experts / tokens, 6)
 
 
-def run_config_for(base: RunConfig, contender: Contender, seed: int, out_dir: Path) -> RunConfig:
-    """The config of one run: the shared base with this router, its options and this seed.
+def run_config_for(
+    base: RunConfig, contender: Contender, seed: int, out_dir: Path, capacity_factor: float | None = None
+) -> RunConfig:
+    """The config of one run: the shared base with this router, its options and this seed
+    (``capacity_factor``, when given, is the matched one).
 
     The data seed stays the base's, so every run sees the same tokens in the same order.
     """
     options = {**base.model.router_options, **contender.options}
-    return base.with_overrides(
-        {
-            "out": str(out_dir / "runs" / f"{contender.label}-seed{seed}"),
-            "router": contender.router,
-            "router_options": options,
-            "seed": seed,
-            "progress": False,
-        }
-    )
+    overrides: dict[str, Any] = {
+        "out": str(out_dir / "runs" / f"{contender.label}-seed{seed}"),
+        "router": contender.router,
+        "router_options": options,
+        "seed": seed,
+        "progress": False,
+    }
+    if capacity_factor is not None:
+        overrides["capacity_factor"] = capacity_factor
+    elif contender.capacity_factor is not None:
+        overrides["capacity_factor"] = contender.capacity_factor
+    return base.with_overrides(overrides)
 
 
 def _saved_config_differences(run_dir: Path, config: RunConfig) -> list[str]:
@@ -162,6 +269,8 @@ def effective_router_options(router: str, config: RunConfig) -> dict[str, Any]:
             options["capacity_factor"] = capacity
     if "top_k" in options and config.model.top_k is not None:
         options["top_k"] = config.model.top_k
+    if "select_temperature" in options and options["select_temperature"] is None:
+        options["select_temperature"] = default_select_temperature(config.model.d_model)
     default_capacity = router_class(router).default_capacity_factor
     return {
         key: (default_capacity if key == "capacity_factor" else None) if isinstance(value, RouterDefault) else value
@@ -169,55 +278,92 @@ def effective_router_options(router: str, config: RunConfig) -> dict[str, Any]:
     }
 
 
+def _mean(values: Sequence[float]) -> float | None:
+    return statistics.fmean(values) if values else None
+
+
+def _specialisation(summary: dict, steps: int) -> tuple[float | None, list[list[float]]]:
+    """Mean over MoE layers of the validation Calinski–Harabasz index, averaged over the evaluations
+    of the second half of training (design §6.6), and the per-evaluation curve ``[[step, CH], ...]``."""
+    curve = []
+    for evaluation in summary.get("evaluations", []):
+        per_layer = evaluation.get("val_calinski_harabasz")
+        if per_layer:
+            finite = [v for v in per_layer.values() if v is not None and math.isfinite(v)]
+            if finite:
+                curve.append([evaluation["step"], statistics.fmean(finite)])
+    late = [value for step, value in curve if step > steps / 2]
+    return _mean(late), curve
+
+
 def run_record(contender: Contender, config: RunConfig, summary: dict) -> dict:
     """One ``report.json`` run entry from a finished run's ``summary.json`` and ``metrics.jsonl``.
 
-    Definitions: ``tokens_processed`` = expert token slots computed, summed over steps and MoE
-    layers; ``drop_rate`` = mean over steps and MoE layers; ``load_cv`` and ``remote_share`` = mean
-    over the second half of training and all MoE layers (the steady state the papers' load plots
-    show); ``capacity``, ``ec_min`` and ``remote_share_curve`` = per step, first MoE layer;
-    ``expert_load`` = kept tokens per expert summed over steps, first MoE layer; ``ch_index`` = the
-    Calinski–Harabasz index of the last step it was computed on, mean over MoE layers.
+    Definitions: ``tokens_processed`` = expert token slots computed (``n·C`` per layer for pad,
+    the kept assignments for pack), summed over steps and MoE layers; ``padded_slots`` = ``n·C``
+    summed likewise (the drop-and-pad compute, whatever the dispatch; ``None`` when dropless);
+    ``tokens_kept`` = kept assignments summed likewise; ``mean_capacity`` = mean over steps and MoE
+    layers of the capacity per expert; ``drop_rate`` = mean over steps and MoE layers; ``load_cv``
+    and ``remote_share`` = mean over the second half of training and all MoE layers (the steady
+    state the papers' load plots show); ``capacity_by_layer`` / ``k_tau_mean_by_layer`` /
+    ``k_tau_max_by_layer`` / ``ec_min_by_layer`` = per-step series of every MoE layer (``capacity``
+    and ``ec_min``: the first layer's, for the plots); ``expert_load`` = kept tokens per expert
+    summed over steps, first MoE layer; ``ch_index`` = the validation Calinski–Harabasz index (mean
+    over MoE layers and the evaluations of the second half); ``step_time_median_s`` = median
+    training-step time.
     """
     run_dir = config.run_dir
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
     layers = sorted(records[0].get("moe", {})) if records else []
     first = layers[0] if layers else None
     second_half = records[len(records) // 2 :]
+    num_experts = config.model.num_experts
 
     def steady_mean(key: str) -> float | None:
-        values = [r["moe"][name][key] for r in second_half for name in layers if key in r["moe"].get(name, {})]
-        return statistics.fmean(values) if values else None
+        return _mean([r["moe"][name][key] for r in second_half for name in layers if key in r["moe"].get(name, {})])
 
     expert_load = None
     loads = _metric_series(records, "tokens_per_expert", first)
     if loads:
         expert_load = [sum(column) for column in zip(*loads, strict=True)]
-    ch_values = []
-    for name in layers:
-        series = _metric_series(records, "calinski_harabasz", name)
-        if series:
-            ch_values.append(series[-1])
+    by_layer = {key: {name: _metric_series(records, key, name) for name in layers}
+                for key in ("capacity", "k_tau_mean", "k_tau_max", "ec_min")}
+    capacities = [c for series in by_layer["capacity"].values() for c in series]
+    dropless = any(c < 0 for c in capacities)
+    ch_index, ch_curve = _specialisation(summary, config.train.steps)
     tokens_per_step = config.train.batch_size * config.model.seq_len
     step_times = [tokens_per_step / r["tokens_per_s"] for r in records if r.get("tokens_per_s")]
+    options = effective_router_options(contender.router, config)
     return {
         "label": contender.label,
         "router": contender.router,
         "seed": config.train.seed,
-        "router_options": effective_router_options(contender.router, config),
-        "capacity_factor": effective_router_options(contender.router, config).get("capacity_factor"),
+        "router_options": options,
+        "capacity_factor": options.get("capacity_factor"),
+        "matched_to": contender.matched_to,
+        "dispatch": config.model.dispatch,
+        "tokens_per_step": tokens_per_step,
+        "num_experts": num_experts,
+        "warmup_steps": config.train.warmup_steps,
         "run_dir": str(run_dir),
         "steps": summary["step"],
         "final_val_loss": summary["final_val_loss"],
         "final_val_perplexity": summary["final_val_perplexity"],
         "tokens_processed": summary["expert_slots_processed"],
         "tokens_kept": summary["expert_tokens_kept"],
+        "padded_slots": None if dropless or not capacities else num_experts * sum(capacities),
+        "mean_capacity": None if dropless else _mean(capacities),
         "drop_rate": summary["drop_rate_mean"],
         "load_cv": steady_mean("load_cv"),
         "remote_share": steady_mean("remote_share"),
-        "ch_index": statistics.fmean(ch_values) if ch_values else None,
-        "capacity": _metric_series(records, "capacity", first),
-        "ec_min": _metric_series(records, "ec_min", first),
+        "ch_index": ch_index,
+        "ch_curve": ch_curve,
+        "capacity": by_layer["capacity"].get(first, []),
+        "capacity_by_layer": by_layer["capacity"],
+        "k_tau_mean_by_layer": {k: v for k, v in by_layer["k_tau_mean"].items() if v},
+        "k_tau_max_by_layer": {k: v for k, v in by_layer["k_tau_max"].items() if v},
+        "ec_min": by_layer["ec_min"].get(first, []),
+        "ec_min_by_layer": {k: v for k, v in by_layer["ec_min"].items() if v},
         "remote_share_curve": _metric_series(records, "remote_share", first),
         "processed_per_step": [sum(r["moe"][n]["processed_slots"] for n in layers) for r in records],
         "expert_load": expert_load,
@@ -235,33 +381,55 @@ def compare(
     *,
     train_fn: Callable[..., dict] | None = None,
     on_run: Callable[[str], None] = print,
+    preset: str | None = None,
 ) -> dict:
-    """Run (or reuse) every (contender, seed) and write ``report.json``, ``report.md`` and plots."""
+    """Run (or reuse) every (contender, seed) and write ``report.json``, ``report.md`` and plots.
+
+    Runs go seed by seed in the contenders' order, so a matched contender (``switch@matched``) finds
+    the finished run it copies its capacity from.
+    """
     if train_fn is None:
         from locmoe.train import train as train_fn  # imported lazily: the report builder is usable alone
     if not seeds:
         raise ValueError("no seeds; pass --seeds with at least one integer")
     out_dir = Path(out_dir)
-    configs = [(c, s, run_config_for(base, c, s, out_dir)) for c in contenders for s in seeds]
-    runs = []
-    for index, (contender, seed, config) in enumerate(configs, start=1):
-        on_run(f"[{index}/{len(configs)}] {contender.label} seed {seed} -> {config.run_dir}")
-        summary = run_one(config, train_fn)
-        if summary.get("status") != "completed":
-            raise ComparisonInterrupted(config.run_dir, summary.get("signal"))
-        record = run_record(contender, config, summary)
-        on_run(
-            f"      val loss {record['final_val_loss']:.4f}, tokens processed {record['tokens_processed']:,}, "
-            f"drop rate {record['drop_rate'] or 0.0:.3f}, {record['tokens_per_s']:,.0f} tokens/s"
-        )
-        runs.append(record)
+    total = len(contenders) * len(seeds)
+    runs: list[dict] = []
+    index = 0
+    for seed in seeds:
+        for contender in contenders:
+            index += 1
+            capacity_factor = None
+            if contender.matched_to is not None:
+                source = next((r for r in runs if r["label"] == contender.matched_to and r["seed"] == seed), None)
+                if source is None:
+                    raise ValueError(f"{contender.label} needs a {contender.matched_to} run of seed {seed} before it")
+                capacity_factor = matched_capacity_factor(source, base)
+            config = run_config_for(base, contender, seed, out_dir, capacity_factor)
+            on_run(f"[{index}/{total}] {contender.label} seed {seed} -> {config.run_dir}")
+            summary = run_one(config, train_fn)
+            if summary.get("status") != "completed":
+                raise ComparisonInterrupted(config.run_dir, summary.get("signal"))
+            record = run_record(contender, config, summary)
+            on_run(
+                f"      val loss {record['final_val_loss']:.4f}, tokens processed {record['tokens_processed']:,}, "
+                f"drop rate {record['drop_rate'] or 0.0:.3f}, {record['tokens_per_s']:,.0f} tokens/s"
+            )
+            runs.append(record)
+    order = {c.label: i for i, c in enumerate(contenders)}
+    runs.sort(key=lambda r: (order[r["label"]], r["seed"]))
     settings = {
+        "preset": preset,
         "steps": base.train.steps,
+        "warmup_steps": base.train.warmup_steps,
         "seeds": ",".join(map(str, seeds)),
         "corpus": base.data.corpus,
         "model": f"d={base.model.d_model}, layers={base.model.n_layers}, experts={base.model.num_experts}, "
         f"moe_every={base.model.moe_every}, seq={base.model.seq_len}, batch={base.train.batch_size}",
         "dispatch": base.model.dispatch,
+        "simulated_nodes": base.parallel.simulated_nodes,
+        "simulated_placement": base.parallel.simulated_placement,
+        "threads": base.train.threads,
     }
     return write_report(runs, out_dir, settings)
 

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 import torch
 
-from locmoe.capacity import dynamic_capacity
+from locmoe.capacity import CAPACITY_RULES, default_select_temperature, dynamic_capacity
 from locmoe.routing.base import ROUTER_DEFAULT, RoutingContext, capacity_from_factor
 from locmoe.routing.expert_choice import expert_choice_selection
 from locmoe.routing.grap_router import GrAPRouter, check_choice, check_integer, check_number
@@ -73,7 +73,7 @@ def selection_scores(
     num_segments: int,
     *,
     score: str = "softmax",
-    select_temperature: float = 0.05,
+    select_temperature: float,
 ) -> torch.Tensor:
     """Scores ``a_j`` of the candidates, summing to 1 within each segment (one expert of one group).
 
@@ -143,7 +143,7 @@ def rank_candidates(
     *,
     top_l: int = 1,
     tau: float = 0.9,
-    select_temperature: float = 0.05,
+    select_temperature: float,
     score: str = "softmax",
     group_size: int | None = None,
 ) -> CandidateRanking:
@@ -192,11 +192,18 @@ class LocMoEPlusRouter(GrAPRouter):
     Options (besides those of :class:`GrAPRouter`; defaults from SPEC):
         tau: score-sum threshold ``τ`` in ``(0, 1]``, default 0.9.
         top_l: experts proposed per token ``ℓ`` in ``[1, n]``, default 1 (the paper's experiments).
-        select_temperature: ``T_sel`` of the softmax scores, ``> 0``, default 0.05 **(ours)**.
+        select_temperature: ``T_sel`` of the softmax scores, ``> 0``; ``None`` (default) =
+            ``3.2/√d`` (:func:`locmoe.capacity.default_select_temperature`, 0.05 at the paper's
+            d = 4096) **(ours, design §3.2)**. It is the knob that trades expert compute for quality:
+            a lower ``T_sel`` concentrates the score mass and cuts more candidates.
+        capacity_rule: ``"mean"`` (default) or ``"max"``: which ``k_i^τ`` sets ``C_t``
+            (:func:`locmoe.capacity.dynamic_capacity`) **(ours, design §3.3)**.
         selection_score: ``"softmax"`` (default) or ``"relu"`` (``max(δ, 0)`` normalised) **(ours)**.
         capacity_factor: ``cf`` of the ceiling ``C_cf = ceil(cf · S_g / n)``, default 1.1.
         capacity_floor: ``C_floor`` (integer ``≥ 1``), default 4.
-        margin: ``≥ 0``, default 0.1: ``C_t = clamp(ceil(max_i k_i^τ · (1 + margin)), C_floor, C_cf)``.
+        margin: ``≥ 0``, default 0.1: ``C_t = clamp(ceil(mean_i k_i^τ · (1 + margin)), C_floor, C_cf)``
+            (``max_i`` under ``capacity_rule="max"``); an expert with ``k_i^τ > C_t`` keeps its
+            ``C_t`` most affine candidates.
         capacity_ema: EMA weight of the capacity target over training steps in ``[0, 1)``, 0 = off.
         scope: routing group, ``"batch"`` (default; all tokens here) or ``"sequence"``; ``"global"``
             (all tokens of the expert-parallel group) is a property of the layer, not of the router:
@@ -210,7 +217,8 @@ class LocMoEPlusRouter(GrAPRouter):
     ``state_dict``; in eval mode ``C_t`` comes from the batch alone and the state is neither read nor
     written **(ours)**, so evaluation does not depend on training history.
 
-    Extra metrics: ``k_tau (n,)`` (max over groups), ``candidates (n,)`` (``|T_i|``, max over groups),
+    Extra metrics: ``k_tau (n,)`` (max over groups), ``k_tau_mean`` / ``k_tau_max`` (over experts and
+    groups), ``candidates (n,)`` (``|T_i|``, max over groups),
     ``capacity_target`` (``s_t`` before clamping) and ``group_capacity`` (``C_t``; the layer's
     ``capacity`` metric is ``G · C_t``).
     """
@@ -226,8 +234,9 @@ class LocMoEPlusRouter(GrAPRouter):
         capacity_factor: object = ROUTER_DEFAULT,
         tau: float = 0.9,
         top_l: int = 1,
-        select_temperature: float = 0.05,
+        select_temperature: float | None = None,
         selection_score: str = "softmax",
+        capacity_rule: str = "mean",
         margin: float = 0.1,
         capacity_floor: int = 4,
         capacity_ema: float = 0.0,
@@ -252,7 +261,10 @@ class LocMoEPlusRouter(GrAPRouter):
         )
         self.tau = check_number("tau", tau, low=0.0, high=1.0, low_open=True)
         self.top_l = check_integer("top_l", top_l, low=1, high=num_experts)
+        if select_temperature is None:
+            select_temperature = default_select_temperature(d_model)
         self.select_temperature = check_number("select_temperature", select_temperature, low=0.0, low_open=True)
+        self.capacity_rule = check_choice("capacity_rule", capacity_rule, CAPACITY_RULES)
         self.selection_score = check_choice("selection_score", selection_score, SELECTION_SCORES)
         self.margin = check_number("margin", margin, low=0.0)
         self.capacity_floor = check_integer("capacity_floor", capacity_floor, low=1)
@@ -282,16 +294,21 @@ class LocMoEPlusRouter(GrAPRouter):
         ceiling = capacity_from_factor(self.capacity_factor, group_size, self.num_experts)
         if self.training:
             capacity, state = dynamic_capacity(
-                ranking.k_tau, self.margin, self.capacity_floor, ceiling, self.capacity_state, self.capacity_ema
+                ranking.k_tau, self.margin, self.capacity_floor, ceiling, self.capacity_state, self.capacity_ema,
+                self.capacity_rule,
             )
             self.capacity_state.copy_(state)
         else:
-            capacity, state = dynamic_capacity(ranking.k_tau, self.margin, self.capacity_floor, ceiling)
+            capacity, state = dynamic_capacity(
+                ranking.k_tau, self.margin, self.capacity_floor, ceiling, rule=self.capacity_rule
+            )
         expert_ids = keep_candidates(ranking, capacity)
         num_groups = max(1, num_tokens // group_size)
         metrics = {
             "k_tau": ranking.k_tau.max(dim=0).values,
             "candidates": ranking.candidates.max(dim=0).values,
+            "k_tau_mean": ranking.k_tau.to(torch.float64).mean(),
+            "k_tau_max": ranking.k_tau.max(),
             "capacity_target": state,
             "group_capacity": torch.tensor(capacity),
         }
@@ -301,7 +318,7 @@ class LocMoEPlusRouter(GrAPRouter):
         return (
             f"{super().extra_repr()}, tau={self.tau}, top_l={self.top_l}, "
             f"select_temperature={self.select_temperature}, selection_score={self.selection_score}, "
-            f"margin={self.margin}, capacity_floor={self.capacity_floor}, capacity_ema={self.capacity_ema}, "
+            f"capacity_rule={self.capacity_rule}, margin={self.margin}, capacity_floor={self.capacity_floor}, capacity_ema={self.capacity_ema}, "
             f"scope={self.scope}"
         )
 

@@ -143,7 +143,7 @@ def test_equal_affinities_are_served_by_position():
     """Duplicated tokens have equal affinities; the earlier position wins the cut."""
     base = torch.randn(5, 16)
     x = base.repeat(4, 1)  # token t and t + 5, t + 10, t + 15 are identical
-    ranking = rank_candidates(grap_affinity(x, 4), tau=1.0)
+    ranking = rank_candidates(grap_affinity(x, 4), tau=1.0, select_temperature=0.05)
     kept = keep_candidates(ranking, capacity=1)
     for expert in range(4):
         winners = (kept[:, 0] == expert).nonzero().flatten().tolist()
@@ -162,7 +162,7 @@ def test_isotropic_features_need_a_large_share_of_candidates(d):
     0.86 at d=4096; at d=64 it drops to 0.34 — T_sel is not scaled with d.)"""
     generator = torch.Generator().manual_seed(d)
     x = torch.randn(4096, d, generator=generator)
-    ranking = rank_candidates(grap_affinity(x, 8), tau=0.9)
+    ranking = rank_candidates(grap_affinity(x, 8), tau=0.9, select_temperature=0.05)
     assert torch.all(ranking.k_tau >= 0.45 * ranking.candidates)
     assert torch.all(ranking.k_tau <= ranking.candidates)
 
@@ -181,7 +181,7 @@ def test_few_strongly_aligned_tokens_carry_the_mass(num_aligned):
     x[positions] = 6 * direction + 0.3 * torch.randn(num_aligned, d, generator=generator)
     affinity = grap_affinity(x, n)
     assert torch.all(affinity[positions, expert] > 0.8)
-    ranking = rank_candidates(affinity, tau=0.9)
+    ranking = rank_candidates(affinity, tau=0.9, select_temperature=0.05)
     k = int(ranking.k_tau[0, expert])
     assert math.ceil(0.9 * num_aligned) - 1 <= k <= num_aligned + 1
     assert int(ranking.candidates[0, expert]) > 200
@@ -321,7 +321,7 @@ def test_layer_with_sequence_scope_uses_the_sequence_length():
 def test_relu_scores_without_positive_affinity_are_uniform():
     """All candidates with δ <= 0 carry no evidence under relu scores: uniform, k^τ = ceil(τ·|T_i|)."""
     x = -torch.rand(200, 32) - 0.1  # every slice sum negative
-    ranking = rank_candidates(grap_affinity(x, 4), tau=0.9, score="relu")
+    ranking = rank_candidates(grap_affinity(x, 4), tau=0.9, score="relu", select_temperature=0.05)
     expected = torch.ceil(0.9 * ranking.candidates.double() - 1e-9).long()
     assert torch.equal(ranking.k_tau, expected)
     assert int(ranking.candidates.sum()) == 200
