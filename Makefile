@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install test test-slow test-all run lint bench bench-full bench-train-step bench-install clean
+.PHONY: install test test-slow test-all run compare-standard compare-frontier lint bench bench-full bench-train-step bench-install clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -29,6 +29,13 @@ test-all: test test-slow
 ## The main job: the quick comparison of LocMoE+ against the baselines (report in runs/compare).
 run: $(STAMP)
 	$(PY) -m locmoe compare --quick --out runs/compare
+
+## The published comparison (about 60-90 min on 2 cores) and the compute-quality frontier (about an hour).
+compare-standard: $(STAMP)
+	$(PY) -m locmoe compare --preset standard --out runs/compare-standard
+
+compare-frontier: $(STAMP)
+	$(PY) -m locmoe compare --preset frontier --out runs/frontier
 
 lint: $(STAMP)
 	$(PY) -m ruff check locmoe tests benchmarks

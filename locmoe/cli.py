@@ -4,7 +4,8 @@
     locmoe eval --checkpoint PATH            (validation loss / perplexity)
     locmoe sample --checkpoint PATH --prompt TEXT
     locmoe demo
-    locmoe compare [--quick] [--routers LIST] [--seeds LIST] [--out DIR]   (see locmoe.compare.cli)
+    locmoe compare [--preset quick|standard|frontier|full] [--routers LIST] [--seeds LIST] [--out DIR]
+                                                            (see locmoe.compare.cli)
 
 Every config field is a flag of ``train`` (``--d-model 128`` or ``--d_model 128``), applied over the
 ``--config`` file, which is applied over the defaults (or, with ``--resume``, over the run's saved

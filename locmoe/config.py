@@ -115,6 +115,10 @@ class ModelConfig:
         _int_at_least("model.ch_interval", self.ch_interval, 0)
         if not isinstance(self.router_options, dict) or not all(isinstance(k, str) for k in self.router_options):
             _fail("model.router_options", self.router_options, "a table of option names to values")
+        for own in ("capacity_factor", "top_k"):
+            if own in self.router_options:
+                _fail(f"model.router_options.{own}", self.router_options[own],
+                      f"nothing: {own} is a field of its own (model.{own}, --{own.replace('_', '-')})")
         # A private copy: the frozen config must not change when the caller's dict does.
         object.__setattr__(self, "router_options", dict(self.router_options))
 

@@ -153,7 +153,9 @@ class MoELayer(nn.Module):
         if self.training:
             self._forward_count.add_(1)
         if self.ch_interval and self.training and int(self._forward_count) % self.ch_interval == 0:
-            metrics["calinski_harabasz"] = torch.tensor(calinski_harabasz(flat, specialisation_labels(plan)))
+            metrics["calinski_harabasz"] = torch.tensor(
+                calinski_harabasz(flat, specialisation_labels(plan)), dtype=torch.float64
+            )
         if self.cluster_statistics is not None and not self.training:
             self.cluster_statistics.update(flat, specialisation_labels(plan))
         self._metric_tensors = metrics

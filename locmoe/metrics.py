@@ -174,18 +174,26 @@ class ClusterStatistics:
     Holds per label the count, the feature sum and the sum of squared norms (float64), so the index
     over many batches (e.g. every validation batch) needs no feature stored:
     ``W = Σ‖x‖² − Σ_i n_i‖c_i‖²`` and ``B = Σ_i n_i‖c_i‖² − N‖c‖²``. Tokens labelled −1 are left out.
+    The features are shifted by the first batch's mean (the index is translation invariant) so the
+    raw moments do not cancel catastrophically when the features share a large offset.
     """
 
     def __init__(self, num_labels: int, dim: int) -> None:
         self.counts = torch.zeros(num_labels, dtype=torch.float64)
         self.sums = torch.zeros(num_labels, dim, dtype=torch.float64)
         self.square_norm = torch.zeros((), dtype=torch.float64)
+        self.offset: torch.Tensor | None = None
 
     def update(self, features: torch.Tensor, labels: torch.Tensor) -> None:
         """Add ``features (N, d)`` with ``labels (N,)`` in ``[−1, num_labels)``."""
         keep = labels >= 0
         features = features.detach().to(torch.float64)[keep].to(self.sums.device)
         labels = labels.detach().long()[keep].to(self.sums.device)
+        if features.shape[0] == 0:
+            return
+        if self.offset is None:
+            self.offset = features.mean(0)
+        features = features - self.offset
         self.counts.index_add_(0, labels, torch.ones_like(labels, dtype=torch.float64))
         self.sums.index_add_(0, labels, features)
         self.square_norm += features.square().sum()

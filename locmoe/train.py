@@ -116,7 +116,7 @@ def evaluate(
 
     ``specialisation``: also return ``val_calinski_harabasz`` = ``{layer: index}``, the
     Calinski–Harabasz index of each MoE layer's input features over all these batches, every token
-    labelled by its first-choice expert (:func:`locmoe.metrics.specialisation_labels`; design §5.6).
+    labelled by its first-choice expert (:func:`locmoe.metrics.specialisation_labels`; design §6.6).
     One process only (an expert-parallel runtime leaves it out).
 
     With an expert-parallel ``runtime`` this is collective (every rank calls it): each rank takes its

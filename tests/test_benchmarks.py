@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 
@@ -110,3 +111,55 @@ def test_paired_ratio_cancels_a_slow_phase_that_a_ratio_of_medians_keeps():
     assert layer.median(ours) / layer.median(peer) == pytest.approx(1 / 6)
     with pytest.raises(ValueError, match="equally long"):
         layer.paired_ratio([1.0], [1.0, 2.0])
+
+
+def test_routing_cost_benchmark_records_its_fields_and_break_even_arithmetic(tmp_path):
+    sys.path.insert(0, str(BENCHMARKS))
+    try:
+        spec = importlib.util.spec_from_file_location("routing_cost_benchmark", BENCHMARKS / "routing_cost.py")
+        routing_cost = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(routing_cost)
+    finally:
+        sys.path.remove(str(BENCHMARKS))
+    threads = torch.get_num_threads()
+    output = tmp_path / "routing_cost.json"
+    try:
+        routing_cost.main(["--sizes", "32", "--tokens", "256", "--rounds", "1", "--threads", "1",
+                           "--note", "smoke", "--out", str(output)])
+    finally:
+        torch.set_num_threads(threads)
+    payload = json.loads(output.read_text())
+    assert {"command", "environment", "git", "note", "config", "rows"} <= set(payload)
+    assert payload["note"] == "smoke" and "--sizes 32" in payload["command"]
+    assert {"cpu", "threads", "torch", "date"} <= set(payload["environment"])
+    assert "commit" in payload["git"]
+    assert [(row["d"], row["input"]) for row in payload["rows"]] == [(32, "isotropic"), (32, "clustered")]
+    for row in payload["rows"]:
+        assert set(row["times_s"]) == {f"{kind} {router}" for kind in ("router", "layer", "experts")
+                                       for router in ("switch", "locmoe_plus")}
+        assert all(len(times) == 1 and times[0] > 0 for times in row["times_s"].values())
+        assert 0 < row["slots_plus"] <= 256 and 0 < row["slots_switch"] <= 256
+        assert row["break_even_cut"] == pytest.approx(
+            row["extra_routing_ms"] / (1e-3 * row["expert_us_per_slot"] * row["slots_switch"]))
+        assert row["measured_cut"] == pytest.approx(1 - row["slots_plus"] / row["slots_switch"])
+
+    # Hand-made rounds (seconds): the routing overhead is the median of each round's difference (1 ms),
+    # not the difference of the medians (2 ms); 100 µs per slot over 1000 slots = 100 ms of experts, so
+    # 1 ms of extra routing is paid back by saving 1 % of the slots, and LocMoE+ saves 10 %.
+    times = {
+        "router switch": [0.002, 0.002, 0.004],
+        "router locmoe_plus": [0.003, 0.004, 0.005],
+        "layer switch": [0.2, 0.2, 0.4],
+        "layer locmoe_plus": [0.19, 0.2, 0.38],
+        "experts switch": [0.1, 0.1, 0.1],
+        "experts locmoe_plus": [0.09, 0.09, 0.09],
+    }
+    row = routing_cost.summarise(times, {"switch": 1000, "locmoe_plus": 900})
+    assert row["extra_routing_ms"] == pytest.approx(1.0)
+    assert row["expert_us_per_slot"] == pytest.approx(100.0)
+    assert row["break_even_cut"] == pytest.approx(0.01)
+    assert row["measured_cut"] == pytest.approx(0.1)
+    assert row["cut_pays_back"] and row["plus_faster"]
+    assert row["layer_plus_over_switch"] == pytest.approx(0.95)
+    assert row["expert_saved_ms"] == pytest.approx(10.0)
+    assert routing_cost.break_even_cut(2.0, 10.0, 2000) == pytest.approx(0.1)

@@ -11,7 +11,16 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from scipy import special
 
-from locmoe.capacity import betainc, delta_statistic, dynamic_capacity, ec_min, locmoe_capacity, p_delta
+from locmoe.capacity import (
+    CAPACITY_RULES,
+    betainc,
+    default_select_temperature,
+    delta_statistic,
+    dynamic_capacity,
+    ec_min,
+    locmoe_capacity,
+    p_delta,
+)
 from locmoe.routing.base import capacity_from_factor
 from locmoe.routing.grap import grap_affinity
 from locmoe.routing.registry import build_router
@@ -284,16 +293,45 @@ def test_locmoe_capacity_rejects_bad_arguments():
         locmoe_capacity(0.1, 128, 8, 0)
 
 
-def test_dynamic_capacity_hand_computed():
-    k_tau = torch.tensor([3, 10, 7])
+def test_dynamic_capacity_hand_computed_mean_rule_is_the_default():
+    k_tau = torch.tensor([3, 10, 7])  # mean 20/3
     capacity, state = dynamic_capacity(k_tau, 0.1, 4, 100)
+    assert capacity == 8  # ceil(20/3 · 1.1) = ceil(7.333...)
+    assert float(state) == pytest.approx(22 / 3)
+    assert dynamic_capacity(k_tau, 0.1, 4, 100, rule="mean") == (capacity, state)
+    assert dynamic_capacity(torch.tensor([4, 12, 8]), 0.1, 4, 100)[0] == 9  # mean 8 · 1.1 = 8.8000000000000007
+    assert dynamic_capacity(torch.tensor([5, 10, 15]), 0.1, 4, 100)[0] == 11  # 10 · 1.1 = 11.000000000000002: 11
+    assert dynamic_capacity(k_tau, 0.5, 4, 100)[0] == 10  # 20/3 · 1.5 = 10
+    assert dynamic_capacity(k_tau, 0.1, 20, 100)[0] == 20  # floor
+    assert dynamic_capacity(k_tau, 0.1, 4, 7)[0] == 7  # ceiling
+    assert dynamic_capacity(k_tau, 0.1, 12, 7)[0] == 7  # the ceiling wins over the floor
+    # The mean runs over every entry: routing groups and experts alike, (1 + 2 + 40 + 3) / 4 = 11.5.
+    assert dynamic_capacity(torch.tensor([[1, 2], [40, 3]]), 0.0, 1, 100)[0] == 12
+
+
+def test_dynamic_capacity_hand_computed_max_rule():
+    k_tau = torch.tensor([3, 10, 7])
+    capacity, state = dynamic_capacity(k_tau, 0.1, 4, 100, rule="max")
     assert capacity == 11  # 10 · 1.1 = 11.000000000000002 in floating point: still 11
     assert float(state) == pytest.approx(11.0)
-    assert dynamic_capacity(k_tau, 0.25, 4, 100)[0] == 13  # ceil(12.5)
-    assert dynamic_capacity(k_tau, 0.1, 20, 100)[0] == 20  # floor
-    assert dynamic_capacity(k_tau, 0.1, 4, 9)[0] == 9  # ceiling
-    assert dynamic_capacity(k_tau, 0.1, 12, 9)[0] == 9  # the ceiling wins over the floor
-    assert dynamic_capacity(torch.tensor([[1, 2], [40, 3]]), 0.0, 1, 100)[0] == 40  # max over all entries
+    assert dynamic_capacity(k_tau, 0.25, 4, 100, rule="max")[0] == 13  # ceil(12.5)
+    assert dynamic_capacity(k_tau, 0.1, 20, 100, rule="max")[0] == 20  # floor
+    assert dynamic_capacity(k_tau, 0.1, 4, 9, rule="max")[0] == 9  # ceiling
+    assert dynamic_capacity(k_tau, 0.1, 12, 9, rule="max")[0] == 9  # the ceiling wins over the floor
+    assert dynamic_capacity(torch.tensor([[1, 2], [40, 3]]), 0.0, 1, 100, rule="max")[0] == 40  # all entries
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_dynamic_capacity_equals_a_plain_python_reference(seed):
+    generator = torch.Generator().manual_seed(seed)
+    k_tau = torch.randint(0, 60, (3, 8), generator=generator)
+    values = [v for row in k_tau.tolist() for v in row]
+    for rule, aggregate in (("mean", sum(values) / len(values)), ("max", max(values))):
+        for margin, floor, ceiling in ((0.1, 4, 70), (0.0, 1, 1000), (0.3, 30, 40)):
+            expected = min(max(math.ceil(aggregate * (1 + margin) - 1e-9), floor), ceiling)
+            capacity, state = dynamic_capacity(k_tau, margin, floor, ceiling, rule=rule)
+            assert capacity == expected
+            assert float(state) == pytest.approx(aggregate * (1 + margin))
 
 
 def test_dynamic_capacity_ema():
@@ -309,12 +347,33 @@ def test_dynamic_capacity_ema():
     assert dynamic_capacity(k_tau, 0.1, 1, 100, previous, 0.0)[0] == 11
 
 
+@pytest.mark.parametrize(("rule", "target"), [("mean", 6.0 * 1.1), ("max", 10.0 * 1.1)])
+def test_dynamic_capacity_ema_smooths_the_rules_target(rule, target):
+    k_tau = torch.tensor([2, 6, 10])  # mean 6, max 10
+    previous = torch.tensor(20.0, dtype=torch.float64)
+    capacity, state = dynamic_capacity(k_tau, 0.1, 1, 100, previous, 0.25, rule=rule)
+    assert float(state) == pytest.approx(0.25 * 20 + 0.75 * target)
+    assert capacity == math.ceil(0.25 * 20 + 0.75 * target)
+
+
 @pytest.mark.parametrize(("kwargs", "match"), [
     ({"margin": -0.1}, "margin must be >= 0, got -0.1"),
     ({"ema": 1.0}, r"capacity_ema must be in \[0, 1\), got 1.0"),
     ({"ema": -0.2}, r"capacity_ema must be in \[0, 1\), got -0.2"),
+    ({"rule": "median"}, "capacity_rule must be one of mean, max; got 'median'"),
+    ({"rule": "MAX"}, "capacity_rule must be one of mean, max; got 'MAX'"),
 ])
 def test_dynamic_capacity_rejects_bad_arguments(kwargs, match):
-    arguments = {"margin": 0.1, "ema": 0.0} | kwargs
+    arguments = {"margin": 0.1, "ema": 0.0, "rule": "mean"} | kwargs
     with pytest.raises(ValueError, match=match):
-        dynamic_capacity(torch.tensor([3]), arguments["margin"], 1, 10, None, arguments["ema"])
+        dynamic_capacity(torch.tensor([3]), arguments["margin"], 1, 10, None, arguments["ema"], arguments["rule"])
+
+
+def test_default_select_temperature_is_3_2_over_sqrt_d():
+    assert CAPACITY_RULES == ("mean", "max")
+    assert default_select_temperature(4096) == pytest.approx(0.05)  # the paper's value at its width
+    assert default_select_temperature(128) == pytest.approx(3.2 / math.sqrt(128))
+    assert default_select_temperature(64) == pytest.approx(0.4)
+    for bad in (0, -4, 64.0, True, "64"):
+        with pytest.raises(ValueError, match="d_model must be a positive integer"):
+            default_select_temperature(bad)

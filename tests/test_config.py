@@ -107,3 +107,12 @@ def test_field_names_are_unique_and_parse_from_text():
     assert parse_field("progress", "false") is False
     with pytest.raises(ValueError, match="model.router_options='tau' is invalid"):
         parse_field("router_options", "tau")
+
+
+@pytest.mark.parametrize(("option", "value"), [("capacity_factor", 0.5), ("top_k", 2)])
+def test_router_options_may_not_carry_the_fields_of_their_own(option, value):
+    """capacity_factor and top_k are model fields; passed again as router options they would reach the
+    router twice (a TypeError deep in model building): refused up front, naming the field."""
+    with pytest.raises(ValueError, match=rf"model.router_options.{option}={value!r} is invalid; allowed: nothing: "
+                                         rf"{option} is a field of its own \(model.{option}"):
+        ModelConfig(router_options={option: value})

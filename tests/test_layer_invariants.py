@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from locmoe import MoELayer, available_routers
+from locmoe.metrics import ClusterStatistics, calinski_harabasz
 
 BASELINES = ["switch", "topk", "expert_choice", "hash"]
 
@@ -114,7 +115,6 @@ def test_remote_share_counts_kept_assignments_on_other_nodes():
 
 def test_calinski_harabasz_matches_sklearn():
     sklearn_metrics = pytest.importorskip("sklearn.metrics")
-    from locmoe.metrics import calinski_harabasz
 
     generator = torch.Generator().manual_seed(1)
     features = torch.randn(200, 6, generator=generator)
@@ -122,6 +122,65 @@ def test_calinski_harabasz_matches_sklearn():
     features += labels[:, None].float()  # some structure
     expected = sklearn_metrics.calinski_harabasz_score(features.numpy(), labels.numpy())
     assert calinski_harabasz(features, labels) == pytest.approx(expected, rel=1e-9)
+
+
+@pytest.mark.parametrize("router", ["locmoe_plus", "switch"])
+def test_eval_forwards_accumulate_cluster_statistics_of_their_inputs_by_top1_expert(router):
+    """With ``cluster_statistics`` set, eval-mode forwards add exactly (input features, first-choice
+    expert) to it: the same sufficient statistics as the concatenated inputs, and sklearn's index."""
+    sklearn_metrics = pytest.importorskip("sklearn.metrics")
+    d, n = 32, 4
+    torch.manual_seed(3)
+    layer = MoELayer(d, 2 * d, n, router=router, capacity_factor=0.5)  # some tokens dropped
+    generator = torch.Generator().manual_seed(4)
+    inputs = [torch.randn(2, 24, d, generator=generator), torch.randn(3, 16, d, generator=generator) + 0.5]
+    layer.eval()
+    layer.cluster_statistics = ClusterStatistics(n, d)
+    labels = []
+    for x in inputs:
+        layer(x)
+        labels.append(layer.last_plan.top1_expert.clone())
+        assert bool(layer.last_plan.dropped_tokens.any())
+    features = torch.cat([x.reshape(-1, d) for x in inputs]).double()
+    labels = torch.cat(labels)
+    statistics = layer.cluster_statistics
+    assert statistics.counts.tolist() == torch.bincount(labels, minlength=n).double().tolist()
+    assert int(statistics.counts.sum()) == 2 * 24 + 3 * 16  # every token, dropped ones too
+    shifted = features - inputs[0].reshape(-1, d).double().mean(0)  # shifted by the first batch's mean
+    for expert in range(n):
+        torch.testing.assert_close(statistics.sums[expert], shifted[labels == expert].sum(0))
+    assert float(statistics.square_norm) == pytest.approx(float(shifted.square().sum()), rel=1e-12)
+    expected = sklearn_metrics.calinski_harabasz_score(features.numpy(), labels.numpy())
+    assert statistics.calinski_harabasz() == pytest.approx(expected, rel=1e-9)
+
+    # Training forwards add nothing (they may compute their own index through ch_interval).
+    before = (statistics.counts.clone(), statistics.sums.clone(), statistics.square_norm.clone())
+    layer.train()
+    layer(inputs[0])
+    assert torch.equal(statistics.counts, before[0]) and torch.equal(statistics.sums, before[1])
+    assert torch.equal(statistics.square_norm, before[2])
+    # Without statistics set, an eval forward works as before.
+    layer.cluster_statistics = None
+    layer.eval()
+    layer(inputs[1])
+
+
+def test_ch_interval_labels_tokens_by_first_choice_not_by_highest_kept_expert():
+    """The training-time index (``ch_interval``) uses specialisation_labels: top-1 experts, so
+    top-2 routing is not labelled by the larger expert id of each token's two slots."""
+    torch.manual_seed(5)
+    layer = MoELayer(16, 32, 4, router="topk", top_k=2, capacity_factor=None, ch_interval=1)
+    layer.train()
+    x = torch.randn(64, 16, generator=torch.Generator().manual_seed(6))
+    layer(x)
+    plan = layer.last_plan
+    assert not torch.equal(plan.top1_expert, plan.expert_ids.max(dim=1).values)
+    expected = calinski_harabasz(x, plan.top1_expert)
+    # (The layer stores the index as a float32 tensor: equal to ~7 digits.)
+    assert layer.last_metrics["calinski_harabasz"] == pytest.approx(expected, rel=1e-6)
+    assert layer.last_metrics["calinski_harabasz"] != pytest.approx(
+        calinski_harabasz(x, plan.expert_ids.max(dim=1).values), rel=1e-3
+    )
 
 
 def test_every_registered_router_is_listed():

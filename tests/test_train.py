@@ -11,12 +11,13 @@ import signal
 import numpy as np
 import pytest
 import torch
-from tiny_runs import cache_dir, read_metrics, tiny_config  # noqa: F401  (session fixture)
+from tiny_runs import TINY_MODEL, cache_dir, read_metrics, tiny_config  # noqa: F401  (session fixture)
 
 from locmoe import available_routers
 from locmoe.checkpoint import list_checkpoints
-from locmoe.config import TrainConfig
+from locmoe.config import ModelConfig, TrainConfig
 from locmoe.data.dataset import prepare_data
+from locmoe.data.loader import validation_batches
 from locmoe.model import GPT
 from locmoe.train import evaluate, lr_factor, train, unigram_cross_entropy, unigram_entropy
 
@@ -145,6 +146,40 @@ def test_evaluation_leaves_the_model_state_unchanged(router, cache_dir, tmp_path
     assert all(torch.equal(before[k], after[k]) for k in before)
 
 
+@pytest.mark.parametrize("router", ["locmoe_plus", "switch"])
+def test_evaluation_measures_specialisation_over_all_validation_batches(router):
+    """``val_calinski_harabasz`` = sklearn's index of each MoE layer's inputs over every validation
+    batch, each token labelled by its first-choice expert; the layers' statistics are removed after."""
+    sklearn_metrics = pytest.importorskip("sklearn.metrics")
+    torch.manual_seed(1)
+    config = ModelConfig(**{**TINY_MODEL, "n_layers": 4, "router": router})  # MoE in blocks 1 and 3
+    model = GPT(config, 64)
+    tokens = np.random.default_rng(2).integers(0, 64, size=7 * 32 + 5)  # 7 windows: batches of 3, 3, 1
+    result = evaluate(model, tokens, 3, specialisation=True)
+    assert model.training
+    assert set(result["val_calinski_harabasz"]) == set(model.moe_layers) == {"layer1", "layer3"}
+    assert all(layer.cluster_statistics is None for layer in model.moe_layers.values())
+
+    captured = {name: ([], []) for name in model.moe_layers}
+    hooks = []
+    for name, layer in model.moe_layers.items():
+        def record(module, args, output, name=name):
+            captured[name][0].append(args[0].reshape(-1, config.d_model).double())
+            captured[name][1].append(module.last_plan.top1_expert.clone())
+        hooks.append(layer.register_forward_hook(record))
+    model.eval()
+    with torch.no_grad():
+        for inputs, _ in validation_batches(tokens, config.seq_len, 3):
+            model(inputs)
+    for hook in hooks:
+        hook.remove()
+    for name, (features, labels) in captured.items():
+        assert sum(len(f) for f in features) == 7 * 32
+        expected = sklearn_metrics.calinski_harabasz_score(torch.cat(features).numpy(), torch.cat(labels).numpy())
+        assert result["val_calinski_harabasz"][name] == pytest.approx(expected, rel=1e-6)
+    assert "val_calinski_harabasz" not in evaluate(model, tokens, 3)
+
+
 def test_summary_is_json_and_states_the_unigram_baselines(straight_runs, cache_dir):  # noqa: F811
     summary = json.loads((straight_runs["switch"] / "summary.json").read_text())
     data = prepare_data(tiny_config(cache_dir, "unused").data)
@@ -156,6 +191,9 @@ def test_summary_is_json_and_states_the_unigram_baselines(straight_runs, cache_d
         unigram_cross_entropy(data.train_ids, data.validation_ids, 512)
     )
     assert [e["step"] for e in summary["evaluations"]] == [5, 10, 15, 20]
+    for evaluation in summary["evaluations"]:  # the validation specialisation of the one MoE layer
+        assert set(evaluation["val_calinski_harabasz"]) == {"layer1"}
+        assert 0 < evaluation["val_calinski_harabasz"]["layer1"] < math.inf
     assert summary["tokens_seen"] == STEPS * 4 * 32
     metrics = read_metrics(straight_runs["switch"])
     assert summary["expert_slots_processed"] == sum(r["moe"]["layer1"]["processed_slots"] for r in metrics)

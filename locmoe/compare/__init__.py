@@ -1,1 +1,2 @@
-"""The experiment runner: side-by-side runs of every router, the SPEC §8 claims and the report."""
+"""The experiment runner: side-by-side runs of every router, the paper's claims (design §6), the
+compute–quality frontier and the report."""

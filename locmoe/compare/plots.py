@@ -10,6 +10,8 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
+from locmoe.compare.frontier import frontier_points, has_frontier  # noqa: E402
+
 
 def _labels(runs: Sequence[dict]) -> list[str]:
     return sorted({run["label"] for run in runs})
@@ -42,33 +44,65 @@ def _series_plot(runs, key, path: Path, title: str, ylabel: str, labels=None, xy
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, ncol=2)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=100)
     plt.close(fig)
     return path
 
 
 def _capacity_plot(runs, path: Path) -> Path | None:
-    plus = [run for run in runs if run["label"] == "locmoe_plus" and run.get("capacity")]
+    """LocMoE+ capacity ``C_t`` of every MoE layer and seed, with mean and max ``k^τ`` beside it."""
+    plus = [run for run in runs if run["label"] == "locmoe_plus" and (run.get("capacity_by_layer") or run.get("capacity"))]
     if not plus:
         return None
     fig, ax = plt.subplots(figsize=(7, 4))
-    other = ax.twinx()
-    for run in plus:
-        steps = range(1, len(run["capacity"]) + 1)
-        ax.plot(steps, run["capacity"], lw=1.2, label=f"C_t (seed {run['seed']})")
-        if run.get("ec_min"):
-            other.plot(steps, run["ec_min"], lw=1, ls="--", label=f"ec_min (seed {run['seed']})")
-    ax.set_title("LocMoE+ capacity C_t and the LocMoE bound ec_min (first MoE layer)")
+    cmap = plt.get_cmap("tab10")
+    for index, run in enumerate(plus):
+        layers = run.get("capacity_by_layer") or {"layer": run["capacity"]}
+        for offset, (layer, series) in enumerate(sorted(layers.items())):
+            colour = cmap((index * len(layers) + offset) % 10)
+            steps = range(1, len(series) + 1)
+            ax.plot(steps, series, lw=1.2, color=colour, label=f"C_t {layer} (seed {run['seed']})")
+            mean_k = (run.get("k_tau_mean_by_layer") or {}).get(layer)
+            if mean_k:
+                ax.plot(steps, mean_k, lw=0.8, ls="--", color=colour, label=f"mean k^τ {layer} (seed {run['seed']})")
+            max_k = (run.get("k_tau_max_by_layer") or {}).get(layer)
+            if max_k:
+                ax.plot(steps, max_k, lw=0.6, ls=":", color=colour, alpha=0.6)
+    ax.set_title("LocMoE+ capacity C_t (solid), mean k^τ (dashed), max k^τ (dotted)")
     ax.set_xlabel("step")
-    ax.set_ylabel("capacity C_t (tokens per expert)")
-    other.set_ylabel("ec_min (eq. 9), log scale")
-    other.set_yscale("log")
-    lines = ax.get_legend_handles_labels()
-    more = other.get_legend_handles_labels()
-    ax.legend(lines[0] + more[0], lines[1] + more[1], fontsize=7)
+    ax.set_ylabel("tokens per expert")
+    ax.legend(fontsize=6, ncol=2)
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def _frontier_plot(runs, path: Path) -> Path | None:
+    """Final validation loss against kept expert slots per token: Switch's curve, LocMoE+ points."""
+    if not has_frontier(runs):
+        return None
+    points = frontier_points(runs, "kept")
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    switch = sorted((p for p in points if p.router == "switch"), key=lambda p: p.slots)
+    ax.errorbar([p.slots for p in switch], [p.loss for p in switch], yerr=[p.loss_spread for p in switch],
+                xerr=[p.slots_spread for p in switch], color="black", marker="o", lw=1.2, capsize=3,
+                label="switch (capacity factor varies)")
+    for p in switch:
+        ax.annotate(p.label.removeprefix("switch"), (p.slots, p.loss), fontsize=6, xytext=(3, 3),
+                    textcoords="offset points")
+    cmap = plt.get_cmap("tab10")
+    for index, p in enumerate(q for q in points if q.router == "locmoe_plus"):
+        ax.errorbar([p.slots], [p.loss], yerr=[p.loss_spread], xerr=[p.slots_spread], color=cmap(index % 10),
+                    marker="s", capsize=3, ls="none", label=p.label)
+    ax.set_title("Compute–quality frontier (mean ± std over seeds)")
+    ax.set_xlabel("expert slots per token per MoE layer (kept assignments)")
+    ax.set_ylabel("final validation loss (nats/token)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=6)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
     plt.close(fig)
     return path
 
@@ -96,7 +130,7 @@ def _load_cdf_plot(runs, path: Path) -> Path | None:
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, ncol=2)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=100)
     plt.close(fig)
     return path
 
@@ -109,7 +143,8 @@ def make_plots(runs: Sequence[dict], out_dir: Path) -> dict[str, str]:
                                         "validation loss (nats/token)", xy=True),
         "Tokens processed per step": _series_plot(runs, "processed_per_step", out_dir / "tokens_processed.png",
                                                   "Expert token slots computed per step (all MoE layers)", "slots"),
-        "LocMoE+ capacity and ec_min": _capacity_plot(runs, out_dir / "capacity.png"),
+        "LocMoE+ capacity and k^τ": _capacity_plot(runs, out_dir / "capacity.png"),
+        "Compute–quality frontier": _frontier_plot(runs, out_dir / "frontier.png"),
         "Per-expert load CDF": _load_cdf_plot(runs, out_dir / "load_cdf.png"),
         "Remote share": _series_plot(runs, "remote_share_curve", out_dir / "remote_share.png",
                                      "Share of kept assignments sent to another node", "remote share"),

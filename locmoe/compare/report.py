@@ -4,18 +4,28 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import platform
+import subprocess
+import sys
 from collections.abc import Sequence
+from datetime import datetime, timezone
 from pathlib import Path
 
+import torch
+
 from locmoe.atomic_file import write_atomic
-from locmoe.compare.claims import BASELINE, Claim, evaluate_claims
+from locmoe.compare.claims import BASELINE, MIN_SEEDS, Claim, evaluate_claims, locmoe_capacity_notes
+from locmoe.compare.frontier import SLOT_MEASURES, frontier_points, frontier_table, has_frontier
 from locmoe.compare.plots import make_plots
 from locmoe.compare.stats import summarize
 
 RESULT_COLUMNS = (
     ("final_val_loss", "final val loss"),
     ("tokens_processed", "tokens processed"),
+    ("padded_slots", "padded slots n·C"),
     ("tokens_kept", "tokens kept"),
+    ("mean_capacity", "mean capacity C"),
     ("drop_rate", "drop rate"),
     ("load_cv", "load CV"),
     ("remote_share", "remote share"),
@@ -33,22 +43,84 @@ def _labels_in_order(runs: Sequence[dict]) -> list[str]:
     return seen
 
 
+def _relative(runs: Sequence[dict], label: str, key: str) -> str:
+    base = summarize([r.get(key) for r in runs if r["label"] == BASELINE])
+    mine = summarize([r.get(key) for r in runs if r["label"] == label])
+    if not base.count or not mine.count or not base.mean:
+        return "n/a"
+    return f"{100 * mine.mean / base.mean:.1f} %"
+
+
 def results_table(runs: Sequence[dict]) -> list[str]:
-    """Markdown table: one row per label, mean ± spread over seeds, plus tokens relative to Switch."""
+    """Markdown table: one row per label, mean ± spread over seeds, plus slots relative to Switch."""
     labels = _labels_in_order(runs)
-    baseline = summarize([r["tokens_processed"] for r in runs if r["label"] == BASELINE])
-    header = ["router", "seeds"] + [title for _, title in RESULT_COLUMNS] + ["tokens vs switch"]
+    header = (["router", "seeds"] + [title for _, title in RESULT_COLUMNS]
+              + ["padded slots vs switch", "kept vs switch"])
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for label in labels:
         group = [r for r in runs if r["label"] == label]
         cells = [f"`{label}`", ",".join(str(r["seed"]) for r in group)]
         for key, _ in RESULT_COLUMNS:
             cells.append(summarize([r.get(key) for r in group]).format(4))
-        tokens = summarize([r["tokens_processed"] for r in group])
-        relative = tokens.mean / baseline.mean if baseline.count and baseline.mean else math.nan
-        cells.append("n/a" if math.isnan(relative) else f"{100 * relative:.1f} %")
+        cells += [_relative(runs, label, "padded_slots"), _relative(runs, label, "tokens_kept")]
         lines.append("| " + " | ".join(cells) + " |")
     return lines
+
+
+def learning_curve_flatness(runs: Sequence[dict]) -> list[str]:
+    """Where training stood at its end: per label, how much the validation loss still fell over the
+    last quarter of the steps, as a share of its whole fall (first evaluation to last)."""
+    lines = ["| router | val loss at 3/4 of the steps | final | fall over the last quarter | share of the whole fall |",
+             "|---|---|---|---|---|"]
+    for label in _labels_in_order(runs):
+        shares, falls, quarter, final = [], [], [], []
+        for run in (r for r in runs if r["label"] == label):
+            curve = run.get("val_curve") or []
+            if len(curve) < 3:
+                continue
+            steps = curve[-1][0]
+            at_quarter = [loss for step, loss in curve if step <= 0.75 * steps]
+            if not at_quarter:
+                continue
+            whole = curve[0][1] - curve[-1][1]
+            fall = at_quarter[-1] - curve[-1][1]
+            quarter.append(at_quarter[-1])
+            final.append(curve[-1][1])
+            falls.append(fall)
+            shares.append(fall / whole if whole > 0 else math.nan)
+        if falls:
+            lines.append(f"| `{label}` | {summarize(quarter).format(4)} | {summarize(final).format(4)} | "
+                         f"{summarize(falls).format(3)} | {100 * summarize(shares).mean:.1f} % |")
+    return lines
+
+
+def provenance(command: Sequence[str] | None = None) -> dict[str, str]:
+    """Who made a report: command, UTC date, machine, threads, versions and the git commit."""
+    try:
+        root = Path(__file__).resolve().parents[2]
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True,
+                                check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
+                               capture_output=True, text=True, check=True).stdout.strip()
+        commit += " (with uncommitted changes)" if dirty else ""
+    except (OSError, subprocess.CalledProcessError):
+        commit = "unknown (not a git checkout)"
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return {
+        "command": " ".join(command if command is not None else ["locmoe", *sys.argv[1:]]),
+        "date_utc": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M"),
+        "machine": f"{cpu}, {os.cpu_count()} logical CPUs, {platform.system()} {platform.release()}",
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "commit": commit,
+    }
 
 
 def _options_section(runs: Sequence[dict]) -> list[str]:
@@ -67,51 +139,89 @@ def _options_section(runs: Sequence[dict]) -> list[str]:
 VERDICTS = {True: "holds", False: "does not hold", None: "not measured"}
 
 
+def _verdict(claim: dict) -> str:
+    if claim["holds"] is None and "not tested" in claim["measured"]:
+        return "not tested (too few seeds)"
+    return VERDICTS[claim["holds"]]
+
+
 def claims_table(claims: Sequence[Claim | dict]) -> list[str]:
     """Markdown table of the claims: paper figure vs measured, and the verdict."""
     lines = ["| claim | paper | measured | verdict |", "|---|---|---|---|"]
     for claim in claims:
         c = claim.to_dict() if isinstance(claim, Claim) else claim
-        verdict = f"**{VERDICTS[c['holds']]}**"
-        per_seed = (c.get("details") or {}).get("per_seed")
-        if c["holds"] is not None and per_seed is not None and len(per_seed) < 2:
-            verdict += " (one seed: no spread to hold beyond)"
+        verdict = f"**{_verdict(c)}**"
         lines.append(f"| {c['name']} | {c['paper']} | {c['measured']} | {verdict} |")
     return lines
 
 
-def write_report(runs: Sequence[dict], out_dir: Path, settings: dict | None = None) -> dict:
-    """Evaluate the claims, draw the plots, write ``report.json`` and ``report.md``; return the JSON."""
+def write_report(runs: Sequence[dict], out_dir: Path, settings: dict | None = None,
+                 source: dict | None = None) -> dict:
+    """Evaluate the claims, draw the plots, write ``report.json`` and ``report.md``; return the JSON.
+
+    ``source`` is the report's provenance (:func:`provenance`, the default)."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    source = provenance() if source is None else source
     claims = evaluate_claims(runs)
     plots = make_plots(runs, out_dir)
-    report = {"settings": settings or {}, "runs": list(runs), "claims": [c.to_dict() for c in claims],
-              "plots": plots}
+    frontier = {measure: [p.to_dict() for p in frontier_points(runs, measure)] for measure in SLOT_MEASURES} \
+        if has_frontier(runs) else None
+    report = {"settings": settings or {}, "provenance": source, "runs": list(runs),
+              "claims": [c.to_dict() for c in claims], "frontier": frontier, "plots": plots}
     write_atomic(out_dir / "report.json", json.dumps(report, indent=1, default=float).encode())
 
     lines = ["# LocMoE+ vs baselines: comparison report", ""]
+    lines += [f"- {key}: `{value}`" for key, value in source.items()]
     if settings:
-        lines += ["Settings: " + ", ".join(f"{k} = `{v}`" for k, v in settings.items()), ""]
+        lines += ["- settings: " + ", ".join(f"{k} = `{v}`" for k, v in settings.items())]
     lines += [
-        "A claim holds only if it holds beyond the seed spread: every seed and mean ± std lie on the claimed "
-        "side. Figures are measured at small scale on CPU; wall-clock claims of the papers (Ascend clusters) "
-        "are not expected to transfer.",
         "",
-        "## Claims (SPEC §8)",
+        f"A claim holds only beyond the seed spread: at least {MIN_SEEDS} paired seeds, every seed on the "
+        "claimed side, and the mean more than two standard errors from the threshold. With fewer seeds a "
+        "claim is *not tested*. Figures are measured at small scale on CPU; wall-clock claims of the papers "
+        "(Ascend clusters) are not expected to transfer.",
+        "",
+    ]
+    if (settings or {}).get("preset") == "quick":
+        lines += [
+            "**This is the quick preset** (2 seeds, 150 steps of a small model): too few seeds to test any "
+            "claim and too short for the capacity trend or the loss comparison to mean much. It shows that "
+            "everything runs; `locmoe compare --preset standard` is the comparison (3 seeds).",
+            "",
+        ]
+    lines += [
+        "## Claims",
         "",
     ]
     lines += claims_table(claims)
-    lines += ["", "## Results per router (mean ± std over seeds)", ""]
+    notes = locmoe_capacity_notes(runs)
+    if notes:
+        lines += ["", "## LocMoE's capacity", ""] + [f"- {note}" for note in notes]
+    lines += ["", "## Results per contender (mean ± std over seeds)", ""]
     lines += results_table(runs)
     lines += [
         "",
         "tokens processed = expert token slots computed, summed over steps and MoE layers (n·C per layer "
-        "in drop-and-pad); tokens kept = assignments actually processed; drop rate = share of tokens no "
-        "expert kept (mean over steps and MoE layers); load CV = std/mean of per-expert kept tokens.",
+        "in drop-and-pad, the kept assignments in packed dispatch); padded slots = n·C summed likewise "
+        "(what drop-and-pad would compute); tokens kept = assignments actually processed; mean capacity = "
+        "tokens per expert per step, mean over steps and layers; drop rate = share of tokens no expert kept "
+        "(mean over steps and MoE layers); load CV = std/mean of per-expert kept tokens; CH index = "
+        "Calinski–Harabasz index of the MoE inputs on the validation batches, tokens labelled by their "
+        "first-choice expert, mean over layers and the evaluations of the second half of training.",
+        "",
+        "## Where the learning curves stand",
         "",
     ]
-    lines += _options_section(runs)
+    lines += learning_curve_flatness(runs)
+    if frontier is not None:
+        lines += ["", "## Compute–quality frontier", "",
+                  "Switch's curve per seed is the piecewise-linear interpolation of its runs; a LocMoE+ point's "
+                  "gap is its loss minus that curve at its slots, paired by seed (negative = better than Switch "
+                  "at the same compute).", ""]
+        for measure in SLOT_MEASURES:
+            lines += frontier_table(frontier_points(runs, measure), measure) + [""]
+    lines += [""] + _options_section(runs)
     if plots:
         lines += ["## Plots", ""]
         lines += [f"### {title}\n\n![{title}]({name})\n" for title, name in plots.items()]

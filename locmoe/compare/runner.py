@@ -30,6 +30,8 @@ from locmoe.routing.registry import available_routers, router_class, router_opti
 
 NO_LOCALITY_SUFFIX = "-noloc"
 MATCHED = "matched"
+# Router options that are config fields of their own (a contender sets them another way).
+OWN_FIELDS = {"capacity_factor": "@cfX (or @matched)", "top_k": "the --top-k field"}
 MATCH_TARGET = "locmoe_plus"  # the run whose measured capacity switch@matched copies (same seed)
 FRONTIER_MODEL_WIDTH = 128
 
@@ -67,12 +69,18 @@ def _parse_variant(name: str, router: str, variant: str) -> tuple[dict[str, Any]
             raise ValueError(f"contender {name!r}: router {router!r} takes no capacity factor")
         return {}, factor, None
     options: dict[str, Any] = {}
+    accepted = sorted(set(router_options(router)) - set(OWN_FIELDS))
     for item in variant.split(":"):
         key, sep, value = item.partition("=")
         if not sep or not key:
             raise ValueError(
                 f"contender {name!r}: variant {variant!r} is not 'matched', 'cfX' or 'key=value[:key=value...]'"
             )
+        if key in OWN_FIELDS:
+            raise ValueError(f"contender {name!r}: set {key} with {OWN_FIELDS[key]}, not as a router option")
+        if key not in accepted:
+            raise ValueError(f"contender {name!r}: router {router!r} has no option {key!r}; "
+                             f"its options are: {', '.join(accepted)}")
         options[key] = parse_scalar(value)
     return options, None, None
 
@@ -92,7 +100,9 @@ def parse_contenders(names: Sequence[str | Contender]) -> list[Contender]:
             contender = raw
         else:
             name = raw.strip()
-            base_name, _, variant = name.partition("@")
+            base_name, at, variant = name.partition("@")
+            if at and not variant:
+                raise ValueError(f"contender {name!r} ends in '@'; follow it with matched, cfX or key=value")
             router, options = base_name, {}
             if base_name.endswith(NO_LOCALITY_SUFFIX):
                 router = base_name[: -len(NO_LOCALITY_SUFFIX)]
@@ -123,7 +133,7 @@ def parse_contenders(names: Sequence[str | Contender]) -> list[Contender]:
 
 
 def frontier_contenders(d_model: int) -> list[Contender]:
-    """The compute–quality frontier (design §6.4): ``switch`` at cf 0.5–1.25 against ``locmoe_plus``
+    """The compute–quality frontier (design §6.9): ``switch`` at cf 0.5–1.25 against ``locmoe_plus``
     over ``T_sel = c/√d`` (c ∈ {0.8, 1.6, 3.2}) × τ ∈ {0.8, 0.9}."""
     contenders = [Contender(f"switch@cf{cf}", "switch", {}, cf) for cf in (0.5, 0.75, 1.0, 1.25)]
     for scale in (0.8, 1.6, 3.2):

@@ -9,8 +9,9 @@ from pathlib import Path
 import pytest
 from tiny_runs import TINY_DATA, TINY_MODEL, TINY_TRAIN, cache_dir  # noqa: F401 (fixture)
 
-from locmoe.cli import main
-from locmoe.compare.runner import compare, parse_contenders
+from locmoe.cli import build_parser, main
+from locmoe.compare.cli import resolve_comparison
+from locmoe.compare.runner import PRESETS, compare, parse_contenders, preset_config
 from locmoe.config import DataConfig, ModelConfig, RunConfig, TrainConfig
 from locmoe.train import train
 
@@ -123,6 +124,10 @@ def test_a_run_with_another_config_in_the_way_is_refused(tmp_path, cache_dir):  
         (["--routers", "switch,nope"], "unknown contender 'nope'"),
         (["--routers", "switch,switch"], "listed twice"),
         (["--routers", "hash-noloc"], "no locality loss"),
+        (["--routers", "switch@matched"], "list 'locmoe_plus' before it"),
+        (["--routers", "switch@cf0"], "'cf0' is not cf followed by a positive number"),
+        (["--routers", "locmoe_plus@tau"], "variant 'tau' is not 'matched', 'cfX' or 'key=value"),
+        (["--routers", "locmoe_plus@c1.6-tau0.8"], "variant 'c1.6-tau0.8' is not"),  # a frontier label only
         (["--seeds", "0,a"], "'a' is not an integer"),
         (["--seeds", "-1"], "-1 is negative"),
         (["--router", "switch"], "use --routers"),
@@ -137,3 +142,43 @@ def test_bad_values_fail_with_one_line_and_write_nothing(tmp_path, capsys, flags
     error = capsys.readouterr().err
     assert message in error and error.count("\n") == 1
     assert not out.exists()
+
+
+def _resolve(*argv: str):
+    return resolve_comparison(build_parser().parse_args(["compare", *argv]))
+
+
+def test_without_a_preset_compare_runs_the_quick_preset(tmp_path):
+    parser = build_parser()
+    args = parser.parse_args(["compare", "--out", str(tmp_path)])
+    base, contenders, seeds, out = resolve_comparison(args)
+    assert args.preset == "quick"  # recorded in the report's settings
+    quick_base, quick_routers, quick_seeds = preset_config("quick")
+    assert base == quick_base and seeds == quick_seeds and out == tmp_path
+    assert [c.label for c in contenders] == list(quick_routers)
+    assert [c.label for c in contenders] == ["switch", "locmoe", "locmoe_plus", "switch@matched"]
+    assert contenders[-1].matched_to == "locmoe_plus"
+    assert _resolve("--quick")[1] == contenders
+
+
+@pytest.mark.parametrize("preset", sorted(PRESETS))
+def test_each_preset_resolves_to_its_contenders_and_seeds(preset):
+    base, contenders, seeds, _ = _resolve("--preset", preset)
+    expected_base, routers, expected_seeds = preset_config(preset)
+    assert base == expected_base and seeds == expected_seeds
+    assert contenders == parse_contenders(routers)
+
+
+def test_routers_may_name_a_presets_own_labels():
+    _, contenders, _, _ = _resolve("--preset", "frontier", "--routers", "switch@cf0.5,locmoe_plus@c1.6-tau0.8,switch")
+    frontier = {c.label: c for c in parse_contenders(PRESETS["frontier"]["routers"])}
+    assert contenders[0] == frontier["switch@cf0.5"] and contenders[1] == frontier["locmoe_plus@c1.6-tau0.8"]
+    assert contenders[1].options["tau"] == 0.8 and contenders[2].label == "switch"
+    # Outside the frontier preset that label is not in the grammar.
+    with pytest.raises(ValueError, match="variant 'c1.6-tau0.8' is not"):
+        _resolve("--routers", "locmoe_plus@c1.6-tau0.8")
+    _, contenders, seeds, _ = _resolve("--routers", "locmoe_plus,switch@matched,switch@cf0.75", "--seeds", "3")
+    assert [(c.label, c.matched_to, c.capacity_factor) for c in contenders] == [
+        ("locmoe_plus", None, None), ("switch@matched", "locmoe_plus", None), ("switch@cf0.75", None, 0.75)
+    ]
+    assert seeds == (3,)

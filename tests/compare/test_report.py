@@ -1,65 +1,105 @@
-"""The report builder on a small synthetic set of runs: claims computed right, including failures."""
+"""The report builder on small synthetic sets of runs: claims computed right, including failures,
+too few seeds, dispatch mismatches, the frontier and the files written."""
 
 from __future__ import annotations
 
 import json
+import math
+import random
 
 import pytest
 
-from locmoe.compare.claims import evaluate_claims
-from locmoe.compare.report import write_report
+from locmoe.compare.claims import MIN_SEEDS, PairedTest, capacity_trend, evaluate_claims, locmoe_capacity_notes
+from locmoe.compare.frontier import frontier_points, interpolate, slots_per_token
+from locmoe.compare.report import learning_curve_flatness, provenance, write_report
 from locmoe.compare.stats import spearman, summarize
+
+SOURCE = {"command": "test", "date_utc": "2026-01-01 00:00", "machine": "test", "torch": "x", "python": "x",
+          "commit": "abc"}
 
 
 def _run(label, seed, **values):
-    run = {"label": label, "router": label.split("-")[0], "seed": seed, "router_options": {}}
+    router = label.split("@")[0].removesuffix("-noloc")
+    run = {"label": label, "router": router, "seed": seed, "router_options": {}, "dispatch": "pack",
+           "steps": 10, "tokens_per_step": 100, "num_experts": 4, "warmup_steps": 0}
     run.update(values)
     return run
 
 
+def _falling(start, stop, steps=20):
+    return [round(start + (stop - start) * i / (steps - 1)) for i in range(steps)]
+
+
 def _synthetic_runs():
-    return [
-        _run("switch", 0, tokens_processed=1000.0, final_val_loss=5.00, load_cv=0.30, ch_index=10.0,
-             capacity=[30] * 5, expert_load=[10, 20, 30, 40], val_curve=[[1, 6.0], [5, 5.0]]),
-        _run("switch", 1, tokens_processed=1000.0, final_val_loss=5.10, load_cv=0.32, ch_index=11.0,
-             capacity=[30] * 5, expert_load=[25, 25, 25, 25], val_curve=[[1, 6.1], [5, 5.1]]),
-        # LocMoE+: 55 % / 50 % fewer tokens, loss +1 % / +4 % (fails the 2 % claim), capacity falling.
-        _run("locmoe_plus", 0, tokens_processed=450.0, final_val_loss=5.05, load_cv=0.20, ch_index=20.0,
-             capacity=[30, 25, 20, 15, 10], ec_min=[1, 1.5, 2, 3, 4], remote_share=0.4,
-             val_curve=[[1, 6.0], [5, 5.05]]),
-        _run("locmoe_plus", 1, tokens_processed=500.0, final_val_loss=5.304, load_cv=0.22, ch_index=21.0,
-             capacity=[28, 26, 20, 18, 9], remote_share=0.42, val_curve=[[1, 6.1], [5, 5.304]]),
-        _run("locmoe_plus-noloc", 0, tokens_processed=460.0, final_val_loss=5.0, load_cv=0.25, remote_share=0.5),
-        _run("locmoe_plus-noloc", 1, tokens_processed=470.0, final_val_loss=5.0, load_cv=0.21, remote_share=0.52),
-    ]
+    """Three seeds. LocMoE+: 55/50/52 % fewer padded slots, loss +1/+4/+1 % (fails the 2 % claim on
+    seed 1), capacity falling in both layers; switch@matched: worse loss on every seed."""
+    runs = []
+    plus_slots, plus_loss = [450.0, 500.0, 480.0], [5.05, 5.304, 5.15]
+    for seed in range(3):
+        base_loss = 5.0 + 0.1 * seed
+        runs.append(_run("switch", seed, padded_slots=1000.0, tokens_kept=900.0, final_val_loss=base_loss,
+                         load_cv=0.30, ch_index=10.0 + seed, step_time_median_s=1.0,
+                         capacity_by_layer={"layer1": [30] * 20, "layer3": [30] * 20},
+                         capacity=[30] * 20, expert_load=[10, 20, 30, 40],
+                         val_curve=[[1, 7.0], [5, 6.0], [8, 5.5], [10, base_loss]]))
+        runs.append(_run("locmoe_plus", seed, padded_slots=plus_slots[seed], tokens_kept=plus_slots[seed] * 0.9,
+                         final_val_loss=plus_loss[seed], load_cv=0.20, ch_index=20.0 + seed, remote_share=0.4,
+                         step_time_median_s=0.9 + 0.01 * seed,
+                         capacity_by_layer={"layer1": _falling(30, 10), "layer3": _falling(28, 12)},
+                         capacity=_falling(30, 10), ec_min=[1.0] * 20,
+                         k_tau_mean_by_layer={"layer1": _falling(25, 8)},
+                         val_curve=[[1, 7.0], [5, 6.1], [8, 5.6], [10, plus_loss[seed]]]))
+        runs.append(_run("switch@matched", seed, padded_slots=plus_slots[seed], tokens_kept=plus_slots[seed] * 0.8,
+                         final_val_loss=plus_loss[seed] + 0.05 + 0.01 * seed, ch_index=9.0))
+        runs.append(_run("locmoe_plus-noloc", seed, padded_slots=460.0, final_val_loss=5.0,
+                         load_cv=[0.25, 0.21, 0.26][seed], remote_share=[0.5, 0.52, 0.51][seed]))
+    return runs
 
 
 def test_claims_on_synthetic_runs():
     claims = {c.name: c for c in evaluate_claims(_synthetic_runs())}
     reduction = claims["tokens_processed_reduction"]
-    assert reduction.details["per_seed"] == pytest.approx([0.55, 0.50])
-    assert reduction.holds is True  # both ≥ 40 %, mean − std = 0.525 − 0.035 ≥ 0.40
+    assert reduction.details["padded"]["per_seed"] == pytest.approx([0.55, 0.50, 0.52])
+    assert reduction.details["kept"]["per_seed"] == pytest.approx([1 - 405 / 900, 1 - 450 / 900, 1 - 432 / 900])
+    # Every seed ≥ 40 %, mean 0.523 is (0.523 − 0.40) / (0.025/√3) ≈ 8.5 standard errors above.
+    assert reduction.holds is True
     assert reduction.details["meets_v1_60pct"] is False
 
     loss = claims["val_loss_within_2pct"]
-    assert loss.details["per_seed"] == pytest.approx([0.01, 0.04])
+    assert loss.details["per_seed"] == pytest.approx([0.01, 5.304 / 5.1 - 1, 5.15 / 5.2 - 1])
     assert loss.holds is False  # seed 1 is 4 % worse
+
+    control = claims["beats_switch_at_equal_compute"]
+    assert control.holds is True  # LocMoE+ below the matched Switch on every seed, far beyond 2 s.e.
+    assert control.details["padded_slot_ratio"] == pytest.approx(1.0)
+    assert control.details["kept_ratio"] == pytest.approx(0.9 / 0.8)
 
     capacity = claims["capacity_falls"]
     assert capacity.holds is True
-    assert capacity.details["per_seed"] == pytest.approx([-1.0, -1.0])
+    assert all(ratio <= 0.9 for ratio in capacity.details["per_seed"])
 
     balance = claims["locality_improves_balance"]
-    # CV gains: seed 0: 0.05, seed 1: −0.01 -> one seed goes the wrong way: does not hold.
-    assert balance.details["per_seed"] == pytest.approx([0.05, -0.01])
-    assert balance.holds is False
+    # CV gains: 0.05, 0.01, 0.06: every seed gains, mean 0.04 vs 2 s.e. = 2·0.0265/√3 = 0.031: holds.
+    assert balance.details["per_seed"] == pytest.approx([0.05, 0.01, 0.06])
+    assert balance.holds is True
 
     remote = claims["locality_lowers_remote_share"]
-    assert remote.details["per_seed"] == pytest.approx([0.10, 0.10])
+    assert remote.details["per_seed"] == pytest.approx([0.10, 0.12, 0.11])
     assert remote.holds is True
 
-    specialisation = claims["specialisation_highest"]
-    assert specialisation.holds is True
+    assert claims["specialisation_highest"].holds is True
+    step = claims["faster_training_step"]
+    assert step.details["per_seed"] == pytest.approx([-0.10, -0.09, -0.08])
+    assert step.holds is True
+
+
+def test_a_claim_with_fewer_than_three_seeds_is_not_tested():
+    runs = [r for r in _synthetic_runs() if r["seed"] < MIN_SEEDS - 1]
+    claims = evaluate_claims(runs)
+    assert all(c.holds is None for c in claims)
+    measured = {c.name: c.measured for c in claims}
+    assert "not tested: 2 paired seed(s), a claim needs 3" in measured["tokens_processed_reduction"]
+    assert "not tested" in measured["capacity_falls"]
 
 
 def test_missing_runs_make_a_claim_unmeasured_not_false():
@@ -69,37 +109,102 @@ def test_missing_runs_make_a_claim_unmeasured_not_false():
     assert all("not measured" in c.measured for c in claims)
 
 
-def test_claim_fails_when_spread_straddles_threshold():
-    runs = [
-        _run("switch", s, tokens_processed=100.0, final_val_loss=1.0) for s in range(3)
-    ] + [
-        _run("locmoe_plus", 0, tokens_processed=30.0, final_val_loss=1.0),
-        _run("locmoe_plus", 1, tokens_processed=58.0, final_val_loss=1.0),
-        _run("locmoe_plus", 2, tokens_processed=50.0, final_val_loss=1.0),
-    ]
-    # reductions 0.70, 0.42, 0.50: every seed ≥ 0.40 but mean − std = 0.54 − 0.147 < 0.40.
-    claim = {c.name: c for c in evaluate_claims(runs)}["tokens_processed_reduction"]
-    assert min(claim.details["per_seed"]) >= 0.40
-    assert claim.holds is False
+def test_every_seed_on_side_is_not_enough_without_two_standard_errors():
+    # reductions 0.70, 0.42, 0.44: every seed ≥ 0.40, but mean 0.52 is only 0.12 above the target
+    # and 2 s.e. = 2·0.156/√3 = 0.18: does not hold.
+    test = PairedTest([0.70, 0.42, 0.44], 0.40, "above")
+    assert test.every_seed_on_side and not test.beyond_two_standard_errors
+    assert test.holds is False
+    # And the reverse: the mean is far beyond, but one seed is on the wrong side.
+    test = PairedTest([0.9, 0.9, 0.39], 0.40, "above")
+    assert test.beyond_two_standard_errors is False or not test.every_seed_on_side
+    assert test.holds is False
+    below = PairedTest([-0.5, -0.4, -0.45], 0.0, "below")
+    assert below.holds is True
+    assert below.standard_error == pytest.approx(summarize([-0.5, -0.4, -0.45]).spread / math.sqrt(3))
+
+
+def test_runs_of_different_dispatch_modes_are_not_compared():
+    runs = _synthetic_runs()
+    for run in runs:
+        if run["label"] == "switch":
+            run["dispatch"] = "pad"
+    claims = {c.name: c for c in evaluate_claims(runs)}
+    assert claims["tokens_processed_reduction"].holds is None
+    assert "different dispatch modes" in claims["tokens_processed_reduction"].measured
+    assert claims["faster_training_step"].holds is None
+    assert "packed dispatch" in claims["faster_training_step"].measured
+
+
+def test_capacity_trend_reads_every_layer_after_warmup():
+    # Flat during a 10-step warm-up at 99, then 40 -> 20: warm-up is left out of the first window.
+    series = [99] * 10 + _falling(40, 20, 50)
+    trend = capacity_trend(series, warmup_steps=10)
+    assert trend["first"] == pytest.approx(sum(series[10:15]) / 5)
+    assert trend["last"] == pytest.approx(sum(series[-5:]) / 5)
+    assert trend["rho"] < 0
+    # One layer flat is enough to fail the claim.
+    runs = _synthetic_runs()
+    for run in runs:
+        if run["label"] == "locmoe_plus" and run["seed"] == 1:
+            run["capacity_by_layer"]["layer3"] = [25] * 20
+    assert {c.name: c for c in evaluate_claims(runs)}["capacity_falls"].holds is False
+
+
+def test_frontier_gap_against_interpolated_switch_curve():
+    assert interpolate([(0.5, 5.0), (1.0, 4.0)], 0.75) == pytest.approx(4.5)
+    assert interpolate([(0.5, 5.0), (1.0, 4.0)], 1.2) is None
+    runs = []
+    for seed in range(3):
+        shift = 0.01 * seed
+        for cf, slots, loss in ((0.5, 0.5, 5.0), (1.0, 1.0, 4.0)):
+            runs.append(_run(f"switch@cf{cf}", seed, tokens_kept=slots * 10 * 100 * 2, final_val_loss=loss + shift,
+                             capacity_by_layer={"layer1": [1], "layer3": [1]}))
+        # At 0.75 slots per token Switch's curve is 4.5 (+shift); LocMoE+ sits 0.1 below on every seed.
+        runs.append(_run("locmoe_plus@c1.6-tau0.9", seed, tokens_kept=0.75 * 10 * 100 * 2,
+                         final_val_loss=4.4 + shift + 0.001 * seed, capacity_by_layer={"layer1": [1], "layer3": [1]}))
+    assert slots_per_token(runs[-1]) == pytest.approx(0.75)
+    points = {p.label: p for p in frontier_points(runs)}
+    plus = points["locmoe_plus@c1.6-tau0.9"]
+    assert plus.gaps == pytest.approx([-0.1, -0.099, -0.098])
+    assert plus.verdict == "below Switch's curve beyond the seed spread"
+
+
+def test_learning_curve_flatness_share_of_the_fall():
+    runs = [_run("switch", 0, val_curve=[[25, 7.0], [50, 6.0], [75, 5.2], [100, 5.0]])]
+    lines = learning_curve_flatness(runs)
+    # Whole fall 2.0; last quarter 5.2 -> 5.0 = 0.2 = 10 %.
+    assert "10.0 %" in lines[-1] and "0.2" in lines[-1]
+
+
+def test_locmoe_capacity_note_says_when_the_bound_is_below_the_floor():
+    runs = [_run("locmoe", 0, capacity=[25] * 5, ec_min=[0.3] * 5)]
+    assert "below the floor ceil(S/n) = 25" in locmoe_capacity_notes(runs)[0]
 
 
 def test_write_report_files(tmp_path):
-    report = write_report(_synthetic_runs(), tmp_path, settings={"steps": 5})
+    report = write_report(_synthetic_runs(), tmp_path, settings={"steps": 10}, source=SOURCE)
     on_disk = json.loads((tmp_path / "report.json").read_text())
     assert on_disk["claims"] == report["claims"]
-    assert len(on_disk["runs"]) == 6
+    assert on_disk["provenance"]["commit"] == "abc"
+    assert len(on_disk["runs"]) == 12
     markdown = (tmp_path / "report.md").read_text()
     assert "| val_loss_within_2pct |" in markdown and "**does not hold**" in markdown
-    assert "`locmoe_plus-noloc`" in markdown
-    for name in ["val_loss.png", "capacity.png", "load_cdf.png"]:
+    assert "`locmoe_plus-noloc`" in markdown and "- commit: `abc`" in markdown
+    assert "## Compute–quality frontier" in markdown  # switch and switch@matched make a two-point curve
+    for name in ["val_loss.png", "capacity.png", "load_cdf.png", "frontier.png"]:
         assert (tmp_path / name).stat().st_size > 1000
         assert f"]({name})" in markdown
 
 
+def test_provenance_names_commit_machine_and_command():
+    source = provenance(["locmoe", "compare", "--quick"])
+    assert source["command"] == "locmoe compare --quick"
+    assert set(source) >= {"date_utc", "machine", "torch", "commit"}
+
+
 def test_spearman_and_summary_against_scipy():
     stats = pytest.importorskip("scipy.stats")
-    import random
-
     rng = random.Random(4)
     for _ in range(20):
         x = [rng.randint(0, 6) for _ in range(15)]  # ties on purpose

@@ -108,32 +108,54 @@ def test_layer_reports_locmoe_plus_metrics_every_step():
     layer(torch.randn(2, 64, 64))
     metrics = layer.last_metrics
     assert len(metrics["k_tau"]) == 8 and len(metrics["candidates"]) == 8
+    # One routing group (scope "batch"): the mean / max over groups and experts is over the 8 experts.
+    mean_k = sum(metrics["k_tau"]) / 8
+    assert metrics["k_tau_mean"] == pytest.approx(mean_k)
+    assert metrics["k_tau_max"] == max(metrics["k_tau"])
+    # Default capacity rule "mean": C_t = clamp(ceil(mean_i k_i^τ · 1.1), 4, ceil(1.1 · 128 / 8)).
+    assert metrics["capacity"] == min(max(math.ceil(mean_k * 1.1 - 1e-9), 4), math.ceil(1.1 * 128 / 8))
+    assert metrics["capacity_target"] == pytest.approx(mean_k * 1.1)
+    assert sum(metrics["proposals_per_expert"]) == 128
+
+    layer = MoELayer(64, 128, 8, router="locmoe_plus", capacity_rule="max")
+    layer(torch.randn(2, 64, 64))
+    metrics = layer.last_metrics
     assert metrics["capacity"] == min(max(math.ceil(max(metrics["k_tau"]) * 1.1 - 1e-9), 4), math.ceil(1.1 * 128 / 8))
     assert metrics["capacity_target"] == pytest.approx(max(metrics["k_tau"]) * 1.1)
-    assert sum(metrics["proposals_per_expert"]) == 128
 
 
 def test_options_reach_the_router_from_the_layer_with_spec_defaults():
     defaults = router_options("locmoe_plus")
     assert defaults["tau"] == 0.9 and defaults["top_l"] == 1 and defaults["margin"] == 0.1
     assert defaults["capacity_floor"] == 4 and defaults["capacity_ema"] == 0.0 and defaults["scope"] == "batch"
-    assert defaults["select_temperature"] == 0.05 and defaults["selection_score"] == "softmax"
+    assert defaults["select_temperature"] is None and defaults["selection_score"] == "softmax"
+    assert defaults["capacity_rule"] == "mean"
     assert defaults["aux_coef"] == 0.01 and defaults["locality_coef"] == 0.01 and defaults["z_loss_coef"] == 0.0
+    # select_temperature None resolves to 3.2/sqrt(d): 0.4 at d = 64, 0.05 at the paper's d = 4096.
+    for d in (64, 128, 4096):
+        assert build_router("locmoe_plus", d, 8).select_temperature == pytest.approx(3.2 / math.sqrt(d))
+    assert build_router("locmoe_plus", 4096, 8).select_temperature == pytest.approx(0.05)
+    assert build_router("locmoe_plus", 64, 8, select_temperature=None).select_temperature == pytest.approx(0.4)
+    assert build_router("locmoe_plus", 64, 8).capacity_rule == "mean"
     layer = MoELayer(
         64, 128, 8, router="locmoe_plus", tau=0.7, top_l=2, capacity_floor=6, margin=0.2, capacity_ema=0.3,
         temperature=0.5, select_temperature=0.1, aux_coef=0.02, locality_coef=0.03, scope="sequence",
-        selection_score="relu", capacity_factor=1.5,
+        selection_score="relu", capacity_factor=1.5, capacity_rule="max",
     )
     router = layer.router
     assert (router.tau, router.top_l, router.capacity_floor) == (0.7, 2, 6)
     assert (router.margin, router.capacity_ema, router.temperature) == (0.2, 0.3, 0.5)
     assert (router.select_temperature, router.aux_coef, router.locality_coef) == (0.1, 0.02, 0.03)
     assert (router.scope, router.selection_score, router.capacity_factor) == ("sequence", "relu", 1.5)
+    assert router.capacity_rule == "max"
+    assert "capacity_rule=max" in repr(router) and "select_temperature=0.1" in repr(router)
     assert build_router("ecr", 64, 8).capacity_factor == 1.0
     assert build_router("tcr", 64, 8).capacity_factor == 1.1
     assert build_router("locmoe", 64, 8).capacity_factor == 1.1
     with pytest.raises(ValueError, match="does not take option"):
         MoELayer(64, 128, 8, router="tcr", tau=0.5)
+    with pytest.raises(ValueError, match="does not take option"):
+        MoELayer(64, 128, 8, router="locmoe", capacity_rule="max")
     with pytest.raises(ValueError, match="top_k must be 1"):
         MoELayer(64, 128, 8, router="locmoe_plus", top_k=2)
 
@@ -146,6 +168,9 @@ BAD_OPTIONS = [
     ("locmoe_plus", "top_l", 9, r"top_l must be an integer in \[1, 8\], got 9"),
     ("locmoe_plus", "top_l", 1.0, r"top_l must be an integer in \[1, 8\], got 1.0"),
     ("locmoe_plus", "select_temperature", 0.0, r"select_temperature must be a finite number in \(0, inf\), got 0.0"),
+    ("locmoe_plus", "select_temperature", -0.05, r"select_temperature must be .* in \(0, inf\), got -0.05"),
+    ("locmoe_plus", "capacity_rule", "median", "capacity_rule must be one of mean, max; got 'median'"),
+    ("locmoe_plus", "capacity_rule", None, "capacity_rule must be one of mean, max; got None"),
     ("locmoe_plus", "selection_score", "sigmoid", "selection_score must be one of softmax, relu; got 'sigmoid'"),
     ("locmoe_plus", "margin", -0.1, r"margin must be a finite number in \[0, inf\), got -0.1"),
     ("locmoe_plus", "capacity_floor", 0, "capacity_floor must be an integer >= 1, got 0"),

@@ -57,8 +57,11 @@ def reference_selection(affinity, *, top_l, tau, select_temperature, score, grou
     return expert_ids, k_tau
 
 
-def reference_capacity(k_tau, margin, floor, capacity_factor, group_size, num_experts):
-    target = max(max(row) for row in k_tau) * (1 + margin)
+def reference_capacity(k_tau, margin, floor, capacity_factor, group_size, num_experts, rule):
+    """C_t: ``rule`` "mean" (mean over groups and experts) or "max" of k^τ, times (1 + margin), clamped."""
+    entries = [k for row in k_tau for k in row]
+    aggregate = sum(entries) / len(entries) if rule == "mean" else max(entries)
+    target = aggregate * (1 + margin)
     ceiling = max(1, math.ceil(capacity_factor * group_size / num_experts - 1e-9))
     return min(max(math.ceil(target - 1e-9), floor), ceiling)
 
@@ -111,28 +114,37 @@ def test_selection_equals_slow_reference(seed, top_l, num_sequences, score, tau,
 
 
 @pytest.mark.parametrize("seed", range(3))
+@pytest.mark.parametrize("rule", ["mean", "max"])
 @pytest.mark.parametrize(("top_l", "scope"), [(1, "batch"), (2, "batch"), (1, "sequence"), (2, "sequence")])
-def test_router_equals_reference_with_dynamic_capacity(seed, top_l, scope):
+def test_router_equals_reference_with_dynamic_capacity(seed, rule, top_l, scope):
     batch, length, d, n = 3, 40, 48, 6
-    router = build_router("locmoe_plus", d, n, top_l=top_l, scope=scope)
+    options = {} if rule == "mean" else {"capacity_rule": rule}  # "mean" is the default
+    router = build_router("locmoe_plus", d, n, top_l=top_l, scope=scope, **options)
+    assert router.capacity_rule == rule
+    # The router's resolved default T_sel = 3.2 / sqrt(d).
+    select_temperature = router.select_temperature
+    assert select_temperature == pytest.approx(3.2 / math.sqrt(d))
     generator = torch.Generator().manual_seed(seed)
     x = torch.randn(batch * length, d, generator=generator)
     plan = router(x, RoutingContext(sequence_length=length))
     plan.validate()
     group_size = length if scope == "sequence" else batch * length
     _, k_tau = reference_selection(
-        grap_affinity(x, n), top_l=top_l, tau=0.9, select_temperature=0.05, score="softmax",
+        grap_affinity(x, n), top_l=top_l, tau=0.9, select_temperature=select_temperature, score="softmax",
         group_size=group_size, capacity=batch * length,
     )
-    capacity = reference_capacity(k_tau, 0.1, 4, 1.1, group_size, n)
+    capacity = reference_capacity(k_tau, 0.1, 4, 1.1, group_size, n, rule)
     expected_ids, _ = reference_selection(
-        grap_affinity(x, n), top_l=top_l, tau=0.9, select_temperature=0.05, score="softmax",
+        grap_affinity(x, n), top_l=top_l, tau=0.9, select_temperature=select_temperature, score="softmax",
         group_size=group_size, capacity=capacity,
     )
     assert plan.expert_ids.tolist() == expected_ids
     assert plan.capacity == capacity * (batch * length // group_size)
     assert int(plan.metrics["group_capacity"]) == capacity
     assert plan.metrics["k_tau"].tolist() == [max(row[i] for row in k_tau) for i in range(n)]
+    entries = [k for row in k_tau for k in row]
+    assert float(plan.metrics["k_tau_mean"]) == pytest.approx(sum(entries) / len(entries))
+    assert int(plan.metrics["k_tau_max"]) == max(entries)
     # Gate value = softmax over the GrAP logits at temperature sqrt(n/d), zero where dropped.
     probs = torch.softmax(x.view(-1, n, d // n).mean(-1) / math.sqrt(n / d), dim=-1)
     expected_gates = torch.where(plan.kept, probs.gather(1, plan.expert_ids.clamp_min(0)), 0.0)
@@ -157,9 +169,11 @@ def test_equal_affinities_are_served_by_position():
 
 @pytest.mark.parametrize("d", [128, 512, 4096])
 def test_isotropic_features_need_a_large_share_of_candidates(d):
-    """Early training (isotropic features): near-equal softmax scores, so k_i^τ >= (τ/2)·|T_i| for
-    every expert. (Measured shares at S=4096, n=8, T_sel=0.05: 0.54 at d=128, 0.77 at d=512,
-    0.86 at d=4096; at d=64 it drops to 0.34 — T_sel is not scaled with d.)"""
+    """Early training (isotropic features) at the fixed T_sel = 0.05 (the paper's value, the old
+    default): near-equal softmax scores, so k_i^τ >= (τ/2)·|T_i| for every expert. (Measured shares at
+    S=4096, n=8: 0.54 at d=128, 0.77 at d=512, 0.86 at d=4096; at d=64 it drops to 0.34 — a fixed
+    T_sel is not scaled with d. The default 3.2/√d keeps the share near τ at every width:
+    test_selection_temperature.py.)"""
     generator = torch.Generator().manual_seed(d)
     x = torch.randn(4096, d, generator=generator)
     ranking = rank_candidates(grap_affinity(x, 8), tau=0.9, select_temperature=0.05)
@@ -204,7 +218,8 @@ def test_routing_group_size():
 
 
 def test_sequence_scope_routes_each_sequence_on_its_own():
-    """Permuting the sequences of a batch permutes the routing (C_t is a max over groups, invariant)."""
+    """Permuting the sequences of a batch permutes the routing (C_t, the mean of k^τ over groups and
+    experts, is invariant)."""
     d, n, batch, length = 64, 8, 4, 50
     router = build_router("locmoe_plus", d, n, scope="sequence")
     x = torch.randn(batch, length, d)
@@ -216,18 +231,26 @@ def test_sequence_scope_routes_each_sequence_on_its_own():
     assert plan.capacity % batch == 0 and plan.capacity // batch <= 7
 
 
-def test_dynamic_capacity_state_trains_saves_and_is_left_alone_in_eval():
+@pytest.mark.parametrize("rule", ["mean", "max"])
+def test_dynamic_capacity_state_trains_saves_and_is_left_alone_in_eval(rule):
     d, n = 64, 8
-    router = build_router("locmoe_plus", d, n, capacity_ema=0.5)
+    router = build_router("locmoe_plus", d, n, capacity_ema=0.5, capacity_rule=rule)
     assert "capacity_state" in router.state_dict()
     assert math.isnan(float(router.capacity_state))
-    first, second = torch.randn(512, d), torch.randn(512, d) * 0.1 + torch.randn(1, d)
+    generator = torch.Generator().manual_seed(3)
+    first = torch.randn(512, d, generator=generator)
+    second = torch.randn(512, d, generator=generator) * 0.1 + torch.randn(1, d, generator=generator)
+
+    def target(plan):  # one routing group: k_tau (n,) is that group's
+        counts = plan.metrics["k_tau"].double()
+        return float(counts.mean() if rule == "mean" else counts.max()) * 1.1
+
     router.train()
     plan = router(first)
-    target_first = float(plan.metrics["k_tau"].max()) * 1.1
+    target_first = target(plan)
     assert float(router.capacity_state) == pytest.approx(target_first)
     plan = router(second)
-    target_second = float(plan.metrics["k_tau"].max()) * 1.1
+    target_second = target(plan)
     smoothed = 0.5 * target_first + 0.5 * target_second
     assert float(router.capacity_state) == pytest.approx(smoothed)
     assert plan.capacity == min(max(math.ceil(smoothed - 1e-9), 4), math.ceil(1.1 * 512 / 8))
@@ -237,19 +260,23 @@ def test_dynamic_capacity_state_trains_saves_and_is_left_alone_in_eval():
     assert float(router.capacity_state) == pytest.approx(smoothed)
     assert plan.capacity == min(max(math.ceil(target_first - 1e-9), 4), math.ceil(1.1 * 512 / 8))
     # The state survives a checkpoint round trip.
-    restored = build_router("locmoe_plus", d, n, capacity_ema=0.5)
+    restored = build_router("locmoe_plus", d, n, capacity_ema=0.5, capacity_rule=rule)
     restored.load_state_dict(router.state_dict())
     assert float(restored.capacity_state) == pytest.approx(smoothed)
 
 
 def test_capacity_floor_and_ceiling_apply():
     d, n = 64, 8
-    x = torch.randn(256, d)
-    high_floor = build_router("locmoe_plus", d, n, capacity_floor=30)(x)
-    assert high_floor.capacity == 30  # ceiling ceil(1.1 · 32) = 36 > 30 > max k · 1.1
+    x = torch.randn(256, d, generator=torch.Generator().manual_seed(5))
+    # top_l = 1: the 256 candidates average 32 per expert, so mean k^τ · 1.1 <= 35.2 < 40 = floor
+    # < ceiling ceil(2.0 · 32) = 64.
+    high_floor = build_router("locmoe_plus", d, n, capacity_floor=40, capacity_factor=2.0)(x)
+    assert high_floor.capacity == 40
     tiny_ceiling = build_router("locmoe_plus", d, n, capacity_factor=0.1)(x)
     assert tiny_ceiling.capacity == math.ceil(0.1 * 256 / 8)
     assert int(tiny_ceiling.tokens_per_expert.max()) <= tiny_ceiling.capacity
+    max_rule_ceiling = build_router("locmoe_plus", d, n, capacity_factor=0.1, capacity_rule="max")(x)
+    assert max_rule_ceiling.capacity == math.ceil(0.1 * 256 / 8)
 
 
 def test_no_expert_keeps_more_than_its_threshold_count():
