@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install test test-slow test-all run compare-standard compare-frontier lint bench bench-full bench-train-step bench-install clean
+.PHONY: install test test-slow test-all run compare-standard compare-frontier gpu-check lint bench bench-full bench-train-step bench-install clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -36,6 +36,14 @@ compare-standard: $(STAMP)
 
 compare-frontier: $(STAMP)
 	$(PY) -m locmoe compare --preset frontier --out runs/frontier
+
+## On a machine with a CUDA GPU and torch already installed (no .venv needed): the CUDA tests and
+## the routing, layer and comparison suites under that torch.
+GPU_PYTHON ?= python3
+gpu-check:
+	PYTHONPATH=. $(GPU_PYTHON) -m pytest -q -p no:cacheprovider -m "not slow" tests/gpu tests/routing \
+		tests/test_capacity.py tests/test_metrics.py tests/test_layer_invariants.py tests/test_layer_reference.py \
+		tests/compare
 
 lint: $(STAMP)
 	$(PY) -m ruff check locmoe tests benchmarks

@@ -1,4 +1,4 @@
-"""Expert parallelism on gloo/CPU: step time and traffic for 1, 2 and 4 ranks (SPEC §7; issue 5).
+"""Expert parallelism on gloo/CPU: step time and traffic for 1, 2 and 4 ranks (design §5; issue 5).
 
 A small LM around one MoE layer (embedding ``V = 512``, ``d = 64``, 8 GeLU experts with ``d_ff = 256``,
 ``locmoe_plus`` with local routing scope, linear head), Adam 3e-2, 8 sequences × 32 tokens *per rank*
@@ -12,7 +12,7 @@ Per contender: median step time (forward, backward, gradient all-reduce, optimis
 steps of the slowest rank, global tokens/s, and per step, summed over ranks, the bytes the forward
 dispatch and combine hand to collectives inter-node and intra-node (the hierarchical exchange's
 intra-node bytes include its gathering and scattering hops), the inter-node messages, the remote
-share (kept assignments whose expert is on another node, SPEC §6; the same routing statistic for both
+share (kept assignments whose expert is on another node, design §5; the same routing statistic for both
 exchanges) over the last 10 steps, and the final LM loss. Contenders
 are alternated over ``--repeats`` rounds; the table shows medians over rounds.
 

@@ -1,4 +1,4 @@
-"""Expert capacity: the LocMoE lower bound and the LocMoE+ dynamic capacity (SPEC §3).
+"""Expert capacity: the LocMoE lower bound and the LocMoE+ dynamic capacity (design §3).
 
 Pure functions. ``d`` hidden size, ``n`` experts, ``S`` tokens in a routing group, ``δ`` a cosine
 between a token and its expert's gate weight.
@@ -201,7 +201,7 @@ def ec_min(delta: float | torch.Tensor, d: int, n: int, form: str = "exact") -> 
 def delta_statistic(
     affinity: torch.Tensor, expert_ids: torch.Tensor, quantile: float = 0.05
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The δ of eq. 9 measured on a routing decision (ours, SPEC §3).
+    """The δ of eq. 9 measured on a routing decision (ours, design §3).
 
     For each expert, the ``quantile`` (default 5th percentile, linear interpolation like
     ``torch.quantile``) of the affinities ``δ_{t,i}`` of the tokens it keeps; then the minimum over
@@ -272,7 +272,7 @@ def locmoe_capacity(
     kappa: float = 1.0,
     floor: int | None = None,
 ) -> int:
-    """LocMoE's capacity, fixed from the first batch (ours, built on eq. 9; SPEC §3).
+    """LocMoE's capacity, fixed from the first batch (ours, built on eq. 9; design §3).
 
     ``C = clamp(ceil(κ · ec_min(δ)), C_floor, C_cf)`` with ``C_cf = ceil(cf · S / n)`` and ``C_floor``
     default ``ceil(S / n)`` (the balanced share). The raw bound is a few tokens at realistic ``δ``;

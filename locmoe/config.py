@@ -64,7 +64,7 @@ class ModelConfig:
 
     ``moe_every = k`` makes the FFN of every k-th block (blocks k, 2k, ... counting from 1) a
     ``MoELayer``; 0 makes every block dense. ``capacity_factor`` is a positive number, ``"default"``
-    (each router's SPEC default) or ``"dropless"`` (``topk`` only). ``router_options`` go to the
+    (each router's default) or ``"dropless"`` (``topk`` only). ``router_options`` go to the
     router unchanged (e.g. ``{"tau": 0.9}``); ``top_k = None`` is the router's own default.
     """
 
@@ -228,7 +228,7 @@ class TrainConfig:
 
 @dataclass(frozen=True)
 class ParallelConfig:
-    """Expert parallelism under ``torchrun`` and simulated nodes in one process (SPEC §7; see
+    """Expert parallelism under ``torchrun`` and simulated nodes in one process (design §5; see
     :mod:`locmoe.parallel`).
 
     Under ``torchrun`` (``WORLD_SIZE`` set) the run joins the job: ``expert_parallel`` = ``P`` ranks
@@ -243,7 +243,7 @@ class ParallelConfig:
     ``simulated_nodes`` = ``N`` > 0 **(ours)**: one process (no ``torchrun``) places its experts
     contiguously on ``N`` simulated nodes (expert ``e`` on node ``e // (n / N)``, as ``N`` ranks
     would hold them) and its tokens on the same nodes, and passes both to the routers: the locality
-    loss (SPEC §4) sees that topology and every MoE layer logs ``remote_share`` per step.
+    loss (design §4) sees that topology and every MoE layer logs ``remote_share`` per step.
     ``simulated_placement`` says where a token lives: ``"rows"`` = the batch rows split into ``N``
     contiguous blocks (exactly what ``N`` single-rank nodes of ``torchrun`` get; rows are i.i.d., so
     no router can lower the remote share below ``1 − 1/N`` in expectation), ``"corpus"`` = the node

@@ -1,4 +1,4 @@
-"""Permute tokens to their experts and back, by sorting (SPEC §5).
+"""Permute tokens to their experts and back, by sorting (design §5).
 
 Never a dense ``S x n x C`` one-hot einsum: the kept assignments of a :class:`RoutingPlan` are
 sorted by expert once; ``pad`` scatters them into an ``n x C x d`` buffer (static shapes, one batched
@@ -127,7 +127,7 @@ def combine(expert_out: torch.Tensor, order: DispatchOrder, plan: RoutingPlan, n
 
 
 def processed_slots(order: DispatchOrder, mode: str, capacity: int | None) -> torch.Tensor:
-    """Token slots the experts compute: ``n · C`` for pad, ``Σ kept`` for pack (SPEC §6)."""
+    """Token slots the experts compute: ``n · C`` for pad, ``Σ kept`` for pack (design §5)."""
     counts = order.tokens_per_expert
     if mode == "pack":
         return counts.sum()

@@ -1,4 +1,4 @@
-"""Stacked expert FFN weights and their batched compute (SPEC §5).
+"""Stacked expert FFN weights and their batched compute (design §5).
 
 All experts live in three stacked tensors so the drop-and-pad path is one ``bmm`` per projection
 and the packed path slices contiguous per-expert token blocks:

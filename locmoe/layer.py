@@ -25,7 +25,7 @@ class MoELayer(nn.Module):
         router: a name from :func:`locmoe.available_routers`.
         top_k: experts per token for ``topk`` (``None`` = its default, 2); must be ``None``/1 for
             routers that send a token to one expert.
-        capacity_factor: ``cf``; default = each router's SPEC default (1.1 for token choice, 1.0 for
+        capacity_factor: ``cf``; default = each router's default (design §1: 1.1 for token choice, 1.0 for
             expert choice); ``None`` = dropless (``topk`` only).
         activation: ``"gelu"`` (the papers' expert) or ``"swiglu"`` (Mixtral).
         dispatch: ``"pad"`` (drop-and-pad ``n x C x d`` buffer) or ``"pack"`` (exactly the kept
@@ -38,7 +38,7 @@ class MoELayer(nn.Module):
         **router_options: passed to the router (e.g. ``aux_coef``, ``renormalize``, ``tau``).
 
     After a forward, ``aux_loss`` is the scalar sum of the router losses (back-propagates) and
-    ``last_metrics`` the SPEC §6 metrics as plain floats/lists (converted on first read).
+    ``last_metrics`` the design §5 metrics as plain floats/lists (converted on first read).
     The whole input is one routing group (routers with a ``scope`` option may split it by sequence).
     """
 
@@ -184,7 +184,7 @@ class MoELayer(nn.Module):
 
     @property
     def last_metrics(self) -> dict[str, float | int | list]:
-        """SPEC §6 metrics of the last forward as plain Python values (one device sync, cached)."""
+        """design §5 metrics of the last forward as plain Python values (one device sync, cached)."""
         if self._metrics_cache is None:
             self._metrics_cache = to_python(self._metric_tensors)
         return self._metrics_cache

@@ -1,4 +1,4 @@
-"""Router losses as pure functions (SPEC §4).
+"""Router losses as pure functions (design §4).
 
 Every function returns a scalar that is already multiplied by its coefficient, computed over the
 tokens of *one routing group of one MoE layer*. The layer reports each loss separately and sums them
@@ -34,7 +34,7 @@ def load_balance_loss(
         proposed_expert_ids: ``(S, k)`` the experts each token proposed (no ``DROPPED`` entries
             counted; entries equal to ``DROPPED`` are ignored).
         num_experts: ``n``.
-        coef: ``α`` (SPEC default 0.01).
+        coef: ``α`` (default 0.01).
     """
     flat = proposed_expert_ids.reshape(-1)
     # DROPPED entries go to an extra bin that is discarded (no boolean indexing, no host sync).
@@ -60,7 +60,7 @@ def locality_loss(
     coef: float,
     smoothing: float = 1e-3,
 ) -> torch.Tensor:
-    """LocMoE locality loss, eq. 6, in its smoothed form (ours, SPEC §4).
+    """LocMoE locality loss, eq. 6, in its smoothed form (ours, design §4).
 
     ``L_loc = μ · mean_g KL(D_c^g ‖ D_l^g)`` over the nodes ``g`` that have tokens here, where
 
@@ -79,8 +79,8 @@ def locality_loss(
         router_probs: ``(S, n)`` router probabilities.
         token_nodes: ``(S,)`` int64 node of origin of each token, or ``None``.
         expert_nodes: ``(n,)`` int64 node of each expert, or ``None``.
-        coef: ``μ`` (SPEC default 0.01).
-        smoothing: ``ε`` (SPEC default 1e-3), in ``[0, 1)``.
+        coef: ``μ`` (default 0.01).
+        smoothing: ``ε`` (default 1e-3), in ``[0, 1)``.
     """
     if not 0.0 <= smoothing < 1.0:
         raise ValueError(f"locality smoothing must be in [0, 1), got {smoothing!r}")

@@ -1,4 +1,4 @@
-"""Per-layer routing metrics (SPEC §6), computed as tensors and converted once per step.
+"""Per-layer routing metrics (design §5), computed as tensors and converted once per step.
 
 ``routing_metrics`` builds a dict of tensors from a plan without synchronising with the device;
 ``to_python`` turns it into plain floats / lists (JSON-serialisable) when someone reads it.
@@ -20,7 +20,7 @@ def routing_metrics(
     token_nodes: torch.Tensor | None = None,
     expert_nodes: torch.Tensor | None = None,
 ) -> dict[str, torch.Tensor]:
-    """SPEC §6 metrics for one layer and one routing group.
+    """design §5 metrics for one layer and one routing group.
 
     * ``tokens_per_expert`` / ``proposals_per_expert``: kept / proposed assignments per expert.
     * ``capacity`` (−1 when dropless), ``processed_slots`` (``n·C`` for pad, ``Σ kept`` for pack).

@@ -11,7 +11,7 @@ the others are dense MLPs with the same activation and inner size as one expert.
 ``GPT.forward(ids)`` returns ``(logits, aux_loss)``: the router losses summed over the MoE layers
 (zero for a dense model), to be added to the language-model loss; ``GPT.loss(ids, targets)``
 returns ``(mean cross-entropy, aux_loss)`` without materialising all logits. ``routing_metrics()`` returns
-each MoE layer's ``last_metrics`` (SPEC §6) keyed by ``layer{index}``.
+each MoE layer's ``last_metrics`` (design §5) keyed by ``layer{index}``.
 
 Initialisation (ours, GPT-2's): weights ~ N(0, init_std), output projections of each residual
 branch (attention out, MLP out, expert ``w_out``) scaled by ``1/sqrt(2·n_layers)``, LayerNorm

@@ -6,7 +6,7 @@ the model with a builder function (the default :func:`locmoe.model.build_model`)
 cosine learning rate, and gradient clipping; ``train.precision = "bfloat16"`` runs the forward passes
 under bf16 autocast (:func:`forward_precision`).
 
-Expert parallelism (SPEC §7): started by ``torchrun`` (``WORLD_SIZE`` set), every rank runs this
+Expert parallelism (design §5): started by ``torchrun`` (``WORLD_SIZE`` set), every rank runs this
 same loop through an :class:`~locmoe.parallel.ExpertParallelRuntime` (``config.parallel``): the MoE
 layers' experts are sharded over the expert-parallel group, every rank draws the same global batch
 and takes its block of rows (so the data order is the single-process run's), gradients are
@@ -23,7 +23,7 @@ and continues bit for bit.
 
 Outputs in the run directory: ``config.json`` / ``config.toml`` (the resolved config),
 ``metrics.jsonl`` (one JSON object per step: loss, lm_loss, aux_loss, lr, grad_norm, tokens_per_s,
-elapsed_s, ``moe`` = each MoE layer's SPEC §6 metrics (with a topology, ``remote_share``) and
+elapsed_s, ``moe`` = each MoE layer's design §5 metrics (with a topology, ``remote_share``) and
 ``traffic`` = :meth:`~locmoe.parallel.ExpertParallelRuntime.traffic`, the bytes sent intra-node and
 inter-node by dispatch and combine, summed over layers and ranks, forward and backward (zeros in one
 process); ``val_loss``/``val_perplexity`` on evaluation steps), ``checkpoints/`` and ``summary.json``

@@ -18,7 +18,15 @@ import sys
 from pathlib import Path
 
 from locmoe.compare.report import claims_table
-from locmoe.compare.runner import PRESETS, ComparisonInterrupted, compare, parse_contenders, preset_config
+from locmoe.compare.runner import (
+    PRESETS,
+    ComparisonInterrupted,
+    Contender,
+    compare,
+    parse_contenders,
+    preset_config,
+    preset_contenders,
+)
 from locmoe.config import RunConfig, field_types, load_config_file, parse_field
 
 DEFAULT_PRESET = "quick"
@@ -30,7 +38,8 @@ PER_RUN_FIELDS = {"router": "--routers", "seed": "--seeds", "out": "--out", "pro
 def add_compare_arguments(parser: argparse.ArgumentParser) -> None:
     presets = parser.add_mutually_exclusive_group()
     presets.add_argument("--preset", choices=tuple(PRESETS), default=None,
-                         help=f"shared config, routers and seeds (default {DEFAULT_PRESET}, under 10 minutes; standard: "
+                         help=f"shared config, routers and seeds (default {DEFAULT_PRESET}, under 10 minutes; "
+                         "standard: "
                          "the published comparison, about 60-90 minutes on 2 cores; frontier: compute vs "
                          "quality, about an hour; full: every router, hours)")
     presets.add_argument("--quick", action="store_const", dest="preset", const="quick",
@@ -72,14 +81,14 @@ def parse_seeds(text: str) -> tuple[int, ...]:
     return tuple(seeds)
 
 
-def resolve_comparison(args: argparse.Namespace) -> tuple[RunConfig, list, tuple[int, ...], Path]:
+def resolve_comparison(args: argparse.Namespace) -> tuple[RunConfig, list[Contender], tuple[int, ...], Path]:
     """The shared base config, contenders, seeds and output directory; raises ``ValueError`` on bad input."""
     refused = [name for name in ("router", "seed") if hasattr(args, f"refused_{name}")]
     if refused:
         name = refused[0]
         raise ValueError(f"--{name.replace('_', '-')} is set per run by compare; use {PER_RUN_FIELDS[name]} instead")
-    base, routers, seeds = preset_config(args.preset or DEFAULT_PRESET)
     args.preset = args.preset or DEFAULT_PRESET
+    base, seeds = preset_config(args.preset)
     if args.config:
         base = load_config_file(args.config, base)
     overrides = {
@@ -88,12 +97,12 @@ def resolve_comparison(args: argparse.Namespace) -> tuple[RunConfig, list, tuple
         if key.startswith("field_")
     }
     base = base.with_overrides(overrides)
-    preset_contenders = {c.label: c for c in parse_contenders(routers)}
+    by_label = {c.label: c for c in preset_contenders(args.preset, base)}
     if args.routers:
         # A preset's own labels (e.g. the frontier's locmoe_plus@c1.6-tau0.8) name its contenders.
-        contenders = parse_contenders([preset_contenders.get(n.strip(), n) for n in args.routers.split(",")])
+        contenders = parse_contenders([by_label.get(n.strip(), n) for n in args.routers.split(",")])
     else:
-        contenders = list(preset_contenders.values())
+        contenders = list(by_label.values())
     if args.seeds is not None:
         seeds = parse_seeds(args.seeds)
     return base, contenders, seeds, Path(args.out)

@@ -15,6 +15,7 @@ import math
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 
+from locmoe.compare.claims import MIN_SEEDS
 from locmoe.compare.stats import summarize
 
 SWITCH = "switch"
@@ -65,16 +66,19 @@ class FrontierPoint:
 
 
 def _verdict(gaps: list[float]) -> tuple[str, float | None]:
+    """The design §6.8 rule applied to the gaps; with fewer than ``MIN_SEEDS`` seeds a side that every
+    seed agrees on is reported as indicative only."""
     if not gaps:
         return "outside Switch's range of slots", None
-    summary = summarize(gaps)
-    error = summary.spread / math.sqrt(len(gaps)) if len(gaps) > 1 else math.nan
     if len(gaps) < 2:
         return "one seed: no spread", None
+    summary = summarize(gaps)
+    error = summary.spread / math.sqrt(len(gaps))
+    qualifier = "" if len(gaps) >= MIN_SEEDS else f" (indicative: {len(gaps)} seeds, a claim needs {MIN_SEEDS})"
     if max(gaps) < 0 and -summary.mean > 2 * error:
-        return "below Switch's curve beyond the seed spread", error
+        return "below Switch's curve beyond the seed spread" + qualifier, error
     if min(gaps) > 0 and summary.mean > 2 * error:
-        return "above Switch's curve beyond the seed spread", error
+        return "above Switch's curve beyond the seed spread" + qualifier, error
     return "on Switch's curve within the seed spread", error
 
 
@@ -85,12 +89,12 @@ def frontier_points(runs: Sequence[dict], measure: str = "kept") -> list[Frontie
     switch_by_seed: dict[int, list[tuple[float, float]]] = {}
     for run in runs:
         slots = slots_per_token(run, measure)
-        if run.get("router") == SWITCH and slots is not None and run.get("final_val_loss") is not None:
+        if _on_switch_curve(run) and slots is not None and run.get("final_val_loss") is not None:
             switch_by_seed.setdefault(int(run["seed"]), []).append((slots, float(run["final_val_loss"])))
     points = []
     labels = []
     for run in runs:
-        if run.get("router") in (SWITCH, LOCMOE_PLUS) and run["label"] not in labels:
+        if (_on_switch_curve(run) or run.get("router") == LOCMOE_PLUS) and run["label"] not in labels:
             labels.append(run["label"])
     for label in labels:
         group = [r for r in runs if r["label"] == label and slots_per_token(r, measure) is not None
@@ -114,9 +118,15 @@ def frontier_points(runs: Sequence[dict], measure: str = "kept") -> list[Frontie
     return points
 
 
+def _on_switch_curve(run: dict) -> bool:
+    """Switch runs at a capacity factor of their own (``switch@cfX``) trace the curve; the default
+    ``switch`` and the iso-compute control ``switch@matched`` are compared in the claims instead."""
+    return run.get("router") == SWITCH and run.get("matched_to") is None and "@cf" in run.get("label", "")
+
+
 def has_frontier(runs: Sequence[dict]) -> bool:
-    """Whether the runs hold a Switch curve (two capacity settings) and a LocMoE+ point."""
-    switch_labels = {r["label"] for r in runs if r.get("router") == SWITCH}
+    """Whether the runs hold a Switch curve (two ``switch@cfX`` settings) and a LocMoE+ point."""
+    switch_labels = {r["label"] for r in runs if _on_switch_curve(r)}
     return len(switch_labels) >= 2 and any(r.get("router") == LOCMOE_PLUS for r in runs)
 
 

@@ -51,7 +51,8 @@ def _series_plot(runs, key, path: Path, title: str, ylabel: str, labels=None, xy
 
 def _capacity_plot(runs, path: Path) -> Path | None:
     """LocMoE+ capacity ``C_t`` of every MoE layer and seed, with mean and max ``k^τ`` beside it."""
-    plus = [run for run in runs if run["label"] == "locmoe_plus" and (run.get("capacity_by_layer") or run.get("capacity"))]
+    plus = [run for run in runs
+            if run["label"] == "locmoe_plus" and (run.get("capacity_by_layer") or run.get("capacity"))]
     if not plus:
         return None
     fig, ax = plt.subplots(figsize=(7, 4))

@@ -68,28 +68,34 @@ def results_table(runs: Sequence[dict]) -> list[str]:
 
 
 def learning_curve_flatness(runs: Sequence[dict]) -> list[str]:
-    """Where training stood at its end: per label, how much the validation loss still fell over the
-    last quarter of the steps, as a share of its whole fall (first evaluation to last)."""
-    lines = ["| router | val loss at 3/4 of the steps | final | fall over the last quarter | share of the whole fall |",
-             "|---|---|---|---|---|"]
+    """Where training stood at its end: per label, how much the validation loss still fell after the
+    last evaluation at or before 3/4 of the steps (its step is shown), as a share of the fall from
+    the first evaluation (its step is shown too) to the last."""
+    lines = ["| router | first eval (step: loss) | eval at ≤ 3/4 of the steps (step: loss) | final | "
+             "fall since that eval | share of the fall since the first eval |",
+             "|---|---|---|---|---|---|"]
     for label in _labels_in_order(runs):
-        shares, falls, quarter, final = [], [], [], []
+        shares, falls, quarter, final, first, steps_seen = [], [], [], [], [], set()
         for run in (r for r in runs if r["label"] == label):
             curve = run.get("val_curve") or []
             if len(curve) < 3:
                 continue
             steps = curve[-1][0]
-            at_quarter = [loss for step, loss in curve if step <= 0.75 * steps]
+            at_quarter = [(step, loss) for step, loss in curve if step <= 0.75 * steps]
             if not at_quarter:
                 continue
+            steps_seen.add((curve[0][0], at_quarter[-1][0]))
             whole = curve[0][1] - curve[-1][1]
-            fall = at_quarter[-1] - curve[-1][1]
-            quarter.append(at_quarter[-1])
+            fall = at_quarter[-1][1] - curve[-1][1]
+            first.append(curve[0][1])
+            quarter.append(at_quarter[-1][1])
             final.append(curve[-1][1])
             falls.append(fall)
             shares.append(fall / whole if whole > 0 else math.nan)
         if falls:
-            lines.append(f"| `{label}` | {summarize(quarter).format(4)} | {summarize(final).format(4)} | "
+            first_step, quarter_step = sorted(steps_seen)[0]
+            lines.append(f"| `{label}` | {first_step}: {summarize(first).format(4)} | "
+                         f"{quarter_step}: {summarize(quarter).format(4)} | {summarize(final).format(4)} | "
                          f"{summarize(falls).format(3)} | {100 * summarize(shares).mean:.1f} % |")
     return lines
 
@@ -142,6 +148,8 @@ VERDICTS = {True: "holds", False: "does not hold", None: "not measured"}
 def _verdict(claim: dict) -> str:
     if claim["holds"] is None and "not tested" in claim["measured"]:
         return "not tested (too few seeds)"
+    if claim["holds"] is None and claim["measured"].startswith("not compared"):
+        return "not compared"
     return VERDICTS[claim["holds"]]
 
 

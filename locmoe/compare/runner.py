@@ -25,7 +25,7 @@ from locmoe.capacity import default_select_temperature
 from locmoe.checkpoint import config_differences, latest_checkpoint
 from locmoe.compare.report import write_report
 from locmoe.config import RunConfig, parse_scalar
-from locmoe.routing.base import RouterDefault
+from locmoe.routing.base import RouterDefault, capacity_from_factor
 from locmoe.routing.registry import available_routers, router_class, router_options
 
 NO_LOCALITY_SUFFIX = "-noloc"
@@ -33,7 +33,6 @@ MATCHED = "matched"
 # Router options that are config fields of their own (a contender sets them another way).
 OWN_FIELDS = {"capacity_factor": "@cfX (or @matched)", "top_k": "the --top-k field"}
 MATCH_TARGET = "locmoe_plus"  # the run whose measured capacity switch@matched copies (same seed)
-FRONTIER_MODEL_WIDTH = 128
 
 
 @dataclass(frozen=True)
@@ -132,12 +131,17 @@ def parse_contenders(names: Sequence[str | Contender]) -> list[Contender]:
     return contenders
 
 
+FRONTIER_CAPACITY_FACTORS = (0.5, 0.75, 1.0, 1.25)
+FRONTIER_TEMPERATURE_SCALES = (0.8, 1.6, 3.2)  # c of T_sel = c/√d; 3.2 is the default
+FRONTIER_TAUS = (0.8, 0.9)
+
+
 def frontier_contenders(d_model: int) -> list[Contender]:
     """The compute–quality frontier (design §6.9): ``switch`` at cf 0.5–1.25 against ``locmoe_plus``
     over ``T_sel = c/√d`` (c ∈ {0.8, 1.6, 3.2}) × τ ∈ {0.8, 0.9}."""
-    contenders = [Contender(f"switch@cf{cf}", "switch", {}, cf) for cf in (0.5, 0.75, 1.0, 1.25)]
-    for scale in (0.8, 1.6, 3.2):
-        for tau in (0.8, 0.9):
+    contenders = [Contender(f"switch@cf{cf}", "switch", {}, cf) for cf in FRONTIER_CAPACITY_FACTORS]
+    for scale in FRONTIER_TEMPERATURE_SCALES:
+        for tau in FRONTIER_TAUS:
             options = {"select_temperature": round(scale / math.sqrt(d_model), 6), "tau": tau}
             contenders.append(Contender(f"locmoe_plus@c{scale}-tau{tau}", "locmoe_plus", options))
     return contenders
@@ -164,11 +168,11 @@ PRESETS: dict[str, dict[str, Any]] = {
                       "simulated_placement": "corpus"},
     },
     "frontier": {
-        "routers": tuple(frontier_contenders(FRONTIER_MODEL_WIDTH)),
+        # Built from the comparison's d_model once its flags are applied (preset_contenders).
+        "routers": frontier_contenders,
         "seeds": (0, 1),
         "overrides": {"steps": 300, "warmup_steps": 30, "eval_every": 50, "eval_batches": 16,
-                      "checkpoint_every": 100, "dispatch": "pack", **_QUICK_MODEL,
-                      "d_model": FRONTIER_MODEL_WIDTH},
+                      "checkpoint_every": 100, "dispatch": "pack", **_QUICK_MODEL},
     },
     "full": {
         "routers": ("switch", "topk", "expert_choice", "hash", "locmoe", "locmoe_plus", "switch@matched", "tcr",
@@ -196,13 +200,17 @@ def matched_capacity_factor(record: dict, config: RunConfig) -> float:
 
     ``record`` is that run's :func:`run_record`; its ``mean_capacity`` is the mean over steps and
     MoE layers of the capacity per expert ``C_t``. Switch then has ``C = ceil(cf·S/n)`` slots per
-    expert with ``cf = mean C_t · n / S`` (rounded to 6 digits, so a re-run derives the same config).
+    expert with ``cf = mean C_t · n / S``, rounded to 6 digits (so a re-run derives the same config)
+    and down by 1e-6 where rounding up would make ``C`` exceed ``ceil(mean C_t)``.
     """
     mean_capacity = record.get("mean_capacity")
     if not mean_capacity or not math.isfinite(mean_capacity):
         raise ValueError(f"run {record.get('run_dir')} has no capacity series to match")
-    tokens = config.train.batch_size * config.model.seq_len
-    return round(mean_capacity * config.model.num_experts / tokens, 6)
+    tokens, experts = config.train.batch_size * config.model.seq_len, config.model.num_experts
+    factor = round(mean_capacity * experts / tokens, 6)
+    if capacity_from_factor(factor, tokens, experts) > math.ceil(mean_capacity):
+        factor = round(factor - 1e-6, 6)
+    return factor
 
 
 def run_config_for(
@@ -444,11 +452,20 @@ def compare(
     return write_report(runs, out_dir, settings)
 
 
-def preset_config(name: str, base: RunConfig | None = None) -> tuple[RunConfig, tuple[str, ...], tuple[int, ...]]:
-    """The base config, routers and seeds of preset ``name``."""
+def preset_config(name: str, base: RunConfig | None = None) -> tuple[RunConfig, tuple[int, ...]]:
+    """The base config and seeds of preset ``name`` (its contenders: :func:`preset_contenders`)."""
     if name not in PRESETS:
         raise ValueError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}")
     preset = PRESETS[name]
     config = (base or RunConfig()).with_overrides(dict(preset["overrides"]))
-    return config, tuple(preset["routers"]), tuple(preset["seeds"])
+    return config, tuple(preset["seeds"])
+
+
+def preset_contenders(name: str, base: RunConfig) -> list[Contender]:
+    """The contenders of preset ``name`` for the final base config (the frontier's selection
+    temperatures ``c/√d`` follow its ``d_model``)."""
+    if name not in PRESETS:
+        raise ValueError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}")
+    routers = PRESETS[name]["routers"]
+    return parse_contenders(routers(base.model.d_model) if callable(routers) else routers)
 

@@ -1,4 +1,4 @@
-"""Expert parallelism on ``torch.distributed`` (SPEC §7): process groups, topology, all-to-all,
+"""Expert parallelism on ``torch.distributed`` (design §5): process groups, topology, all-to-all,
 traffic counters, timeouts, gradient synchronisation and expert-sharded checkpoints.
 
 Systems code only: nothing here decides routing. Typical use under ``torchrun``::

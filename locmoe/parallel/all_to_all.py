@@ -1,4 +1,4 @@
-"""Differentiable all-to-all with explicit uneven split sizes, flat and hierarchical (SPEC §7).
+"""Differentiable all-to-all with explicit uneven split sizes, flat and hierarchical (design §5).
 
 Every exchange goes through ``torch.distributed.all_to_all_single`` with explicit ``input_split_sizes``
 and ``output_split_sizes`` (gloo rejects the list form with uneven sizes) on contiguous tensors.

@@ -1,4 +1,4 @@
-"""Gradient synchronisation for expert parallelism + data parallelism (SPEC §7; issue 5.1).
+"""Gradient synchronisation for expert parallelism + data parallelism (design §5; issue 5.1).
 
 Two kinds of parameters:
 

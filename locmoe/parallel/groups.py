@@ -1,4 +1,4 @@
-"""The process groups of an expert-parallel run (SPEC §7), created once and shared by every layer.
+"""The process groups of an expert-parallel run (design §5), created once and shared by every layer.
 
 ``world = P · R`` ranks: ``R`` expert-parallel groups of ``P`` consecutive ranks each hold all ``n``
 experts (``n / P`` per rank); the ``R`` ranks with the same position in their group hold the same

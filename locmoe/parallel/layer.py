@@ -1,4 +1,4 @@
-"""``ExpertParallelMoELayer``: the MoE layer with its experts sharded over ranks (SPEC §7).
+"""``ExpertParallelMoELayer``: the MoE layer with its experts sharded over ranks (design §5).
 
 The same pieces as :class:`locmoe.MoELayer`, with two all-to-alls around the expert compute::
 
@@ -12,7 +12,7 @@ The same pieces as :class:`locmoe.MoELayer`, with two all-to-alls around the exp
 
 Routing scope: ``"local"`` (default) routes this rank's tokens as the router's routing group (its
 own ``scope`` option still applies inside them); ``"global"`` routes all tokens of the
-expert-parallel group as one group (SPEC §2 step 6, "global-level" routing of LocMoE+): the tokens
+expert-parallel group as one group (design §2 step 6, "global-level" routing of LocMoE+): the tokens
 are all-gathered (differentiably), every rank runs the router on the whole group and keeps its own
 rows. ``locmoe_plus``'s ``scope="global"`` means this. Global routing costs an all-gather of the
 layer input and redundant router work on every rank **(ours: the simplest exact form)**.
@@ -99,7 +99,7 @@ class ExpertParallelMoELayer(MoELayer):
 
     After a forward, ``traffic`` holds the bytes this rank passed to collectives in this step so far
     (the backward pass adds ``*_grad`` phases); ``last_metrics`` adds the forward traffic and
-    ``received_tokens`` to the SPEC §6 metrics.
+    ``received_tokens`` to the design §5 metrics.
     """
 
     def __init__(
@@ -301,7 +301,7 @@ class ExpertParallelMoELayer(MoELayer):
 
     @property
     def last_metrics(self) -> dict[str, float | int | list]:
-        """SPEC §6 metrics of the last forward on this rank, plus its forward traffic."""
+        """design §5 metrics of the last forward on this rank, plus its forward traffic."""
         if self._parallel_cache is None:
             self._parallel_cache = to_python(self._parallel_metrics)  # type: ignore[arg-type]
         return self._parallel_cache

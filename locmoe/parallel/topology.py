@@ -1,4 +1,4 @@
-"""Which ranks share a node, and where every expert lives (SPEC §7). Pure: no process groups.
+"""Which ranks share a node, and where every expert lives (design §5). Pure: no process groups.
 
 Ranks are numbered node by node, as ``torchrun`` numbers them (``rank = node · L + local_rank`` with
 ``L`` ranks per node), so the node of global rank ``r`` is ``r // L``. ``L`` comes from an explicit

@@ -18,7 +18,7 @@ from locmoe.routing.plan import RoutingPlan
 
 
 class RouterDefault:
-    """Sentinel: "use this router's own SPEC default" for an option such as the capacity factor."""
+    """Sentinel: "use this router's own default (design §1)" for an option such as the capacity factor."""
 
     _instance: RouterDefault | None = None
 
@@ -59,7 +59,7 @@ class Router(nn.Module, metaclass=abc.ABCMeta):
     Class attributes:
         name: registry name.
         needs_token_ids: ``True`` if ``route`` requires ``context.token_ids``.
-        default_capacity_factor: the SPEC default used when the caller passes ``ROUTER_DEFAULT``.
+        default_capacity_factor: the default used when the caller passes ``ROUTER_DEFAULT``.
     """
 
     name: str = "router"
@@ -131,7 +131,7 @@ def ceil_tolerant(value: float) -> int:
 
 
 def capacity_from_factor(capacity_factor: float, num_tokens: int, num_experts: int, top_k: int = 1) -> int:
-    """Conventional capacity ``C_cf = ceil(cf * k * S / n)`` (SPEC §3; GShard/Switch, with ``k``
+    """Conventional capacity ``C_cf = ceil(cf * k * S / n)`` (design §3; GShard/Switch, with ``k``
     slots per token for top-k routing). Never below 1. A product within ``1e-9`` above an integer
     counts as that integer (float rounding, not a real excess)."""
     return max(1, ceil_tolerant(capacity_factor * top_k * num_tokens / num_experts))

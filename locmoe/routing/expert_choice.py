@@ -43,10 +43,10 @@ def expert_choice_selection(scores: torch.Tensor, capacity: int) -> tuple[torch.
 
 
 class ExpertChoiceRouter(Router):
-    """``expert_choice``: learned linear gate, experts choose tokens (SPEC §1).
+    """``expert_choice``: learned linear gate, experts choose tokens (design §1).
 
     Options:
-        capacity_factor: ``cf`` of ``C = ceil(cf · S / n)``, SPEC default 1.0 (every token processed
+        capacity_factor: ``cf`` of ``C = ceil(cf · S / n)``, default 1.0 (every token processed
             once on average).
         z_loss_coef: router z-loss, default 0. There is no load-balance loss: expert choice is
             balanced by construction (Zhou et al. use none).

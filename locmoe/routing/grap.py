@@ -1,4 +1,4 @@
-"""GrAP, the grouped-average-pooling gate of LocMoE and LocMoE+ (SPEC §1).
+"""GrAP, the grouped-average-pooling gate of LocMoE and LocMoE+ (design §1).
 
 Expert ``i``'s gate weight is fixed (LocMoE eq. 4 / LocMoE+ eq. 3)::
 

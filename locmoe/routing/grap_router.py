@@ -82,13 +82,13 @@ class GrAPRouter(Router):
             Switch gate. A fixed number would make the gate value almost uniform (``≈ 1/n``) at large
             ``d`` and almost hard at small ``d``. Must be ``> 0``.
         aux_coef: ``α`` of the Switch load-balance loss on the TCR proposals (LocMoE eq. 5), 0.01.
-        locality_coef: ``μ`` of the locality loss (LocMoE eq. 6, smoothed; SPEC §4), 0.01.
+        locality_coef: ``μ`` of the locality loss (LocMoE eq. 6, smoothed; design §4), 0.01.
         locality_smoothing: ``ε`` of the locality target, 1e-3.
         z_loss_coef: router z-loss on the scaled logits (ST-MoE), 0 = off.
-        delta_quantile: the quantile of the δ statistic (SPEC §3), 0.05 **(ours)**.
+        delta_quantile: the quantile of the δ statistic (design §3), 0.05 **(ours)**.
 
     A loss whose coefficient is 0 is absent from ``plan.losses``. ``plan.metrics`` always holds
-    ``delta_stat``, ``delta_min`` (SPEC §3, over the kept assignments) and ``ec_min`` (eq. 9, exact
+    ``delta_stat``, ``delta_min`` (design §3, over the kept assignments) and ``ec_min`` (eq. 9, exact
     form, at ``delta_stat``).
     """
 

@@ -22,7 +22,7 @@ def hash_experts(token_ids: torch.Tensor, num_experts: int, multiplier: int, off
 
 
 class HashRouter(Router):
-    """``hash``: no learned gate; expert = fixed hash of the token id; gate value 1 (SPEC §1).
+    """``hash``: no learned gate; expert = fixed hash of the token id; gate value 1 (design §1).
 
     Capacity as Switch: ``ceil(cf · S / n)`` served by position, cf default 1.1.
 

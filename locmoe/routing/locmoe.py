@@ -1,5 +1,5 @@
 """LocMoE routing (Li et al., IJCAI 2024): GrAP gate, top-1 by affinity, capacity fixed from the
-first batch by the eq. 9 lower bound (SPEC §1, §3)."""
+first batch by the eq. 9 lower bound (design §1, §3)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""LocMoE+ / Expert-Token Resonance routing (arXiv 2406.00023, SPEC §2) and its two halves.
+"""LocMoE+ / Expert-Token Resonance routing (arXiv 2406.00023, design §2) and its two halves.
 
 The selection, for one routing group of tokens and the GrAP affinities ``δ (S, n)``:
 
@@ -43,7 +43,7 @@ _MASS_SLACK = 1e-9
 
 
 def routing_group_size(num_tokens: int, scope: str, sequence_length: int | None) -> int:
-    """Tokens per routing group **(ours, SPEC §2 step 6)**.
+    """Tokens per routing group **(ours, design §2 step 6)**.
 
     ``batch``: all ``S`` tokens on this rank form one group. ``sequence``: each run of
     ``sequence_length`` consecutive tokens (one sequence of a flattened ``(B, T)`` batch) is a group;
@@ -147,7 +147,7 @@ def rank_candidates(
     score: str = "softmax",
     group_size: int | None = None,
 ) -> CandidateRanking:
-    """Steps 1–4 of SPEC §2 for ``affinity (S, n)`` split into groups of ``group_size`` tokens."""
+    """Steps 1–4 of design §2 for ``affinity (S, n)`` split into groups of ``group_size`` tokens."""
     num_tokens, num_experts = affinity.shape
     group_size = max(1, num_tokens if group_size is None else group_size)
     num_groups = max(1, num_tokens // group_size)
@@ -187,9 +187,9 @@ def keep_candidates(ranking: CandidateRanking, capacity: int) -> torch.Tensor:
 
 class LocMoEPlusRouter(GrAPRouter):
     """``locmoe_plus``: TCR top-ℓ, then each expert keeps its most affine candidates up to the
-    score-sum threshold and the dynamic capacity (SPEC §2, §3).
+    score-sum threshold and the dynamic capacity (design §2, §3).
 
-    Options (besides those of :class:`GrAPRouter`; defaults from SPEC):
+    Options (besides those of :class:`GrAPRouter`; defaults from design §2–§3):
         tau: score-sum threshold ``τ`` in ``(0, 1]``, default 0.9.
         top_l: experts proposed per token ``ℓ`` in ``[1, n]``, default 1 (the paper's experiments).
         select_temperature: ``T_sel`` of the softmax scores, ``> 0``; ``None`` (default) =
@@ -318,7 +318,8 @@ class LocMoEPlusRouter(GrAPRouter):
         return (
             f"{super().extra_repr()}, tau={self.tau}, top_l={self.top_l}, "
             f"select_temperature={self.select_temperature}, selection_score={self.selection_score}, "
-            f"capacity_rule={self.capacity_rule}, margin={self.margin}, capacity_floor={self.capacity_floor}, capacity_ema={self.capacity_ema}, "
+            f"capacity_rule={self.capacity_rule}, margin={self.margin}, capacity_floor={self.capacity_floor}, "
+            f"capacity_ema={self.capacity_ema}, "
             f"scope={self.scope}"
         )
 

@@ -56,7 +56,7 @@ def build_router(
 
     ``top_k`` is passed to routers that take it (``topk``); ``None`` means the router's own default
     (2 for ``topk``); for routers that send each token to one expert it must be ``None`` or 1.
-    ``capacity_factor`` defaults to each router's own SPEC default. Unknown options raise
+    ``capacity_factor`` defaults to each router's own default (design §1). Unknown options raise
     ``ValueError`` naming the option and listing the ones this router accepts.
     """
     cls = router_class(name)

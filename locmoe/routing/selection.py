@@ -44,7 +44,7 @@ def rank_within_expert(expert_ids: torch.Tensor, priority: torch.Tensor) -> torc
 
 
 def positional_priority(num_tokens: int, slots_per_token: int, device: torch.device | None = None) -> torch.Tensor:
-    """Priority of "first come, first served" capacity (GShard/Switch, SPEC §1).
+    """Priority of "first come, first served" capacity (GShard/Switch, design §1).
 
     All first choices are served before any second choice (GShard's order for top-2), and within
     a choice rank tokens are served by position. Returns ``(S, K)`` int64.

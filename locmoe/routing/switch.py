@@ -11,7 +11,7 @@ class SwitchRouter(TopKRouter):
     position, gate value = the chosen expert's softmax probability (LocMoE eqs. 2–3).
 
     Options:
-        capacity_factor: SPEC default 1.1 (the papers' baseline).
+        capacity_factor: default 1.1 (the papers' baseline).
         aux_coef: ``α`` of the load-balance loss (LocMoE eq. 5), default 0.01.
         z_loss_coef: router z-loss, default 0 (off).
     """

@@ -71,13 +71,13 @@ def token_choice_plan(
 
 
 class TopKRouter(Router):
-    """``topk``: learned linear gate ``d -> n`` (no bias), top-k of softmax (SPEC §1).
+    """``topk``: learned linear gate ``d -> n`` (no bias), top-k of softmax (design §1).
 
     Options:
-        top_k: experts per token (SPEC default 2).
+        top_k: experts per token (default 2).
         capacity_factor: ``cf`` of ``C = ceil(cf · k · S / n)``; ``None`` = dropless. Default 1.1.
         renormalize: rescale the k gate values to sum to 1 (Mixtral semantics). Default False.
-        aux_coef: ``α`` of the Switch load-balance loss (SPEC §4). Default 0.01.
+        aux_coef: ``α`` of the Switch load-balance loss (design §4). Default 0.01.
         z_loss_coef: router z-loss coefficient (ST-MoE); 0 = off (default).
     """
 

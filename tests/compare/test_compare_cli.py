@@ -11,7 +11,7 @@ from tiny_runs import TINY_DATA, TINY_MODEL, TINY_TRAIN, cache_dir  # noqa: F401
 
 from locmoe.cli import build_parser, main
 from locmoe.compare.cli import resolve_comparison
-from locmoe.compare.runner import PRESETS, compare, parse_contenders, preset_config
+from locmoe.compare.runner import PRESETS, compare, parse_contenders, preset_config, preset_contenders
 from locmoe.config import DataConfig, ModelConfig, RunConfig, TrainConfig
 from locmoe.train import train
 
@@ -153,9 +153,9 @@ def test_without_a_preset_compare_runs_the_quick_preset(tmp_path):
     args = parser.parse_args(["compare", "--out", str(tmp_path)])
     base, contenders, seeds, out = resolve_comparison(args)
     assert args.preset == "quick"  # recorded in the report's settings
-    quick_base, quick_routers, quick_seeds = preset_config("quick")
+    quick_base, quick_seeds = preset_config("quick")
     assert base == quick_base and seeds == quick_seeds and out == tmp_path
-    assert [c.label for c in contenders] == list(quick_routers)
+    assert contenders == preset_contenders("quick", quick_base)
     assert [c.label for c in contenders] == ["switch", "locmoe", "locmoe_plus", "switch@matched"]
     assert contenders[-1].matched_to == "locmoe_plus"
     assert _resolve("--quick")[1] == contenders
@@ -164,16 +164,19 @@ def test_without_a_preset_compare_runs_the_quick_preset(tmp_path):
 @pytest.mark.parametrize("preset", sorted(PRESETS))
 def test_each_preset_resolves_to_its_contenders_and_seeds(preset):
     base, contenders, seeds, _ = _resolve("--preset", preset)
-    expected_base, routers, expected_seeds = preset_config(preset)
+    expected_base, expected_seeds = preset_config(preset)
     assert base == expected_base and seeds == expected_seeds
-    assert contenders == parse_contenders(routers)
+    assert contenders == preset_contenders(preset, expected_base)
 
 
 def test_routers_may_name_a_presets_own_labels():
     _, contenders, _, _ = _resolve("--preset", "frontier", "--routers", "switch@cf0.5,locmoe_plus@c1.6-tau0.8,switch")
-    frontier = {c.label: c for c in parse_contenders(PRESETS["frontier"]["routers"])}
+    frontier = {c.label: c for c in preset_contenders("frontier", preset_config("frontier")[0])}
     assert contenders[0] == frontier["switch@cf0.5"] and contenders[1] == frontier["locmoe_plus@c1.6-tau0.8"]
     assert contenders[1].options["tau"] == 0.8 and contenders[2].label == "switch"
+    # The frontier's temperatures follow the comparison's width: c/√d of the d_model flag.
+    _, contenders, _, _ = _resolve("--preset", "frontier", "--d-model", "256", "--routers", "locmoe_plus@c1.6-tau0.8")
+    assert contenders[0].options["select_temperature"] == pytest.approx(1.6 / 16, abs=1e-6)
     # Outside the frontier preset that label is not in the grammar.
     with pytest.raises(ValueError, match="variant 'c1.6-tau0.8' is not"):
         _resolve("--routers", "locmoe_plus@c1.6-tau0.8")

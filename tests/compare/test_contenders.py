@@ -18,9 +18,12 @@ from locmoe.compare.runner import (
     frontier_contenders,
     matched_capacity_factor,
     parse_contenders,
+    preset_config,
+    preset_contenders,
     run_config_for,
 )
 from locmoe.config import DataConfig, ModelConfig, RunConfig, TrainConfig
+from locmoe.routing.base import capacity_from_factor
 
 # ---------------------------------------------------------------------------------------------------
 # Grammar
@@ -146,6 +149,16 @@ def test_matched_capacity_factor_hand_computed(tmp_path):
     assert matched_capacity_factor({"mean_capacity": 10 / 3}, base) == 0.104167  # rounded to 6 digits
     wider = base.with_overrides({"batch_size": 8, "num_experts": 8})  # S = 256, n = 8
     assert matched_capacity_factor({"mean_capacity": 41.5}, wider) == 1.296875  # 41.5 · 8 / 256
+
+
+def test_matched_capacity_never_exceeds_the_rounded_up_mean_capacity():
+    """Rounding cf to 6 digits may round up; the matched Switch must still get ceil(mean C_t) slots
+    per expert, not one more (S = 2048, n = 8: mean 150 gives cf 0.5859375 -> 0.585938 -> 151)."""
+    base = RunConfig().with_overrides({"batch_size": 16, "seq_len": 128, "num_experts": 8})
+    for mean in (150.0, 242.0, 241.3, 100.0 + 1e-9, 37.0, 255.99):
+        factor = matched_capacity_factor({"mean_capacity": mean}, base)
+        assert capacity_from_factor(factor, 2048, 8) == math.ceil(mean - 1e-6), mean
+    assert matched_capacity_factor({"mean_capacity": 150.0}, base) == 0.585937
     # Switch with that factor has the same slots per expert: ceil(cf · S / n) = ceil(mean C_t).
     assert math.ceil(0.875 * 128 / 4) == 28
     for record in ({"run_dir": "r"}, {"mean_capacity": None}, {"mean_capacity": 0.0},
@@ -197,7 +210,7 @@ def test_frontier_contenders_at_width_128():
 
 @pytest.mark.parametrize("preset", sorted(PRESETS))
 def test_every_presets_contenders_parse_and_matched_ones_follow_locmoe_plus(preset):
-    contenders = parse_contenders(PRESETS[preset]["routers"])
+    contenders = preset_contenders(preset, preset_config(preset)[0])
     labels = [c.label for c in contenders]
     for index, contender in enumerate(contenders):
         if contender.matched_to is not None:
@@ -207,7 +220,7 @@ def test_every_presets_contenders_parse_and_matched_ones_follow_locmoe_plus(pres
 
 def test_quick_and_standard_presets_hold_the_iso_compute_control():
     for preset in ("quick", "standard"):
-        labels = [c.label for c in parse_contenders(PRESETS[preset]["routers"])]
+        labels = [c.label for c in preset_contenders(preset, preset_config(preset)[0])]
         assert {"switch", "locmoe_plus", "switch@matched"} <= set(labels)
 
 

@@ -151,11 +151,9 @@ def test_capacity_trend_reads_every_layer_after_warmup():
     assert {c.name: c for c in evaluate_claims(runs)}["capacity_falls"].holds is False
 
 
-def test_frontier_gap_against_interpolated_switch_curve():
-    assert interpolate([(0.5, 5.0), (1.0, 4.0)], 0.75) == pytest.approx(4.5)
-    assert interpolate([(0.5, 5.0), (1.0, 4.0)], 1.2) is None
+def _frontier_runs(seeds=3):
     runs = []
-    for seed in range(3):
+    for seed in range(seeds):
         shift = 0.01 * seed
         for cf, slots, loss in ((0.5, 0.5, 5.0), (1.0, 1.0, 4.0)):
             runs.append(_run(f"switch@cf{cf}", seed, tokens_kept=slots * 10 * 100 * 2, final_val_loss=loss + shift,
@@ -163,6 +161,13 @@ def test_frontier_gap_against_interpolated_switch_curve():
         # At 0.75 slots per token Switch's curve is 4.5 (+shift); LocMoE+ sits 0.1 below on every seed.
         runs.append(_run("locmoe_plus@c1.6-tau0.9", seed, tokens_kept=0.75 * 10 * 100 * 2,
                          final_val_loss=4.4 + shift + 0.001 * seed, capacity_by_layer={"layer1": [1], "layer3": [1]}))
+    return runs
+
+
+def test_frontier_gap_against_interpolated_switch_curve():
+    assert interpolate([(0.5, 5.0), (1.0, 4.0)], 0.75) == pytest.approx(4.5)
+    assert interpolate([(0.5, 5.0), (1.0, 4.0)], 1.2) is None
+    runs = _frontier_runs()
     assert slots_per_token(runs[-1]) == pytest.approx(0.75)
     points = {p.label: p for p in frontier_points(runs)}
     plus = points["locmoe_plus@c1.6-tau0.9"]
@@ -173,13 +178,14 @@ def test_frontier_gap_against_interpolated_switch_curve():
 def test_learning_curve_flatness_share_of_the_fall():
     runs = [_run("switch", 0, val_curve=[[25, 7.0], [50, 6.0], [75, 5.2], [100, 5.0]])]
     lines = learning_curve_flatness(runs)
-    # Whole fall 2.0; last quarter 5.2 -> 5.0 = 0.2 = 10 %.
-    assert "10.0 %" in lines[-1] and "0.2" in lines[-1]
+    # Whole fall 2.0 from step 25; since step 75: 5.2 -> 5.0 = 0.2 = 10 %.
+    assert "| 25: 7 | 75: 5.2 | 5 | 0.2 | 10.0 % |" in lines[-1]
 
 
 def test_locmoe_capacity_note_says_when_the_bound_is_below_the_floor():
     runs = [_run("locmoe", 0, capacity=[25] * 5, ec_min=[0.3] * 5)]
     assert "below the floor ceil(S/n) = 25" in locmoe_capacity_notes(runs)[0]
+    assert "eq. 9 bound not logged" in locmoe_capacity_notes([_run("locmoe", 0, capacity=[25] * 5)])[0]
 
 
 def test_write_report_files(tmp_path):
@@ -191,10 +197,49 @@ def test_write_report_files(tmp_path):
     markdown = (tmp_path / "report.md").read_text()
     assert "| val_loss_within_2pct |" in markdown and "**does not hold**" in markdown
     assert "`locmoe_plus-noloc`" in markdown and "- commit: `abc`" in markdown
-    assert "## Compute–quality frontier" in markdown  # switch and switch@matched make a two-point curve
-    for name in ["val_loss.png", "capacity.png", "load_cdf.png", "frontier.png"]:
+    # switch (cf 1.1) and switch@matched are compared in the claims, not drawn as a frontier.
+    assert "## Compute–quality frontier" not in markdown and not (tmp_path / "frontier.png").exists()
+    assert "**not compared**" not in markdown
+    for name in ["val_loss.png", "capacity.png", "load_cdf.png"]:
         assert (tmp_path / name).stat().st_size > 1000
         assert f"]({name})" in markdown
+
+
+def test_write_report_draws_the_frontier_from_switch_capacity_settings(tmp_path):
+    write_report(_frontier_runs(seeds=2), tmp_path, settings={"preset": "frontier"}, source=SOURCE)
+    markdown = (tmp_path / "report.md").read_text()
+    assert "## Compute–quality frontier" in markdown and "](frontier.png)" in markdown
+    assert (tmp_path / "frontier.png").stat().st_size > 1000
+    # Two seeds: the side every seed agrees on is only indicative.
+    assert "below Switch's curve beyond the seed spread (indicative: 2 seeds, a claim needs 3)" in markdown
+
+
+def test_a_refused_comparison_reads_not_compared(tmp_path):
+    runs = _synthetic_runs()
+    for run in runs:
+        if run["label"] == "switch":
+            run["dispatch"] = "pad"
+    write_report(runs, tmp_path, source=SOURCE)
+    assert "**not compared**" in (tmp_path / "report.md").read_text()
+
+
+def test_specialisation_is_claimed_against_other_routers_not_variants():
+    runs = _synthetic_runs()
+    for run in runs:  # the ablation specialises more than LocMoE+: not a rival router
+        if run["label"] == "locmoe_plus-noloc":
+            run["ch_index"] = 100.0
+    claim = {c.name: c for c in evaluate_claims(runs)}["specialisation_highest"]
+    assert claim.details["rivals"] == ["switch"]
+    assert claim.holds is True
+    runs = [r for r in runs if r["seed"] > 0]
+    runs += [_run("switch", 0, ch_index=30.0), _run("locmoe_plus", 0, ch_index=20.0)]
+    # One seed where switch wins decides "does not hold", whatever the other comparisons lack.
+    assert {c.name: c for c in evaluate_claims(runs)}["specialisation_highest"].holds is False
+
+
+def test_paired_test_refuses_an_unknown_side():
+    with pytest.raises(ValueError, match="side must be 'above' or 'below', got 'abvoe'"):
+        PairedTest([1.0], 0.0, "abvoe")
 
 
 def test_provenance_names_commit_machine_and_command():
