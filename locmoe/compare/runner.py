@@ -170,7 +170,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     "frontier": {
         # Built from the comparison's d_model once its flags are applied (preset_contenders).
         "routers": frontier_contenders,
-        "seeds": (0, 1),
+        "seeds": (0, 1, 2),
         "overrides": {"steps": 300, "warmup_steps": 30, "eval_every": 50, "eval_batches": 16,
                       "checkpoint_every": 100, "dispatch": "pack", **_QUICK_MODEL},
     },
