@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import os
-import platform
 import statistics
 import sys
 import time
@@ -19,6 +18,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
+
+from locmoe.provenance import cpu_model
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 
@@ -37,14 +38,7 @@ def set_threads(threads: int | None) -> int:
 
 def environment() -> dict[str, object]:
     """What the numbers depend on besides the code: versions, threads, CPU, allocator settings."""
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    cpu = cpu_model()
     return {
         "torch": torch.__version__,
         "python": sys.version.split()[0],

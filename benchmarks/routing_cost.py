@@ -49,7 +49,6 @@ import argparse
 import os
 import shlex
 import statistics
-import subprocess
 import sys
 import time
 from collections.abc import Callable
@@ -74,6 +73,7 @@ from layer import CLUSTERED_LEAN, CLUSTERED_SHARE, NUM_EXPERTS, make_batch  # no
 
 from locmoe import MoELayer  # noqa: E402
 from locmoe.dispatch import sort_by_expert  # noqa: E402
+from locmoe.provenance import git_commit  # noqa: E402
 
 ROUTERS = ("switch", "locmoe_plus")
 ROUTER_OPTIONS: dict[str, dict[str, object]] = {"switch": {"capacity_factor": 1.1}, "locmoe_plus": {}}
@@ -266,20 +266,6 @@ def table(rows: list[dict[str, object]]) -> str:
     shown = [{**row, "break_even_pct": 100 * row["break_even_cut"], "measured_pct": 100 * row["measured_cut"],
               "faster": "yes" if row["plus_faster"] else "no"} for row in rows]
     return format_table(shown, COLUMNS)
-
-
-def git_commit() -> dict[str, object]:
-    root = Path(__file__).resolve().parents[1]
-
-    def git(*args: str) -> str:
-        try:
-            return subprocess.run(["git", *args], cwd=root, capture_output=True, text=True, timeout=30).stdout.strip()
-        except (OSError, subprocess.SubprocessError):
-            return ""
-
-    status = git("status", "--porcelain")
-    return {"commit": git("rev-parse", "HEAD") or None, "dirty": bool(status),
-            "changed_files": len(status.splitlines())}
 
 
 def parse_sizes(text: str) -> list[int]:

@@ -22,6 +22,19 @@ def _colours(labels: list[str]) -> dict[str, str]:
     return {label: cmap(i % 10) for i, label in enumerate(labels)}
 
 
+def _finish(fig, ax, path: Path, title: str, xlabel: str, ylabel: str, **legend: object) -> Path:
+    """Title, axis labels, grid and legend (``legend`` = its keyword options), then save and close."""
+    ax.set_title(title)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.grid(alpha=0.3)
+    ax.legend(**legend)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
 def _series_plot(runs, key, path: Path, title: str, ylabel: str, labels=None, xy=False) -> Path | None:
     labels = labels or _labels(runs)
     colours = _colours(_labels(runs))
@@ -38,15 +51,7 @@ def _series_plot(runs, key, path: Path, title: str, ylabel: str, labels=None, xy
     if not drawn:
         plt.close(fig)
         return None
-    ax.set_title(title)
-    ax.set_xlabel("step")
-    ax.set_ylabel(ylabel)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, ncol=2)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return _finish(fig, ax, path, title, "step", ylabel, fontsize=7, ncol=2)
 
 
 def _capacity_plot(runs, path: Path) -> Path | None:
@@ -69,15 +74,8 @@ def _capacity_plot(runs, path: Path) -> Path | None:
             max_k = (run.get("k_tau_max_by_layer") or {}).get(layer)
             if max_k:
                 ax.plot(steps, max_k, lw=0.6, ls=":", color=colour, alpha=0.6)
-    ax.set_title("LocMoE+ capacity C_t (solid), mean k^τ (dashed), max k^τ (dotted)")
-    ax.set_xlabel("step")
-    ax.set_ylabel("tokens per expert")
-    ax.legend(fontsize=6, ncol=2)
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return _finish(fig, ax, path, "LocMoE+ capacity C_t (solid), mean k^τ (dashed), max k^τ (dotted)", "step",
+                   "tokens per expert", fontsize=6, ncol=2)
 
 
 def _frontier_plot(runs, path: Path) -> Path | None:
@@ -97,15 +95,9 @@ def _frontier_plot(runs, path: Path) -> Path | None:
     for index, p in enumerate(q for q in points if q.router == "locmoe_plus"):
         ax.errorbar([p.slots], [p.loss], yerr=[p.loss_spread], xerr=[p.slots_spread], color=cmap(index % 10),
                     marker="s", capsize=3, ls="none", label=p.label)
-    ax.set_title("Compute–quality frontier (mean ± std over seeds)")
-    ax.set_xlabel("expert slots per token per MoE layer (kept assignments)")
-    ax.set_ylabel("final validation loss (nats/token)")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=6)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return _finish(fig, ax, path, "Compute–quality frontier (mean ± std over seeds)",
+                   "expert slots per token per MoE layer (kept assignments)", "final validation loss (nats/token)",
+                   fontsize=6)
 
 
 def _load_cdf_plot(runs, path: Path) -> Path | None:
@@ -125,15 +117,8 @@ def _load_cdf_plot(runs, path: Path) -> Path | None:
     if not drawn:
         plt.close(fig)
         return None
-    ax.set_title("Per-expert load: empirical CDF of each expert's share of kept tokens")
-    ax.set_xlabel("share of kept tokens (1/n = perfectly balanced)")
-    ax.set_ylabel("fraction of experts")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, ncol=2)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return _finish(fig, ax, path, "Per-expert load: empirical CDF of each expert's share of kept tokens",
+                   "share of kept tokens (1/n = perfectly balanced)", "fraction of experts", fontsize=7, ncol=2)
 
 
 def make_plots(runs: Sequence[dict], out_dir: Path) -> dict[str, str]:

@@ -6,7 +6,6 @@ import json
 import math
 import os
 import platform
-import subprocess
 import sys
 from collections.abc import Sequence
 from datetime import datetime, timezone
@@ -19,6 +18,7 @@ from locmoe.compare.claims import BASELINE, MIN_SEEDS, Claim, evaluate_claims, l
 from locmoe.compare.frontier import SLOT_MEASURES, frontier_points, frontier_table, has_frontier
 from locmoe.compare.plots import make_plots
 from locmoe.compare.stats import summarize
+from locmoe.provenance import cpu_model, git_commit
 
 RESULT_COLUMNS = (
     ("final_val_loss", "final val loss"),
@@ -102,27 +102,13 @@ def learning_curve_flatness(runs: Sequence[dict]) -> list[str]:
 
 def provenance(command: Sequence[str] | None = None) -> dict[str, str]:
     """Who made a report: command, UTC date, machine, threads, versions and the git commit."""
-    try:
-        root = Path(__file__).resolve().parents[2]
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True,
-                                check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
-                               capture_output=True, text=True, check=True).stdout.strip()
-        commit += " (with uncommitted changes)" if dirty else ""
-    except (OSError, subprocess.CalledProcessError):
-        commit = "unknown (not a git checkout)"
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    state = git_commit()
+    commit = str(state["commit"]) if state["commit"] else "unknown (not a git checkout)"
+    commit += " (with uncommitted changes)" if state["dirty"] else ""
     return {
         "command": " ".join(command if command is not None else ["locmoe", *sys.argv[1:]]),
         "date_utc": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M"),
-        "machine": f"{cpu}, {os.cpu_count()} logical CPUs, {platform.system()} {platform.release()}",
+        "machine": f"{cpu_model()}, {os.cpu_count()} logical CPUs, {platform.system()} {platform.release()}",
         "torch": torch.__version__,
         "python": platform.python_version(),
         "commit": commit,
