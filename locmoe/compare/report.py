@@ -118,13 +118,15 @@ def provenance(command: Sequence[str] | None = None) -> dict[str, str]:
 def _options_section(runs: Sequence[dict]) -> list[str]:
     lines = ["## Router options used", "", "Every option each run used (defaults included), so nothing is tuned "
              "behind the reader's back.", ""]
-    seen = set()
-    for run in runs:
-        if run["label"] in seen:
-            continue
-        seen.add(run["label"])
-        options = json.dumps(run.get("router_options", {}), sort_keys=True)
-        lines.append(f"- `{run['label']}`: router `{run['router']}`, options `{options}`")
+    for label in _labels_in_order(runs):
+        group = [run for run in runs if run["label"] == label]
+        by_options: dict[str, list[str]] = {}
+        for run in group:  # the options can differ by seed (switch@matched copies each seed's capacity)
+            by_options.setdefault(json.dumps(run.get("router_options", {}), sort_keys=True), []).append(
+                str(run["seed"]))
+        for options, seeds in by_options.items():
+            which = "" if len(by_options) == 1 else f" (seed {', '.join(seeds)})"
+            lines.append(f"- `{label}`{which}: router `{group[0]['router']}`, options `{options}`")
     return lines + [""]
 
 

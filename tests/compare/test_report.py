@@ -242,6 +242,15 @@ def test_paired_test_refuses_an_unknown_side():
         PairedTest([1.0], 0.0, "abvoe")
 
 
+def test_options_that_differ_by_seed_are_listed_per_seed(tmp_path):
+    runs = [_run("switch@matched", seed, router_options={"capacity_factor": cf}, final_val_loss=5.0)
+            for seed, cf in ((0, 0.95), (1, 0.93), (2, 0.95))]
+    write_report(runs, tmp_path, source=SOURCE)
+    markdown = (tmp_path / "report.md").read_text()
+    assert '- `switch@matched` (seed 0, 2): router `switch`, options `{"capacity_factor": 0.95}`' in markdown
+    assert '- `switch@matched` (seed 1): router `switch`, options `{"capacity_factor": 0.93}`' in markdown
+
+
 def test_provenance_names_commit_machine_and_command():
     source = provenance(["locmoe", "compare", "--quick"])
     assert source["command"] == "locmoe compare --quick"
