@@ -4,7 +4,9 @@ then write the report.
 Each run lives in ``OUT/runs/LABEL-seedS`` and is an ordinary training run (``locmoe.train.train``),
 so it can be inspected, evaluated or sampled on its own. Re-running the command reuses every run
 that already completed with the same config and resumes an interrupted one from its last
-checkpoint: nothing finished is lost and nothing is computed twice.
+checkpoint: nothing finished is lost and nothing is computed twice. Every run already on disk is
+checked against its config before any run trains; a run folder with no usable checkpoint is moved
+aside (``NAME.damaged-<time>``), never deleted.
 
 A contender is a router name from :func:`locmoe.available_routers`, or a variant label
 ``ROUTER-noloc`` (the same router with ``locality_coef = 0``), used by the locality claims.
@@ -14,15 +16,15 @@ from __future__ import annotations
 
 import json
 import math
-import shutil
 import statistics
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
 from locmoe.capacity import default_select_temperature
-from locmoe.checkpoint import config_differences, latest_checkpoint
+from locmoe.checkpoint import config_differences, latest_checkpoint, list_checkpoints
 from locmoe.compare.report import write_report
 from locmoe.config import RunConfig, parse_scalar
 from locmoe.routing.base import RouterDefault, capacity_from_factor
@@ -236,33 +238,62 @@ def run_config_for(
     return base.with_overrides(overrides)
 
 
-def _saved_config_differences(run_dir: Path, config: RunConfig) -> list[str]:
-    """How the run on disk differs from ``config`` in fields a resume may not change."""
+def _saved_config_differences(run_dir: Path, config: RunConfig, ignore: Sequence[str] = ()) -> list[str]:
+    """How the run on disk differs from ``config`` in fields a resume may not change (``ignore``d
+    fields aside)."""
     saved = run_dir / "config.json"
     if not saved.exists():
         return ["no config.json"]
-    return config_differences(json.loads(saved.read_text()), config)
+    try:
+        saved_config = json.loads(saved.read_text())
+    except (OSError, ValueError) as error:
+        return [f"unreadable config.json ({error})"]
+    return [d for d in config_differences(saved_config, config) if d.split(" ", 1)[0] not in ignore]
 
 
-def run_one(config: RunConfig, train_fn: Callable[..., dict]) -> dict:
-    """Train one run, or reuse / resume what is already on disk. Returns its summary."""
-    run_dir = config.run_dir
-    summary_path = run_dir / "summary.json"
+def check_saved_run(run_dir: Path, config: RunConfig, ignore: Sequence[str] = ()) -> None:
+    """``ValueError`` if ``run_dir`` holds a run whose config differs from ``config``: reusing or
+    resuming it would mix two settings in one comparison."""
     if run_dir.exists() and any(run_dir.iterdir()):
-        differences = _saved_config_differences(run_dir, config)
+        differences = _saved_config_differences(run_dir, config, ignore)
         if differences:
             raise ValueError(
                 f"{run_dir} holds a run with a different config ({'; '.join(differences)}); "
-                "choose another --out or delete that run"
+                "choose another --out or move that run away"
             )
+
+
+def move_aside(run_dir: Path, reason: str, notify: Callable[[str], None] = print) -> Path:
+    """Rename ``run_dir`` to ``<name>.damaged-<UTC time>`` beside it (never delete what a user may want)
+    and say so; returns the new path."""
+    stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    target = run_dir.with_name(f"{run_dir.name}.damaged-{stamp}")
+    suffix = 1
+    while target.exists():
+        target = run_dir.with_name(f"{run_dir.name}.damaged-{stamp}-{suffix}")
+        suffix += 1
+    run_dir.rename(target)
+    notify(f"      {run_dir} {reason}: moved it to {target} and training this run from the start")
+    return target
+
+
+def run_one(config: RunConfig, train_fn: Callable[..., dict], notify: Callable[[str], None] = print) -> dict:
+    """Train one run, or reuse / resume what is already on disk. Returns its summary.
+
+    A folder with no valid checkpoint (stopped before its first, or every checkpoint damaged) is
+    moved aside (:func:`move_aside`), never deleted, and the run trains from the start."""
+    run_dir = config.run_dir
+    summary_path = run_dir / "summary.json"
+    if run_dir.exists() and any(run_dir.iterdir()):
+        check_saved_run(run_dir, config)
         if summary_path.exists():
             summary = json.loads(summary_path.read_text())
             if summary.get("status") == "completed" and summary.get("step") == config.train.steps:
                 return summary
         if latest_checkpoint(run_dir) is not None:
             return train_fn(config, resume=True)
-        # Started but stopped before its first checkpoint: nothing there can be resumed.
-        shutil.rmtree(run_dir)
+        move_aside(run_dir, "has checkpoints that all fail their integrity check" if list_checkpoints(run_dir)
+                   else "holds no checkpoint (it stopped before its first)", notify)
     return train_fn(config)
 
 
@@ -411,6 +442,13 @@ def compare(
     if not seeds:
         raise ValueError("no seeds; pass --seeds with at least one integer")
     out_dir = Path(out_dir)
+    # Every run already on disk must match before any trains: a mismatch found halfway would leave a
+    # mixed set of runs. A matched contender's capacity factor is derived later, so it is not compared.
+    for seed in seeds:
+        for contender in contenders:
+            ignore = ("capacity_factor",) if contender.matched_to is not None else ()
+            config = run_config_for(base, contender, seed, out_dir)
+            check_saved_run(config.run_dir, config, ignore)
     total = len(contenders) * len(seeds)
     runs: list[dict] = []
     index = 0
@@ -425,7 +463,7 @@ def compare(
                 capacity_factor = matched_capacity_factor(source, base)
             config = run_config_for(base, contender, seed, out_dir, capacity_factor)
             on_run(f"[{index}/{total}] {contender.label} seed {seed} -> {config.run_dir}")
-            summary = run_one(config, train_fn)
+            summary = run_one(config, train_fn, on_run)
             if summary.get("status") != "completed":
                 raise ComparisonInterrupted(config.run_dir, summary.get("signal"))
             record = run_record(contender, config, summary)

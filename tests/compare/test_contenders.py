@@ -4,6 +4,7 @@ seed), the frontier contenders and the presets. ``compare()`` runs on a fake tra
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 from pathlib import Path
@@ -11,6 +12,7 @@ from pathlib import Path
 import pytest
 from tiny_runs import TINY_DATA, TINY_MODEL, TINY_TRAIN
 
+from locmoe.checkpoint import checkpoint_name
 from locmoe.compare.runner import (
     PRESETS,
     Contender,
@@ -321,3 +323,57 @@ def test_a_matched_contender_without_its_source_run_of_that_seed_is_refused(tmp_
     orphan = Contender("switch@matched", "switch", matched_to="locmoe_plus")
     with pytest.raises(ValueError, match="needs a locmoe_plus run of seed 0 before it"):
         compare(base, [orphan], [0], tmp_path / "cmp", train_fn=FakeTrainer(), on_run=lambda _: None)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Nothing lost: folders without a usable checkpoint are moved aside, configs are checked up front
+# ---------------------------------------------------------------------------------------------------
+
+
+def _half_run(run_dir: Path, config: RunConfig, damaged_checkpoint: bool) -> None:
+    """What a run killed early leaves: its config and metrics, and maybe a checkpoint that fails its
+    integrity check (no sidecar)."""
+    run_dir.mkdir(parents=True)
+    (run_dir / "config.json").write_text(json.dumps(config.to_dict()))
+    (run_dir / "metrics.jsonl").write_text('{"step": 1}\n')
+    (run_dir / "notes.txt").write_text("the user's own file")
+    if damaged_checkpoint:
+        (run_dir / "checkpoints").mkdir()
+        (run_dir / "checkpoints" / checkpoint_name(1)).write_bytes(b"not a checkpoint")
+
+
+@pytest.mark.parametrize(("damaged", "reason"), [
+    (True, "has checkpoints that all fail their integrity check"),
+    (False, "holds no checkpoint (it stopped before its first)"),
+])
+def test_a_run_without_a_usable_checkpoint_is_moved_aside_not_deleted(tmp_path, damaged, reason):
+    base = _tiny_base(tmp_path)
+    contenders = parse_contenders(["switch"])
+    config = run_config_for(base, contenders[0], 0, tmp_path / "cmp")
+    _half_run(config.run_dir, config, damaged)
+    messages: list[str] = []
+    fake = FakeTrainer()
+    warns = pytest.warns(UserWarning, match="skipping damaged checkpoint") if damaged else contextlib.nullcontext()
+    with warns:
+        compare(base, contenders, [0], tmp_path / "cmp", train_fn=fake, on_run=messages.append)
+    assert fake.calls == [("switch-seed0", 0, "default")]  # trained from the start
+    aside = [p for p in config.run_dir.parent.iterdir() if p.name.startswith("switch-seed0.damaged-")]
+    assert len(aside) == 1
+    assert (aside[0] / "notes.txt").read_text() == "the user's own file"  # nothing deleted
+    assert (aside[0] / "checkpoints").exists() == damaged
+    assert any(reason in m and str(aside[0]) in m for m in messages)
+    assert (config.run_dir / "summary.json").exists()
+
+
+def test_a_changed_config_is_refused_before_any_run_trains(tmp_path):
+    base = _tiny_base(tmp_path)
+    contenders = parse_contenders(["switch", "locmoe_plus", "switch@matched"])
+    fake = FakeTrainer()
+    compare(base, contenders, [0], tmp_path / "cmp", train_fn=fake, on_run=lambda _: None)
+    # The last contender's run on disk is the one that differs; nothing may train before the refusal.
+    longer = base.with_overrides({"steps": 5})
+    (tmp_path / "cmp" / "runs" / "switch-seed0").rename(tmp_path / "moved")
+    fake.calls.clear()
+    with pytest.raises(ValueError, match=r"locmoe_plus-seed0 holds a run with a different config \(steps"):
+        compare(longer, contenders, [0], tmp_path / "cmp", train_fn=fake, on_run=lambda _: None)
+    assert fake.calls == []
