@@ -137,7 +137,7 @@ class MoELayer(nn.Module):
         out = dispatch_and_combine(flat, order, plan, self.experts, self.dispatch)
 
         self.aux_loss = sum(plan.losses.values(), flat.new_zeros(()))
-        self.last_plan = plan
+        self.last_plan = plan.detached()  # for inspection; holding the graph would keep it alive
         self._record_metrics(flat, plan, order, context)
         return out.view(*leading_shape, self.d_model)
 
@@ -160,6 +160,14 @@ class MoELayer(nn.Module):
             self.cluster_statistics.update(flat, specialisation_labels(plan))
         self._metric_tensors = metrics
         self._metrics_cache = None
+
+    def __getstate__(self) -> dict:
+        """Copies and pickles (``copy.deepcopy`` for an EMA or teacher model, ``torch.save``) carry the
+        last forward's ``aux_loss`` detached: a tensor inside an autograd graph cannot be copied, and a
+        copy has no use for the original's graph."""
+        state = super().__getstate__().copy()
+        state["aux_loss"] = self.aux_loss.detach()
+        return state
 
     def _load_from_state_dict(
         self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs

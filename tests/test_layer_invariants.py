@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 
 from locmoe import MoELayer, available_routers
+from locmoe.config import RunConfig
 from locmoe.metrics import ClusterStatistics, calinski_harabasz
+from locmoe.model import build_model
 
 BASELINES = ["switch", "topk", "expert_choice", "hash"]
 
@@ -215,3 +219,27 @@ def test_state_dict_from_before_forward_count_loads_with_a_warning():
     del current["_forward_count"]  # a version-2 state dict that lost the key is an error, not a restart
     with pytest.raises(RuntimeError, match="Missing key.*_forward_count"):
         layer.load_state_dict(current)
+
+
+@pytest.mark.parametrize("router", ["switch", "topk", "expert_choice", "locmoe_plus"])
+def test_a_layer_and_its_model_deep_copy_after_a_training_forward(router):
+    """EMA and teacher copies: ``copy.deepcopy`` works after forward and backward, the copy computes
+    the same outputs, and the layer keeps no autograd graph in ``last_plan`` (only ``aux_loss``, which
+    the caller back-propagates, holds one)."""
+    torch.manual_seed(0)
+    layer = MoELayer(16, 32, 4, router=router)
+    x = torch.randn(2, 8, 16, requires_grad=True)
+    (layer(x).square().mean() + layer.aux_loss).backward()
+    plan = layer.last_plan
+    tensors = [plan.gate_weights, plan.expert_ids, plan.router_probs, *plan.losses.values(), *plan.metrics.values()]
+    assert all(t.grad_fn is None for t in tensors if isinstance(t, torch.Tensor))
+    twin = copy.deepcopy(layer)
+    assert twin.aux_loss.grad_fn is None
+    x = torch.randn(2, 8, 16)
+    torch.testing.assert_close(twin(x), layer(x))
+
+    config = RunConfig().with_overrides({"router": router, "d_model": 32, "n_heads": 2, "d_ff": 64, "seq_len": 16})
+    model = build_model(config.model, 300)
+    ids = torch.randint(0, 300, (2, 16))
+    sum(model.loss(ids, ids)).backward()
+    torch.testing.assert_close(copy.deepcopy(model)(ids)[0], model(ids)[0])

@@ -274,7 +274,7 @@ class ExpertParallelMoELayer(MoELayer):
         out = combine(returned, order, plan, num_tokens)
 
         self.aux_loss = sum(plan.losses.values(), flat.new_zeros(()))
-        self.last_plan = plan
+        self.last_plan = plan.detached()  # for inspection; holding the graph would keep it alive
         self._record_parallel_metrics(flat, plan, slots, received.shape[0], nodes, context)
         return out.view(*leading_shape, self.d_model)
 

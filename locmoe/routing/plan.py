@@ -56,6 +56,27 @@ class RoutingPlan:
     losses: dict[str, torch.Tensor] = field(default_factory=dict)
     metrics: dict[str, torch.Tensor] = field(default_factory=dict)
 
+    def detached(self) -> RoutingPlan:
+        """The same plan with every tensor detached from the autograd graph (for keeping it after
+        the forward without keeping the graph alive)."""
+
+        def cut(value: torch.Tensor | None) -> torch.Tensor | None:
+            return None if value is None else value.detach()
+
+        return RoutingPlan(
+            expert_ids=self.expert_ids.detach(),
+            gate_weights=self.gate_weights.detach(),
+            num_experts=self.num_experts,
+            capacity=self.capacity,
+            tokens_per_expert=self.tokens_per_expert.detach(),
+            proposals_per_expert=self.proposals_per_expert.detach(),
+            router_probs=cut(self.router_probs),
+            top1_expert=cut(self.top1_expert),
+            losses={name: value.detach() for name, value in self.losses.items()},
+            metrics={name: value.detach() if isinstance(value, torch.Tensor) else value
+                     for name, value in self.metrics.items()},
+        )
+
     @property
     def num_tokens(self) -> int:
         return self.expert_ids.shape[0]
