@@ -11,6 +11,7 @@ from locmoe import MoELayer, available_routers
 from locmoe.config import RunConfig
 from locmoe.metrics import ClusterStatistics, calinski_harabasz
 from locmoe.model import build_model
+from locmoe.routing.base import capacity_from_factor
 
 BASELINES = ["switch", "topk", "expert_choice", "hash"]
 
@@ -243,3 +244,24 @@ def test_a_layer_and_its_model_deep_copy_after_a_training_forward(router):
     ids = torch.randint(0, 300, (2, 16))
     sum(model.loss(ids, ids)).backward()
     torch.testing.assert_close(copy.deepcopy(model)(ids)[0], model(ids)[0])
+
+
+@pytest.mark.parametrize("factor", [1e308, 1e6, 16.0])
+@pytest.mark.parametrize(("router", "top_k"), [("switch", None), ("topk", 2), ("hash", None), ("locmoe_plus", None)])
+def test_a_huge_capacity_factor_caps_the_capacity_at_the_token_count(router, top_k, factor):
+    """An expert meets each token at most once, so no capacity factor may give it more than S slots:
+    cf 1e308 used to overflow and cf 1e6 to allocate gigabytes of padding."""
+    tokens, experts = 64, 4
+    assert capacity_from_factor(factor, tokens, experts, top_k or 1) == tokens
+    assert capacity_from_factor(1.0, tokens, experts) == 16  # ordinary factors are untouched
+    torch.manual_seed(0)
+    outputs = {}
+    for dispatch in ("pad", "pack"):
+        torch.manual_seed(0)
+        layer = MoELayer(16, 32, experts, router=router, top_k=top_k, capacity_factor=factor, dispatch=dispatch)
+        x = torch.randn(tokens, 16, generator=torch.Generator().manual_seed(1))
+        outputs[dispatch] = layer(x, token_ids=torch.arange(tokens))
+        assert layer.last_plan.capacity <= tokens
+        if router != "locmoe_plus":  # nothing is dropped for lack of room
+            assert layer.last_metrics["drop_rate"] == 0.0
+    torch.testing.assert_close(outputs["pad"], outputs["pack"])

@@ -132,6 +132,11 @@ def ceil_tolerant(value: float) -> int:
 
 def capacity_from_factor(capacity_factor: float, num_tokens: int, num_experts: int, top_k: int = 1) -> int:
     """Conventional capacity ``C_cf = ceil(cf * k * S / n)`` (design §3; GShard/Switch, with ``k``
-    slots per token for top-k routing). Never below 1. A product within ``1e-9`` above an integer
-    counts as that integer (float rounding, not a real excess)."""
-    return max(1, ceil_tolerant(capacity_factor * top_k * num_tokens / num_experts))
+    slots per token for top-k routing), at most ``S``: an expert meets each token at most once, so
+    more slots would only be padding (a huge ``cf`` must not allocate a huge buffer, nor overflow).
+    Never below 1. A product within ``1e-9`` above an integer counts as that integer (float rounding,
+    not a real excess)."""
+    slots = capacity_factor * top_k * num_tokens / num_experts
+    if not slots < num_tokens:  # also inf, from a finite but huge cf
+        return max(1, num_tokens)
+    return max(1, ceil_tolerant(slots))
