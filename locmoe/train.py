@@ -39,6 +39,7 @@ import os
 import random
 import signal
 import time
+import warnings
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
@@ -54,6 +55,7 @@ from locmoe.checkpoint import (
     CHECKPOINT_DIR,
     check_compatible,
     checkpoint_name,
+    config_differences,
     latest_checkpoint,
     list_checkpoints,
     rng_state,
@@ -212,6 +214,26 @@ def _existing_run_files(run_dir: Path) -> list[str]:
     return [n for n in names if (run_dir / n).exists()] + [p.name for p in list_checkpoints(run_dir)]
 
 
+def _check_restart_from_step_zero(run_dir: Path, config: RunConfig) -> None:
+    """``--resume`` of a run stopped before its first checkpoint (killed, out of memory, an error at
+    step 1) starts it again from step 0, if its saved config matches; ``ValueError`` otherwise."""
+    if list_checkpoints(run_dir):
+        raise ValueError(
+            f"cannot resume: every checkpoint in {run_dir}/{CHECKPOINT_DIR} fails its integrity check; "
+            "move the run away (or choose another --out) to start again"
+        )
+    saved = run_dir / "config.json"
+    if not saved.is_file():
+        raise ValueError(f"cannot resume: no valid checkpoint in {run_dir} (and no run was started there)")
+    try:
+        differences = config_differences(json.loads(saved.read_text()), config)
+    except ValueError as error:
+        raise ValueError(f"cannot resume: {saved} is not a readable config ({error})") from None
+    if differences:
+        raise ValueError(f"cannot resume {run_dir} from step 0: its config differs: " + "; ".join(differences))
+    warnings.warn(f"{run_dir} stopped before its first checkpoint: starting it again from step 0", stacklevel=3)
+
+
 def _read_metrics(path: Path, up_to_step: int) -> list[dict[str, Any]]:
     """The records of ``metrics.jsonl`` with ``step <= up_to_step`` (a torn last line is dropped)."""
     if not path.exists():
@@ -357,8 +379,9 @@ def _train(
     if resume:
         resumed = latest_checkpoint(run_dir)
         if resumed is None:
-            raise ValueError(f"cannot resume: no valid checkpoint in {run_dir}")
-        check_compatible(resumed[1], config, resumed[0])
+            _check_restart_from_step_zero(run_dir, config)
+        else:
+            check_compatible(resumed[1], config, resumed[0])
     elif _existing_run_files(run_dir):
         raise ValueError(f"{run_dir} already holds a run; pass --resume to continue it, or choose another --out")
 

@@ -214,3 +214,34 @@ def test_resume_with_an_incompatible_config_fails_and_writes_nothing(straight_ru
     with pytest.raises(ValueError, match=r"incompatible config: d_model \(checkpoint: 32, now: 64\)"):
         train(tiny_config(cache_dir, run_dir, router="switch", steps=STEPS, d_model=64), resume=True)
     assert {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file()} == before
+
+
+def _killed_before_first_checkpoint(run_dir, config):
+    """What a run killed at step 1 leaves: its config and a metrics line, no checkpoint."""
+    run_dir.mkdir(parents=True)
+    (run_dir / "config.json").write_text(json.dumps(config.to_dict()))
+    (run_dir / "metrics.jsonl").write_text('{"step": 1, "loss": 9.0}\n')
+
+
+def test_resume_of_a_run_killed_before_its_first_checkpoint_starts_it_from_step_zero(cache_dir, tmp_path):  # noqa: F811
+    config = tiny_config(cache_dir, tmp_path / "run", router="switch", steps=4)
+    _killed_before_first_checkpoint(config.run_dir, config)
+    with pytest.warns(UserWarning, match="stopped before its first checkpoint: starting it again from step 0"):
+        summary = train(config, resume=True)
+    assert summary["status"] == "completed" and summary["step"] == 4
+    assert [r["step"] for r in read_metrics(config.run_dir)] == [1, 2, 3, 4]  # the killed attempt's line is gone
+    # Same tokens, same losses as a run that was never interrupted.
+    fresh = train(tiny_config(cache_dir, tmp_path / "fresh", router="switch", steps=4))
+    assert summary["final_val_loss"] == fresh["final_val_loss"]
+
+
+def test_resume_from_step_zero_refuses_another_config_or_damaged_checkpoints(cache_dir, tmp_path):  # noqa: F811
+    config = tiny_config(cache_dir, tmp_path / "run", router="switch", steps=4)
+    _killed_before_first_checkpoint(config.run_dir, config)
+    with pytest.raises(ValueError, match=r"cannot resume .* from step 0: its config differs: steps \(checkpoint: 4"):
+        train(config.with_overrides({"steps": 6}), resume=True)
+    (config.run_dir / "checkpoints").mkdir()
+    (config.run_dir / "checkpoints" / "step-00000002.pt").write_bytes(b"damaged")
+    with pytest.raises(ValueError, match="every checkpoint in .* fails its integrity check"), pytest.warns(UserWarning):
+        train(config, resume=True)
+    assert (config.run_dir / "checkpoints" / "step-00000002.pt").read_bytes() == b"damaged"  # left as it was
