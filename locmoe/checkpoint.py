@@ -108,6 +108,22 @@ def save_checkpoint(run_dir: Path, step: int, state: dict[str, Any], keep: int) 
     return path
 
 
+_TEMPORARY = re.compile(r"^\.step-\d{8}\.pt(\.sha256)?\..+\.tmp$")
+
+
+def remove_stale_temporaries(run_dir: Path) -> list[Path]:
+    """Delete the temporary files a checkpoint write killed before its rename leaves behind
+    (``.step-N.pt.XXXX.tmp``, a full checkpoint's size each); returns what it removed. Call it only
+    when no other process writes this run (the trainer does, at start)."""
+    folder = Path(run_dir) / CHECKPOINT_DIR
+    if not folder.is_dir():
+        return []
+    stale = [p for p in folder.iterdir() if _TEMPORARY.match(p.name) and p.is_file()]
+    for path in stale:
+        path.unlink(missing_ok=True)
+    return stale
+
+
 def load_checkpoint(path: Path) -> dict[str, Any]:
     """Load one checkpoint file after checking its sha256; ``ValueError`` if it is damaged."""
     path = Path(path)

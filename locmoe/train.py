@@ -58,6 +58,7 @@ from locmoe.checkpoint import (
     config_differences,
     latest_checkpoint,
     list_checkpoints,
+    remove_stale_temporaries,
     rng_state,
     save_checkpoint,
     set_rng_state,
@@ -420,6 +421,7 @@ def _train(
     # From here on we write (the writer only).
     if writer:
         run_dir.mkdir(parents=True, exist_ok=True)
+        remove_stale_temporaries(run_dir)  # left by a kill between a checkpoint's write and its rename
         write_atomic(run_dir / "config.json", (json.dumps(config.to_dict(), indent=2) + "\n").encode())
         try:
             write_atomic(run_dir / "config.toml", to_toml(config).encode())

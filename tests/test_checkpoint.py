@@ -18,6 +18,7 @@ from locmoe.checkpoint import (
     latest_checkpoint,
     list_checkpoints,
     load_checkpoint,
+    remove_stale_temporaries,
     resolve_checkpoint,
     rng_state,
     save_checkpoint,
@@ -137,3 +138,16 @@ def test_the_first_sigterm_requests_a_stop_and_handlers_are_restored():
         os.kill(os.getpid(), signal.SIGTERM)
         assert stop.requested and stop.signal_number == signal.SIGTERM
     assert signal.getsignal(signal.SIGTERM) is before
+
+
+def test_a_new_start_removes_the_temporaries_of_a_checkpoint_write_killed_before_its_rename(tmp_path):
+    folder = tmp_path / "checkpoints"
+    folder.mkdir()
+    stale = [folder / ".step-00000004.pt.k2j3h4.tmp", folder / ".step-00000004.pt.sha256.x9y8.tmp"]
+    kept = [folder / "step-00000002.pt", folder / "step-00000002.pt.sha256", folder / "notes.tmp",
+            folder / ".step-00000004.pt"]
+    for path in stale + kept:
+        path.write_bytes(b"x" * 10)
+    assert sorted(remove_stale_temporaries(tmp_path)) == sorted(stale)
+    assert all(not p.exists() for p in stale) and all(p.exists() for p in kept)
+    assert remove_stale_temporaries(tmp_path / "no-run") == []

@@ -245,3 +245,12 @@ def test_resume_from_step_zero_refuses_another_config_or_damaged_checkpoints(cac
     with pytest.raises(ValueError, match="every checkpoint in .* fails its integrity check"), pytest.warns(UserWarning):
         train(config, resume=True)
     assert (config.run_dir / "checkpoints" / "step-00000002.pt").read_bytes() == b"damaged"  # left as it was
+
+
+def test_training_start_clears_stale_checkpoint_temporaries(cache_dir, tmp_path):  # noqa: F811
+    config = tiny_config(cache_dir, tmp_path / "run", router="switch", steps=4, checkpoint_every=2, stop_after=2)
+    train(config)
+    stale = config.run_dir / "checkpoints" / ".step-00000004.pt.a1b2c3.tmp"  # a kill before the rename
+    stale.write_bytes(b"\0" * 1024)
+    summary = train(config.with_overrides({"stop_after": 0}), resume=True)
+    assert summary["step"] == 4 and not stale.exists()
