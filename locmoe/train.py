@@ -215,6 +215,20 @@ def _existing_run_files(run_dir: Path) -> list[str]:
     return [n for n in names if (run_dir / n).exists()] + [p.name for p in list_checkpoints(run_dir)]
 
 
+def check_output_dir(run_dir: Path) -> None:
+    """``ValueError`` now, before any data preparation, if ``run_dir`` cannot become a run folder: it
+    is a file, lies under a file, or its nearest existing folder is not writable."""
+    if run_dir.exists() and not run_dir.is_dir():
+        raise ValueError(f"--out {str(run_dir)!r} is a file; allowed: a folder path (new or a run folder)")
+    existing = run_dir
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir():
+        raise ValueError(f"--out {str(run_dir)!r} lies under the file {str(existing)!r}; allowed: a folder path")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ValueError(f"--out {str(run_dir)!r}: the folder {str(existing)!r} is not writable")
+
+
 def _check_restart_from_step_zero(run_dir: Path, config: RunConfig) -> None:
     """``--resume`` of a run stopped before its first checkpoint (killed, out of memory, an error at
     step 1) starts it again from step 0, if its saved config matches; ``ValueError`` otherwise."""
@@ -376,6 +390,8 @@ def _train(
             f"allowed: a multiple of {runtime.world_size} (each rank takes the same number of rows)"
         )
 
+    if writer:
+        check_output_dir(run_dir)
     resumed: tuple[Path, dict[str, Any]] | None = None
     if resume:
         resumed = latest_checkpoint(run_dir)

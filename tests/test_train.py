@@ -254,3 +254,16 @@ def test_training_start_clears_stale_checkpoint_temporaries(cache_dir, tmp_path)
     stale.write_bytes(b"\0" * 1024)
     summary = train(config.with_overrides({"stop_after": 0}), resume=True)
     assert summary["step"] == 4 and not stale.exists()
+
+
+def test_an_unusable_out_path_is_refused_before_any_work(cache_dir, tmp_path, monkeypatch):  # noqa: F811
+    a_file = tmp_path / "a-file"
+    a_file.write_text("not a folder")
+    prepared = []
+    monkeypatch.setattr("locmoe.train.prepare_data", lambda *args: prepared.append(args))
+    with pytest.raises(ValueError, match=r"--out .*a-file' is a file; allowed: a folder path"):
+        train(tiny_config(cache_dir, a_file))
+    with pytest.raises(ValueError, match=r"--out .*a-file/run' lies under the file .*a-file'"):
+        train(tiny_config(cache_dir, a_file / "run"))
+    assert prepared == []  # refused before data preparation
+    assert a_file.read_text() == "not a folder"
