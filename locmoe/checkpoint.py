@@ -129,7 +129,16 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
     path = Path(path)
     if not is_valid(path):
         raise ValueError(f"checkpoint {str(path)!r} is missing, truncated or corrupt (sha256 sidecar does not match)")
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # noqa: BLE001 - any unpickling failure; torch's message advises an unsafe retry
+        kind = type(error).__name__
+        raise ValueError(
+            f"checkpoint {str(path)!r} cannot be read as a locmoe checkpoint ({kind}); it is not one, or it holds "
+            "objects a safe load refuses (locmoe never loads checkpoints unsafely)"
+        ) from None
+    if not isinstance(state, dict):
+        raise ValueError(f"checkpoint {str(path)!r} holds a {type(state).__name__}, not a locmoe checkpoint")
     if state.get("format") != FORMAT_VERSION:
         raise ValueError(
             f"checkpoint {str(path)!r} has format {state.get('format')!r}; this locmoe reads format {FORMAT_VERSION} "
@@ -157,7 +166,10 @@ def resolve_checkpoint(path: str | Path) -> tuple[Path, dict[str, Any]]:
         return found
     if not path.exists():
         raise ValueError(f"checkpoint {str(path)!r} does not exist")
-    return path, load_checkpoint(path)
+    state = load_checkpoint(path)
+    if not isinstance(state.get("config"), dict):
+        raise ValueError(f"checkpoint {str(path)!r} holds a dict without a run 'config', not a locmoe checkpoint")
+    return path, state
 
 
 def config_differences(saved: dict[str, Any], config: RunConfig) -> list[str]:

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import hashlib
+import io
 import os
+import pickle
 import random
 import signal
 
@@ -151,3 +154,34 @@ def test_a_new_start_removes_the_temporaries_of_a_checkpoint_write_killed_before
     assert sorted(remove_stale_temporaries(tmp_path)) == sorted(stale)
     assert all(not p.exists() for p in stale) and all(p.exists() for p in kept)
     assert remove_stale_temporaries(tmp_path / "no-run") == []
+
+
+def _with_sidecar(path, data: bytes):
+    path.write_bytes(data)
+    path.with_name(path.name + ".sha256").write_text(f"{hashlib.sha256(data).hexdigest()}  {path.name}\n")
+    return path
+
+
+class _Hostile:
+    def __reduce__(self):
+        return (print, ("this must never run",))
+
+
+@pytest.mark.parametrize(("make", "match"), [
+    (lambda: pickle.dumps(_Hostile(), protocol=2), r"cannot be read as a locmoe checkpoint \(UnpicklingError\)"),
+    (lambda: b"not a zip file at all", r"cannot be read as a locmoe checkpoint"),
+    (lambda: _saved([1, 2, 3]), r"holds a list, not a locmoe checkpoint"),
+    (lambda: _saved({"step": 3, "format": 2}), r"holds a dict without a run 'config', not a locmoe checkpoint"),
+])
+def test_an_unloadable_checkpoint_file_is_one_clear_error_without_unsafe_advice(tmp_path, capsys, make, match):
+    path = _with_sidecar(tmp_path / "step-00000001.pt", make())
+    with pytest.raises(ValueError, match=match) as raised:
+        resolve_checkpoint(path)  # what `locmoe eval/sample --checkpoint` calls
+    assert "weights_only=False" not in str(raised.value)
+    assert "this must never run" not in capsys.readouterr().out
+
+
+def _saved(value) -> bytes:
+    buffer = io.BytesIO()
+    torch.save(value, buffer)
+    return buffer.getvalue()
