@@ -99,7 +99,7 @@ def _resolve_train_config(args: argparse.Namespace) -> RunConfig:
     overrides = {name: parse_field(name, text) for name, text in vars(args).items() if name in types}
     base = RunConfig()
     if args.config:
-        base = load_config_file(args.config, base)
+        base = load_config_file(args.config, base, overrides)
     if args.resume:
         # The run's own resolved config is the starting point; the file and flags go over it.
         saved = base.with_overrides(overrides).run_dir / "config.json"
@@ -108,7 +108,7 @@ def _resolve_train_config(args: argparse.Namespace) -> RunConfig:
             # stop_after ends one invocation; the continuation runs to the end unless told again.
             base = base.with_overrides({"stop_after": 0})
             if args.config:
-                base = load_config_file(args.config, base)
+                base = load_config_file(args.config, base, overrides)
     return base.with_overrides(overrides)
 
 

@@ -358,16 +358,26 @@ class RunConfig:
 
     def with_overrides(self, overrides: dict[str, Any]) -> RunConfig:
         """Set fields by their flat name (``{"d_model": 128, "out": "runs/x"}``), already typed."""
-        nested: dict[str, Any] = {}
-        owners = field_owners()
-        for name, value in overrides.items():
-            if name == "out":
-                nested["out"] = value
-            elif name in owners:
-                nested.setdefault(owners[name], {})[name] = value
-            else:
-                raise ValueError(f"unknown config field {name!r}")
-        return RunConfig.from_dict(nested, base=self)
+        return RunConfig.from_dict(nest_fields(overrides), base=self)
+
+
+def nest_fields(overrides: dict[str, Any], into: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Flat field values (``{"d_model": 128}``) as nested config values (``{"model": {"d_model": 128}}``),
+    laid over ``into`` (a copy; the flat values win)."""
+    nested: dict[str, Any] = {key: dict(value) if isinstance(value, dict) else value
+                              for key, value in (into or {}).items()}
+    owners = field_owners()
+    for name, value in overrides.items():
+        if name == "out":
+            nested["out"] = value
+        elif name in owners:
+            section = nested.setdefault(owners[name], {})
+            if not isinstance(section, dict):
+                _fail(owners[name], section, f"a table of {owners[name]} fields")
+            section[name] = value
+        else:
+            raise ValueError(f"unknown config field {name!r}")
+    return nested
 
 
 def field_owners() -> dict[str, str]:
@@ -451,8 +461,12 @@ def _parse_options(text: str) -> dict[str, Any]:
     return options
 
 
-def load_config_file(path: str | Path, base: RunConfig | None = None) -> RunConfig:
-    """Read a TOML (or JSON) config file laid over ``base``; a missing file is a ``ValueError``."""
+def load_config_file(
+    path: str | Path, base: RunConfig | None = None, overrides: dict[str, Any] | None = None
+) -> RunConfig:
+    """Read a TOML (or JSON) config file laid over ``base``, with the flat-field ``overrides`` (the
+    command line's flags) over the file; the merged config is validated once, so a file's value may
+    rely on a flag (``d_model = 30`` with ``--n-heads 2``). A missing file is a ``ValueError``."""
     path = Path(path)
     if not path.is_file():
         raise ValueError(f"config file {str(path)!r} does not exist")
@@ -464,7 +478,9 @@ def load_config_file(path: str | Path, base: RunConfig | None = None) -> RunConf
     except (ValueError, UnicodeDecodeError) as error:  # TOMLDecodeError and JSONDecodeError are ValueErrors
         kind = "JSON" if path.suffix == ".json" else "TOML"
         raise ValueError(f"config file {str(path)!r} is not valid {kind}: {error}") from None
-    return RunConfig.from_dict(values, base=base)
+    if not isinstance(values, dict):
+        _fail("config", values, "a table with out, [model], [data], [train] and [parallel]")
+    return RunConfig.from_dict(nest_fields(overrides or {}, into=values), base=base)
 
 
 def _toml_value(value: Any) -> str:

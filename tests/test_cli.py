@@ -15,6 +15,7 @@ import pytest
 from tiny_runs import cache_dir, read_metrics, tiny_flags  # noqa: F401  (session fixture)
 
 from locmoe.cli import build_parser, main
+from locmoe.compare.cli import resolve_comparison
 from locmoe.config import RunConfig, field_types, load_config_file
 
 REPO = Path(__file__).resolve().parents[1]
@@ -102,6 +103,18 @@ def test_flags_override_the_config_file_which_overrides_the_defaults(tmp_path, c
     assert config.model.capacity_factor == 1.5 and config.model.top_k == 1
     assert config.model.router_options == {"aux_coef": 0.05} and config.out == "runs/x"
     assert config.parallel.expert_parallel == 0 and not config.parallel.hierarchical
+
+
+def test_a_config_file_value_may_rely_on_a_flag_the_merged_config_is_validated_once(tmp_path, captured):
+    """``d_model = 30`` alone clashes with the default 4 heads; with ``--n-heads 2`` (and learned
+    positions: rotary needs an even head size) the merged config is valid and must be accepted."""
+    (tmp_path / "run.toml").write_text("[model]\nd_model = 30\n")
+    assert main(["train", "--config", str(tmp_path / "run.toml"), "--n-heads", "2", "--positions", "learned"]) == 0
+    assert (captured["config"].model.d_model, captured["config"].model.n_heads) == (30, 2)
+    args = build_parser().parse_args(["compare", "--config", str(tmp_path / "run.toml"), "--n-heads", "2",
+                                      "--positions", "learned"])
+    assert resolve_comparison(args)[0].model.n_heads == 2
+    assert main(["train", "--config", str(tmp_path / "run.toml")]) == 2  # alone it is still refused
 
 
 def test_expert_parallel_flags_set_the_parallel_section(captured):

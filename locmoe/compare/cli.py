@@ -89,13 +89,13 @@ def resolve_comparison(args: argparse.Namespace) -> tuple[RunConfig, list[Conten
         raise ValueError(f"--{name.replace('_', '-')} is set per run by compare; use {PER_RUN_FIELDS[name]} instead")
     args.preset = args.preset or DEFAULT_PRESET
     base, seeds = preset_config(args.preset)
-    if args.config:
-        base = load_config_file(args.config, base)
     overrides = {
         key[len("field_"):]: parse_field(key[len("field_"):], text)
         for key, text in vars(args).items()
         if key.startswith("field_")
     }
+    if args.config:
+        base = load_config_file(args.config, base, overrides)
     base = base.with_overrides(overrides)
     by_label = {c.label: c for c in preset_contenders(args.preset, base)}
     if args.routers:
