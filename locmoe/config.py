@@ -101,6 +101,9 @@ class ModelConfig:
         _number_in("model.norm_eps", self.norm_eps, 0.0, 1.0, open_low=True)
         _number_in("model.init_std", self.init_std, 0.0, 1.0, open_low=True)
         _int_at_least("model.moe_every", self.moe_every, 0)
+        if self.moe_every > self.n_layers:
+            _fail("model.moe_every", self.moe_every,
+                  f"0 (a dense model) or an integer in [1, n_layers={self.n_layers}]: larger gives no MoE layer")
         _choice("model.router", self.router, available_routers())
         if self.top_k is not None:
             _int_at_least("model.top_k", self.top_k, 1)

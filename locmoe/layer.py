@@ -109,6 +109,10 @@ class MoELayer(nn.Module):
             raise ValueError(f"input's last dimension is {tuple(x.shape)[-1:]}, expected d_model={self.d_model}")
         if not x.dtype.is_floating_point:
             raise ValueError(f"input must be a floating-point tensor, got dtype {x.dtype}")
+        weights = self.experts.w_in
+        if weights.device != x.device:
+            raise ValueError(f"input is on {x.device} but the layer's weights are on {weights.device}; "
+                             "move one of them (a layer on 'meta' has no weights to compute with)")
         if not bool(torch.isfinite(x).all()):
             bad = int((~torch.isfinite(x)).sum())
             raise ValueError(f"input contains {bad} non-finite values (NaN or inf); MoELayer needs finite inputs")

@@ -399,6 +399,14 @@ def _train(
             _check_restart_from_step_zero(run_dir, config)
         else:
             check_compatible(resumed[1], config, resumed[0])
+            saved_ranks = resumed[1].get("world_size", 1)
+            if saved_ranks != runtime.world_size and writer:
+                warnings.warn(
+                    f"resuming {resumed[0]}, saved on {saved_ranks} rank(s), on {runtime.world_size}: the routing "
+                    "groups and reduction order change, so the losses from here on differ from an uninterrupted "
+                    f"run on {saved_ranks} rank(s)",
+                    stacklevel=3,
+                )
     elif _existing_run_files(run_dir):
         raise ValueError(f"{run_dir} already holds a run; pass --resume to continue it, or choose another --out")
 

@@ -92,3 +92,10 @@ def test_invalid_layer_options(kwargs, match):
 def test_integer_input_rejected():
     with pytest.raises(ValueError, match="floating-point"):
         MoELayer(8, 16, 4)(torch.ones(3, 8, dtype=torch.long))
+
+
+def test_a_layer_on_meta_or_another_device_refuses_the_input():
+    with torch.device("meta"):
+        layer = MoELayer(16, 32, 4)
+    with pytest.raises(ValueError, match=r"input is on cpu but the layer's weights are on meta"):
+        layer(torch.randn(2, 8, 16))

@@ -116,3 +116,10 @@ def test_router_options_may_not_carry_the_fields_of_their_own(option, value):
     with pytest.raises(ValueError, match=rf"model.router_options.{option}={value!r} is invalid; allowed: nothing: "
                                          rf"{option} is a field of its own \(model.{option}"):
         ModelConfig(router_options={option: value})
+
+
+def test_moe_every_beyond_the_layer_count_is_refused_not_a_silent_dense_model():
+    with pytest.raises(ValueError, match=r"model.moe_every=5 is invalid; allowed: 0 \(a dense model\) or an integer "
+                                         r"in \[1, n_layers=4\]"):
+        ModelConfig(moe_every=5)
+    assert ModelConfig(moe_every=4).moe_layer_indices == [3] and ModelConfig(moe_every=0).moe_layer_indices == []

@@ -14,7 +14,7 @@ import torch
 from tiny_runs import TINY_MODEL, cache_dir, read_metrics, tiny_config  # noqa: F401  (session fixture)
 
 from locmoe import available_routers
-from locmoe.checkpoint import list_checkpoints
+from locmoe.checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
 from locmoe.config import ModelConfig, TrainConfig
 from locmoe.data.dataset import prepare_data
 from locmoe.data.loader import validation_batches
@@ -267,3 +267,14 @@ def test_an_unusable_out_path_is_refused_before_any_work(cache_dir, tmp_path, mo
         train(tiny_config(cache_dir, a_file / "run"))
     assert prepared == []  # refused before data preparation
     assert a_file.read_text() == "not a folder"
+
+
+def test_resuming_on_another_number_of_ranks_says_the_trajectory_changes(cache_dir, tmp_path):  # noqa: F811
+    config = tiny_config(cache_dir, tmp_path / "run", router="switch", steps=4, checkpoint_every=2, stop_after=2)
+    train(config)
+    path = list_checkpoints(config.run_dir)[-1]
+    state = load_checkpoint(path)
+    state["world_size"] = 2  # as if saved by two expert-parallel ranks
+    save_checkpoint(config.run_dir, 2, {k: v for k, v in state.items() if k != "format"}, keep=2)
+    with pytest.warns(UserWarning, match=r"saved on 2 rank\(s\), on 1: .* the losses from here on differ"):
+        train(config.with_overrides({"stop_after": 0}), resume=True)
