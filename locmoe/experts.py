@@ -133,9 +133,19 @@ _REUSED = (
 )
 
 
+_HIGHER_ORDER = (
+    "GroupedExperts computes its backward by hand and has no double backward: higher-order gradients "
+    "(create_graph=True, e.g. a gradient penalty) through the experts are not supported"
+)
+
+
 def _take_activations(ctx) -> list:
     """The per-expert activations saved by a forward, handed over once: backward overwrites them
-    and frees them expert by expert, so a second backward of the same forward raises."""
+    and frees them expert by expert, so a second backward of the same forward raises. A backward
+    asked to build a graph (``create_graph=True``) raises too: the hand-written backward is not
+    itself differentiable."""
+    if torch.is_grad_enabled():
+        raise RuntimeError(_HIGHER_ORDER)
     if ctx.activations is None:
         raise RuntimeError(_REUSED)
     activations, ctx.activations = ctx.activations, None

@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from locmoe.experts import GroupedExperts
+from locmoe.layer import MoELayer
 
 
 def _reference(experts: GroupedExperts, x, token_index, gates, counts):
@@ -80,3 +81,15 @@ def test_second_backward_of_one_forward_raises():
     out.sum().backward(retain_graph=True)
     with pytest.raises(RuntimeError, match="back-propagated only once"):
         out.sum().backward()
+
+
+@pytest.mark.parametrize("dispatch", ["pad", "pack"])
+def test_higher_order_gradients_through_the_experts_are_refused_clearly(dispatch):
+    layer = MoELayer(16, 32, 4, router="switch", dispatch=dispatch)
+    x = torch.randn(2, 8, 16, requires_grad=True)
+    loss = layer(x).square().mean()
+    with pytest.raises(RuntimeError, match="no double backward: higher-order gradients .*create_graph=True"):
+        torch.autograd.grad(loss, x, create_graph=True)
+    # A plain backward of a fresh forward still works after the refusal.
+    layer(x).square().mean().backward()
+    assert x.grad is not None and torch.isfinite(x.grad).all()
