@@ -309,6 +309,28 @@ def stall_worker(rank: int, world_size: int, out_dir: str, stall_rank: int, stal
         os._exit(0)
 
 
+def killed_rank_worker(rank: int, world_size: int, out_dir: str, dead_rank: int, timeout_s: float) -> None:
+    """Train a layer for 3 steps; at step 2 rank ``dead_rank`` dies (``os._exit``, no goodbye). The
+    others must fail with an error (the peer's closed connection, or the collective timeout), not hang."""
+    groups = build_groups(ranks_per_node=2, timeout_s=timeout_s)
+    torch.manual_seed(0)
+    layer = ExpertParallelMoELayer.build(D_MODEL, D_FF, NUM_EXPERTS, "switch", groups=groups, name="blocks.1.ffn")
+    started = time.monotonic()
+    outcome: dict[str, Any] = {"error": None}
+    try:
+        for step in range(1, 4):
+            if rank == dead_rank and step == 2:
+                os._exit(0)  # exit code 0: the launcher leaves the other ranks running
+            layer(torch.randn(8, D_MODEL)).sum().backward()
+        outcome["completed"] = True
+    except Exception as error:  # noqa: BLE001 - whatever the survivors see, they must see something
+        outcome["error"] = str(error)[:500]
+        outcome["type"] = type(error).__name__
+    outcome["seconds"] = time.monotonic() - started
+    write_result(out_dir, rank, outcome)
+    os._exit(0)  # the process group is unusable after a failed collective: leave without tearing it down
+
+
 # --------------------------------------------------------------------------------------------------
 # Small helpers used by several tests
 # --------------------------------------------------------------------------------------------------
