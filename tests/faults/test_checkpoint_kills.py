@@ -9,11 +9,13 @@ kill the process there; the test then resumes in-process and compares with a str
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import warnings
 
 import pytest
+import torch
 from tiny_runs import cache_dir, read_metrics, tiny_config  # noqa: F401  (session fixture)
 
 from locmoe.checkpoint import checkpoint_name, latest_checkpoint
@@ -85,8 +87,10 @@ def test_a_kill_at_any_point_of_a_checkpoint_write_resumes_exactly(point, straig
     target, resumed_from = CASES[point]
     if point == "before_first_checkpoint":
         point = "before_temp_write"
+    # The same thread count as this process: a reduction's order, and so the last bits, depend on it.
+    environment = {**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads())}
     killed = subprocess.run([sys.executable, "-c", _KILLED_RUN, json.dumps(config.to_dict()), point, target],
-                            capture_output=True, text=True, timeout=300)
+                            capture_output=True, text=True, timeout=300, env=environment)
     assert killed.returncode == 9, killed.stderr[-2000:]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # skipping a damaged checkpoint warns

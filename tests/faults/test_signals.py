@@ -12,6 +12,7 @@ import sys
 import time
 import warnings
 
+import torch
 from tiny_runs import cache_dir, read_metrics, tiny_config, tiny_flags  # noqa: F401  (session fixture)
 
 from locmoe.train import train
@@ -24,7 +25,9 @@ def test_a_double_sigint_still_resumes_to_the_uninterrupted_losses(cache_dir, tm
     process = subprocess.Popen(
         [sys.executable, "-m", "locmoe", "train", "--router", "switch", "--steps", str(STEPS), "--out", str(out),
          *tiny_flags(cache_dir), "--checkpoint-every", "2"],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"},
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        # The same thread count as this process: a reduction's order, and so the last bits, depend on it.
+        env={**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads())},
     )
     deadline = time.monotonic() + 120
     while not (out / "checkpoints" / "step-00000004.pt.sha256").exists():
