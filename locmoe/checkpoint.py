@@ -113,7 +113,7 @@ _TEMPORARY = re.compile(r"^\.step-\d{8}\.pt(\.sha256)?\..+\.tmp$")
 
 def remove_stale_temporaries(run_dir: Path) -> list[Path]:
     """Delete the temporary files a checkpoint write killed before its rename leaves behind
-    (``.step-N.pt.XXXX.tmp``, a full checkpoint's size each); returns what it removed. Call it only
+    (``.step-N.pt.<random>.tmp``, a full checkpoint's size each); returns what it removed. Call it only
     when no other process writes this run (the trainer does, at start)."""
     folder = Path(run_dir) / CHECKPOINT_DIR
     if not folder.is_dir():
