@@ -122,7 +122,8 @@ def _is_first_rank() -> bool:
 
 
 def _run_train(args: argparse.Namespace) -> int:
-    from locmoe.train import format_summary, train
+    from locmoe.run_summary import format_summary
+    from locmoe.train import train
 
     config = _resolve_train_config(args)
     speaks = _is_first_rank()  # before train(), which may end the process group

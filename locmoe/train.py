@@ -27,7 +27,11 @@ elapsed_s, ``moe`` = each MoE layer's design §5 metrics (with a topology, ``rem
 ``traffic`` = :meth:`~locmoe.parallel.ExpertParallelRuntime.traffic`, the bytes sent intra-node and
 inter-node by dispatch and combine, summed over layers and ranks, forward and backward (zeros in one
 process); ``val_loss``/``val_perplexity`` on evaluation steps), ``checkpoints/`` and ``summary.json``
-(the final summary, also returned).
+(the final summary, also returned; computed by :mod:`locmoe.run_summary`).
+
+:func:`train` reads as setup (:func:`_setup`: checks, data, seeded objects, the restored checkpoint,
+then the first writes), the loop (:func:`_loop`, one :func:`_train_step` at a time) and the summary
+(:func:`_finish`); :class:`RunParts` holds what setup built and :class:`RunState` where the run stands.
 """
 
 from __future__ import annotations
@@ -41,8 +45,9 @@ import signal
 import time
 import warnings
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
 import numpy as np
 import torch
@@ -70,12 +75,13 @@ from locmoe.data.loader import BatchLoader, validation_batches
 from locmoe.metrics import ClusterStatistics
 from locmoe.model import GPT, build_model
 from locmoe.parallel.runtime import ExpertParallelRuntime
+from locmoe.run_summary import read_metrics, summarize
 
 ModelBuilder = Callable[[ModelConfig, int], nn.Module]
 StepCallback = Callable[[int, dict[str, Any]], None]
 
-SUMMARY_TAIL_STEPS = 50  # the summary's train loss averages the last this many steps
 IGNORED_TARGET = -100  # cross_entropy's ignore_index: a padding target that adds nothing to the loss
+_METRICS = "metrics.jsonl"  # in the run directory: one JSON record per step
 
 
 def lr_factor(step: int, config: TrainConfig) -> float:
@@ -195,19 +201,131 @@ def start_runtime(config: RunConfig) -> ExpertParallelRuntime:
     return runtime
 
 
-def unigram_entropy(tokens: np.ndarray, vocab_size: int) -> float:
-    """Entropy (nats) of the token frequency distribution: the loss of the best context-free model."""
-    counts = np.bincount(tokens, minlength=vocab_size).astype(np.float64)
-    probs = counts[counts > 0] / counts.sum()
-    return float(-(probs * np.log(probs)).sum())
+def train(
+    config: RunConfig,
+    *,
+    resume: bool = False,
+    model_builder: ModelBuilder = build_model,
+    callbacks: Iterable[StepCallback] = (),
+) -> dict[str, Any]:
+    """Train (or, with ``resume``, continue) the run described by ``config``; return its summary.
+
+    Every check that can fail on user input (config, corpus, router options, an existing run, the
+    checkpoint's compatibility) happens before anything is written to the run directory, and fails
+    with a ``ValueError``. ``callbacks`` are called as ``callback(step, record)`` after each step.
+    SIGINT/SIGTERM stop the run after the current step, with a checkpoint (status ``"interrupted"``).
+    Under ``torchrun`` every rank calls this (module docstring).
+    """
+    if config.train.threads:
+        torch.set_num_threads(config.train.threads)
+    runtime = start_runtime(config)
+    try:
+        parts, state = _setup(config, runtime, resume, model_builder)
+        _loop(parts, state, list(callbacks))
+        return _finish(parts, state)
+    finally:
+        runtime.close()
 
 
-def unigram_cross_entropy(train: np.ndarray, validation: np.ndarray, vocab_size: int) -> float:
-    """Cross-entropy (nats) of the validation tokens under the training split's unigram
-    distribution (add-one smoothed): the validation loss a context-free model would reach."""
-    counts = np.bincount(train, minlength=vocab_size).astype(np.float64) + 1.0
-    log_probs = np.log(counts / counts.sum())
-    return float(-log_probs[validation].mean())
+@dataclass
+class RunParts:
+    """What setup builds for a run, on every rank (under ``torchrun`` the model holds this rank's
+    experts). The model comes from the run's model builder and offers :class:`~locmoe.model.GPT`'s
+    ``loss``, ``moe_layers``, ``config`` and ``parameter_counts``."""
+
+    config: RunConfig
+    runtime: ExpertParallelRuntime
+    data: PreparedData
+    model: GPT
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LambdaLR
+    loader: BatchLoader
+
+
+@dataclass
+class RunState:
+    """Where the run stands: setup fills it (from the checkpoint it resumes from), the loop advances
+    it, the summary reads it.
+
+    ``step`` counts the optimiser steps of the whole run. ``elapsed_before`` is the wall time of the
+    run's earlier processes and ``started`` the ``time.perf_counter()`` at which this process's part
+    began, so :meth:`elapsed` is the run's wall time; ``train_time`` and ``steps_this_run`` cover
+    this process's steps only (the summary's throughput). ``records`` are the metrics records of the
+    whole run, ``checkpoint_path``/``checkpoint_step`` the newest checkpoint (step -1: none), and
+    ``stop_signal`` the signal that stopped the run, agreed by all ranks (0: none)."""
+
+    step: int
+    elapsed_before: float
+    started: float
+    records: list[dict[str, Any]]
+    checkpoint_path: Path | None
+    checkpoint_step: int
+    train_time: float = 0.0
+    steps_this_run: int = 0
+    stop_signal: int = 0
+
+    def elapsed(self) -> float:
+        """The run's wall time so far, seconds, its earlier processes included."""
+        return self.elapsed_before + (time.perf_counter() - self.started)
+
+
+# Setup: the checks, the data, the objects, the restored checkpoint, the first writes.
+
+
+def _setup(
+    config: RunConfig, runtime: ExpertParallelRuntime, resume: bool, model_builder: ModelBuilder
+) -> tuple[RunParts, RunState]:
+    """Everything before the first step, in this order: the checks of the run folder and of the
+    checkpoint to resume, the data (and the checks that need it), the seeded objects, the restored
+    checkpoint; only then does the writer write. So every check that can fail on user input (a
+    resumed state that does not fit the model included) fails before anything is written."""
+    resumed = _check_output_and_resume(config, runtime, resume)
+    data = _prepare_data(config, runtime, resumed)
+    parts = _build(config, runtime, data, model_builder)
+    step, elapsed_before = _restore(parts, *resumed) if resumed else (0, 0.0)
+    records = read_metrics(config.run_dir / _METRICS, step)
+    runtime.barrier("run directory read")  # no rank reads a file the writer is about to rewrite
+    if runtime.is_writer:  # from here on we write (the writer only)
+        _write_run_files(config, records)
+    state = RunState(
+        step, elapsed_before, time.perf_counter(), records,
+        checkpoint_path=resumed[0] if resumed else None, checkpoint_step=step if resumed else -1,
+    )
+    return parts, state
+
+
+def _check_output_and_resume(
+    config: RunConfig, runtime: ExpertParallelRuntime, resume: bool
+) -> tuple[Path, dict[str, Any]] | None:
+    """The checks before any data preparation: the batch splits over the ranks, ``--out`` can become
+    a run folder, and it holds no run (a new run) or a run whose newest valid checkpoint fits
+    ``config`` (``resume``). Return that checkpoint as (path, state), or ``None`` to start at step 0."""
+    train_config, run_dir, writer = config.train, config.run_dir, runtime.is_writer
+    if train_config.batch_size % runtime.world_size:
+        raise ValueError(
+            f"train.batch_size={train_config.batch_size} does not split over {runtime.world_size} ranks; "
+            f"allowed: a multiple of {runtime.world_size} (each rank takes the same number of rows)"
+        )
+    if writer:
+        check_output_dir(run_dir)
+    if not resume:
+        if _existing_run_files(run_dir):
+            raise ValueError(f"{run_dir} already holds a run; pass --resume to continue it, or choose another --out")
+        return None
+    resumed = latest_checkpoint(run_dir)
+    if resumed is None:
+        _check_restart_from_step_zero(run_dir, config)
+        return None
+    check_compatible(resumed[1], config, resumed[0])
+    saved_ranks = resumed[1].get("world_size", 1)
+    if saved_ranks != runtime.world_size and writer:
+        warnings.warn(
+            f"resuming {resumed[0]}, saved on {saved_ranks} rank(s), on {runtime.world_size}: the routing "
+            "groups and reduction order change, so the losses from here on differ from an uninterrupted "
+            f"run on {saved_ranks} rank(s)",
+            stacklevel=4,  # the line that called train()
+        )
+    return resumed
 
 
 def _existing_run_files(run_dir: Path) -> list[str]:
@@ -246,176 +364,28 @@ def _check_restart_from_step_zero(run_dir: Path, config: RunConfig) -> None:
         raise ValueError(f"cannot resume: {saved} is not a readable config ({error})") from None
     if differences:
         raise ValueError(f"cannot resume {run_dir} from step 0: its config differs: " + "; ".join(differences))
-    warnings.warn(f"{run_dir} stopped before its first checkpoint: starting it again from step 0", stacklevel=3)
+    warnings.warn(f"{run_dir} stopped before its first checkpoint: starting it again from step 0", stacklevel=4)
 
 
-def _read_metrics(path: Path, up_to_step: int) -> list[dict[str, Any]]:
-    """The records of ``metrics.jsonl`` with ``step <= up_to_step`` (a torn last line is dropped)."""
-    if not path.exists():
-        return []
-    records = []
-    for line in path.read_text(encoding="utf-8").splitlines():
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        if record.get("step", math.inf) <= up_to_step:
-            records.append(record)
-    return records
-
-
-def _routing_totals(records: list[dict[str, Any]]) -> dict[str, Any]:
-    slots = kept = 0
-    drop_rates = []
-    for record in records:
-        for layer in record.get("moe", {}).values():
-            slots += int(layer.get("processed_slots", 0))
-            kept += int(layer.get("tokens_kept", 0))
-            if "drop_rate" in layer:
-                drop_rates.append(float(layer["drop_rate"]))
-    return {
-        "expert_slots_processed": slots,
-        "expert_tokens_kept": kept,
-        "drop_rate_mean": float(np.mean(drop_rates)) if drop_rates else None,
-    }
-
-
-def summarize(
-    config: RunConfig,
-    data: PreparedData,
-    model: GPT,
-    records: list[dict[str, Any]],
-    status: str,
-    step: int,
-    elapsed: float,
-    throughput: float | None,
-    checkpoint: Path | None,
-) -> dict[str, Any]:
-    """The run's final summary (``summary.json``), computed from the metrics records so a resumed
-    run summarises its whole history."""
-    evaluations = [
-        {key: r[key] for key in ("step", "val_loss", "val_perplexity", "val_calinski_harabasz") if key in r}
-        for r in records
-        if "val_loss" in r
-    ]
-    tail = [r["lm_loss"] for r in records[-SUMMARY_TAIL_STEPS:]]
-    counts = model.parameter_counts()
-    return {
-        "status": status,
-        "run_dir": str(config.run_dir),
-        "router": config.model.router,
-        "seed": config.train.seed,
-        "data_seed": config.data.data_seed,
-        "step": step,
-        "steps": config.train.steps,
-        "tokens_seen": step * config.train.batch_size * config.model.seq_len,
-        "corpus": data.corpus_name,
-        "corpus_sha256": data.corpus_sha256,
-        "corpus_chars": data.num_chars,
-        "vocab_size": data.tokenizer.vocab_size,
-        "train_tokens": int(len(data.train_ids)),
-        "validation_tokens": int(len(data.validation_ids)),
-        "unigram_entropy": unigram_entropy(data.train_ids, config.data.vocab_size),
-        "unigram_validation_loss": unigram_cross_entropy(data.train_ids, data.validation_ids, config.data.vocab_size),
-        "params_total": counts["total"],
-        "params_active": counts["active"],
-        "final_train_loss": float(np.mean(tail)) if tail else None,
-        "final_val_loss": evaluations[-1]["val_loss"] if evaluations else None,
-        "final_val_perplexity": evaluations[-1]["val_perplexity"] if evaluations else None,
-        "best_val_loss": min(e["val_loss"] for e in evaluations) if evaluations else None,
-        "evaluations": evaluations,
-        "tokens_per_s": throughput,
-        "wall_time_s": elapsed,
-        **_routing_totals(records),
-        "checkpoint": str(checkpoint) if checkpoint else None,
-    }
-
-
-def format_summary(summary: dict[str, Any]) -> str:
-    """The summary as three human-readable lines (what ``locmoe train`` prints at the end)."""
-    def number(value: object, spec: str) -> str:
-        return "n/a" if value is None else format(value, spec)
-
-    return (
-        f"{summary['status']}: {summary['router']} seed {summary['seed']}, step {summary['step']}/{summary['steps']}, "
-        f"{summary['tokens_seen']:,} tokens in {summary['wall_time_s']:.0f} s "
-        f"({number(summary['tokens_per_s'], ',.0f')} tokens/s)\n"
-        f"  train loss {number(summary['final_train_loss'], '.4f')}, "
-        f"validation loss {number(summary['final_val_loss'], '.4f')} "
-        f"(perplexity {number(summary['final_val_perplexity'], '.1f')}); "
-        f"unigram entropy {summary['unigram_entropy']:.4f}, unigram validation loss "
-        f"{summary['unigram_validation_loss']:.4f} nats\n"
-        f"  {summary['params_total']:,} parameters ({summary['params_active']:,} active per token); "
-        f"expert slots processed {summary['expert_slots_processed']:,}; run dir {summary['run_dir']}"
-    )
-
-
-def train(
-    config: RunConfig,
-    *,
-    resume: bool = False,
-    model_builder: ModelBuilder = build_model,
-    callbacks: Iterable[StepCallback] = (),
-) -> dict[str, Any]:
-    """Train (or, with ``resume``, continue) the run described by ``config``; return its summary.
-
-    Every check that can fail on user input (config, corpus, router options, an existing run, the
-    checkpoint's compatibility) happens before anything is written to the run directory, and fails
-    with a ``ValueError``. ``callbacks`` are called as ``callback(step, record)`` after each step.
-    SIGINT/SIGTERM stop the run after the current step, with a checkpoint (status ``"interrupted"``).
-    Under ``torchrun`` every rank calls this (module docstring).
-    """
-    if config.train.threads:
-        torch.set_num_threads(config.train.threads)
-    runtime = start_runtime(config)
-    try:
-        return _train(config, runtime, resume, model_builder, list(callbacks))
-    finally:
-        runtime.close()
-
-
-def _train(
-    config: RunConfig,
-    runtime: ExpertParallelRuntime,
-    resume: bool,
-    model_builder: ModelBuilder,
-    callbacks: list[StepCallback],
-) -> dict[str, Any]:
-    train_config = config.train
-    run_dir = config.run_dir
-    writer = runtime.is_writer
-    if train_config.batch_size % runtime.world_size:
-        raise ValueError(
-            f"train.batch_size={train_config.batch_size} does not split over {runtime.world_size} ranks; "
-            f"allowed: a multiple of {runtime.world_size} (each rank takes the same number of rows)"
-        )
-
-    if writer:
-        check_output_dir(run_dir)
-    resumed: tuple[Path, dict[str, Any]] | None = None
-    if resume:
-        resumed = latest_checkpoint(run_dir)
-        if resumed is None:
-            _check_restart_from_step_zero(run_dir, config)
-        else:
-            check_compatible(resumed[1], config, resumed[0])
-            saved_ranks = resumed[1].get("world_size", 1)
-            if saved_ranks != runtime.world_size and writer:
-                warnings.warn(
-                    f"resuming {resumed[0]}, saved on {saved_ranks} rank(s), on {runtime.world_size}: the routing "
-                    "groups and reduction order change, so the losses from here on differ from an uninterrupted "
-                    f"run on {saved_ranks} rank(s)",
-                    stacklevel=3,
-                )
-    elif _existing_run_files(run_dir):
-        raise ValueError(f"{run_dir} already holds a run; pass --resume to continue it, or choose another --out")
-
+def _prepare_data(
+    config: RunConfig, runtime: ExpertParallelRuntime, resumed: tuple[Path, dict[str, Any]] | None
+) -> PreparedData:
+    """The run's data; a resumed run's corpus text and tokenizer must be its checkpoint's."""
     # The writer fills the tokenizer and token caches; the other ranks then read them.
     data = runtime.writer_first(lambda: prepare_data(config.data), "data preparation")
     if resumed and resumed[1]["corpus_sha256"] != data.corpus_sha256:
         raise ValueError(f"cannot resume from {resumed[0]}: the corpus text changed since the checkpoint")
     if resumed and resumed[1]["tokenizer"] != data.tokenizer.to_json():
         raise ValueError(f"cannot resume from {resumed[0]}: the tokenizer differs from the checkpoint's")
+    return data
+
+
+def _build(
+    config: RunConfig, runtime: ExpertParallelRuntime, data: PreparedData, model_builder: ModelBuilder
+) -> RunParts:
+    """Seed from ``train.seed``, then build the model, optimiser, scheduler and batch loader, so a new
+    run's initial state follows from ``train.seed`` and ``data.data_seed`` alone."""
+    train_config = config.train
     random.seed(train_config.seed)
     np.random.seed(train_config.seed)
     torch.manual_seed(train_config.seed)
@@ -425,158 +395,227 @@ def _train(
     loader = BatchLoader(data.train_ids, config.model.seq_len, train_config.batch_size, config.data.data_seed)
     # Fail on a too-small validation split now rather than at the first evaluation.
     next(validation_batches(data.validation_ids, config.model.seq_len, train_config.batch_size, 1))
+    return RunParts(config, runtime, data, model, optimizer, scheduler, loader)
 
-    step, elapsed_before = 0, 0.0
-    if resumed:
-        state = resumed[1]
-        try:
-            runtime.load_model_state(model, state["model"])
-            runtime.load_optimizer_state(model, optimizer, state["optimizer"])
-        except ValueError as error:
-            raise ValueError(f"cannot resume from {resumed[0]}: {error}") from None
-        scheduler.load_state_dict(state["scheduler"])
-        loader.load_state_dict(state["data"])
-        set_rng_state(state["rng"])
-        step, elapsed_before = int(state["step"]), float(state["elapsed_s"])
-    metrics_path = run_dir / "metrics.jsonl"
-    records = _read_metrics(metrics_path, step)
-    runtime.barrier("run directory read")  # no rank reads a file the writer is about to rewrite
 
-    # From here on we write (the writer only).
-    if writer:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        remove_stale_temporaries(run_dir)  # left by a kill between a checkpoint's write and its rename
-        write_atomic(run_dir / "config.json", (json.dumps(config.to_dict(), indent=2) + "\n").encode())
-        try:
-            write_atomic(run_dir / "config.toml", to_toml(config).encode())
-        except ValueError:  # a router option TOML cannot express (e.g. None): config.json is the record
-            (run_dir / "config.toml").unlink(missing_ok=True)
-        # Steps logged after the checkpoint we resume from are replayed, so drop them.
-        write_atomic(metrics_path, "".join(json.dumps(r) + "\n" for r in records).encode())
+def _restore(parts: RunParts, path: Path, saved: dict[str, Any]) -> tuple[int, float]:
+    """Load the checkpoint ``saved`` (read from ``path``) into ``parts``: model, optimiser, scheduler,
+    data position and RNG states, so the run continues bit for bit. Return its step and elapsed time."""
+    try:
+        parts.runtime.load_model_state(parts.model, saved["model"])
+        parts.runtime.load_optimizer_state(parts.model, parts.optimizer, saved["optimizer"])
+    except ValueError as error:
+        raise ValueError(f"cannot resume from {path}: {error}") from None
+    parts.scheduler.load_state_dict(saved["scheduler"])
+    parts.loader.load_state_dict(saved["data"])
+    set_rng_state(saved["rng"])
+    return int(saved["step"]), float(saved["elapsed_s"])
 
-    def save() -> Path:
-        """Checkpoint the current step (collective: the consolidated state is gathered on every rank)."""
-        state = {
-            "step": step,
-            "elapsed_s": elapsed_before + (time.perf_counter() - started),
-            "config": config.to_dict(),
-            "world_size": runtime.world_size,
-            "model": runtime.model_state(model),
-            "optimizer": runtime.optimizer_state(model, optimizer),
-            "scheduler": scheduler.state_dict(),
-            "data": loader.state_dict(),
-            "rng": rng_state(),
-            "tokenizer": data.tokenizer.to_json(),
-            "corpus_sha256": data.corpus_sha256,
-        }
-        if writer:
-            return save_checkpoint(run_dir, step, state, train_config.keep_checkpoints)
-        return run_dir / CHECKPOINT_DIR / checkpoint_name(step)
 
-    last_stop = train_config.stop_after if train_config.stop_after else train_config.steps
-    last_stop = min(last_stop, train_config.steps)
-    tokens_per_step = train_config.batch_size * config.model.seq_len
-    placement = config.parallel.simulated_placement
-    started = time.perf_counter()
-    train_time = 0.0
-    steps_this_run = 0
-    checkpoint_path: Path | None = resumed[0] if resumed else None
-    checkpoint_step = step if resumed else -1
-    stop_signal = 0  # the signal that stopped the run, agreed by all ranks (0 = none)
-    model.train()
-    progress = tqdm(
-        total=train_config.steps, initial=step, disable=not (train_config.progress and writer), dynamic_ncols=True,
-        desc=f"{config.model.router}", unit="step",
-    )
+def _write_run_files(config: RunConfig, records: list[dict[str, Any]]) -> None:
+    """The writer's first writes: the run folder, the resolved config (``config.json``, and
+    ``config.toml`` where TOML can express it) and ``metrics.jsonl`` cut back to ``records``."""
+    run_dir = config.run_dir
+    run_dir.mkdir(parents=True, exist_ok=True)
+    remove_stale_temporaries(run_dir)  # left by a kill between a checkpoint's write and its rename
+    write_atomic(run_dir / "config.json", (json.dumps(config.to_dict(), indent=2) + "\n").encode())
+    try:
+        write_atomic(run_dir / "config.toml", to_toml(config).encode())
+    except ValueError:  # a router option TOML cannot express (e.g. None): config.json is the record
+        (run_dir / "config.toml").unlink(missing_ok=True)
+    # Steps logged after the checkpoint we resume from are replayed, so drop them.
+    write_atomic(run_dir / _METRICS, "".join(json.dumps(r) + "\n" for r in records).encode())
+
+
+# The loop and its pieces: one step, evaluation, the metrics line, checkpoint, report.
+
+
+def _loop(parts: RunParts, state: RunState, callbacks: list[StepCallback]) -> None:
+    """Step until ``train.steps`` (or ``train.stop_after``) or a stop signal. Each step is evaluated
+    when due, logged to ``metrics.jsonl``, checkpointed when due (or when it is the last), and only
+    then handed to the callbacks and the progress bar. A run stopped by a signal between checkpoints
+    is checkpointed on the way out."""
+    train_config = parts.config.train
+    last_stop = min(train_config.stop_after or train_config.steps, train_config.steps)
+    writer = parts.runtime.is_writer
+    parts.model.train()
+    progress = _progress_bar(parts.config, state.step, writer)
+    metrics_path = parts.config.run_dir / _METRICS
     metrics_output = metrics_path.open("a", encoding="utf-8") if writer else contextlib.nullcontext()
     with stop_on_signals() as stop, metrics_output as metrics_file:
-        while step < last_stop and not stop_signal:
-            step_start = time.perf_counter()
-            fraction = None
-            if runtime.simulated_nodes and placement == "corpus":
-                fraction = torch.from_numpy(loader.batch_windows(loader.position) / loader.num_windows)
-            inputs, targets = loader.next_batch()
-            token_nodes = runtime.token_nodes(inputs, fraction)
-            inputs, targets = runtime.local_rows(inputs, targets)
-            lr = scheduler.get_last_lr()[0]
-            runtime.set_step(model, step + 1)
-            # token_nodes only when simulated: a plain loss(ids, targets) is all a model must offer.
-            topology = {} if token_nodes is None else {"token_nodes": token_nodes}
-            with forward_precision(train_config.precision):
-                lm_loss, aux_loss = model.loss(inputs, targets, **topology)
-            loss = lm_loss + aux_loss
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            max_norm = train_config.grad_clip if train_config.grad_clip > 0 else math.inf
-            grad_norm = runtime.finish_backward(model, max_norm, step + 1)
-            optimizer.step()
-            scheduler.step()
-            step += 1
-            logged = runtime.mean_over_ranks(torch.stack([loss.detach(), lm_loss.detach(), aux_loss.detach()]), step)
-            loss_value, lm_value, aux_value, norm_value = torch.cat(
-                [logged, grad_norm.detach().reshape(1).to(logged.dtype)]
-            ).tolist()  # the one device sync of the step
-            step_time = time.perf_counter() - step_start
-            train_time += step_time
-            steps_this_run += 1
-            record: dict[str, Any] = {
-                "step": step,
-                "loss": loss_value,
-                "lm_loss": lm_value,
-                "aux_loss": aux_value,
-                "lr": lr,
-                "grad_norm": norm_value,
-                "tokens_per_s": tokens_per_step / step_time,
-                "elapsed_s": elapsed_before + (time.perf_counter() - started),
-                "epoch": loader.epoch,
-                "moe": runtime.routing_metrics(model, step),
-                "traffic": runtime.traffic(model, step),
-            }
-            if not math.isfinite(loss_value):
-                raise FloatingPointError(f"the loss became {loss_value} at step {step}; lower --lr or check the data")
-            finishing = step == last_stop
-            if (train_config.eval_every and step % train_config.eval_every == 0) or (
-                finishing and step == train_config.steps
-            ):
-                record.update(
-                    evaluate(model, data.validation_ids, train_config.batch_size, train_config.eval_batches, runtime,
-                             train_config.precision, specialisation=True)
-                )
-            record["elapsed_s"] = elapsed_before + (time.perf_counter() - started)
-            if writer:
-                metrics_file.write(json.dumps(record) + "\n")
-                metrics_file.flush()
-            records.append(record)
-            if (train_config.checkpoint_every and step % train_config.checkpoint_every == 0) or finishing:
-                checkpoint_path = save()
-                checkpoint_step = step
-            for callback in callbacks:
-                callback(step, record)
-            progress.update(1)
-            postfix = {"loss": f"{lm_value:.3f}", "lr": f"{lr:.2e}", "tok/s": f"{tokens_per_step / step_time:,.0f}"}
-            if "val_loss" in record:
-                postfix["val"] = f"{record['val_loss']:.3f}"
-            progress.set_postfix(postfix, refresh=False)
+        while state.step < last_stop and not state.stop_signal:
+            record = _train_step(parts, state)
+            finishing = state.step == last_stop
+            if _due(train_config.eval_every, state.step) or (finishing and state.step == train_config.steps):
+                record.update(_validate(parts))
+            record["elapsed_s"] = state.elapsed()
+            _log_record(metrics_file, state, record)
+            if _due(train_config.checkpoint_every, state.step) or finishing:
+                _checkpoint(parts, state)
+            _report(progress, callbacks, state.step, record)
             # Every rank must stop at the same step: the largest signal number any rank received.
-            stop_signal = runtime.max_over_ranks(stop.signal_number or 0, step)
-        if checkpoint_step != step:  # stopped by a signal between checkpoints
-            checkpoint_path = save()
+            state.stop_signal = parts.runtime.max_over_ranks(stop.signal_number or 0, state.step)
+        if state.checkpoint_step != state.step:  # stopped by a signal between checkpoints
+            _checkpoint(parts, state)
     progress.close()
 
-    if stop_signal:
+
+def _due(every: int, step: int) -> bool:
+    """Whether a periodic action (``every`` steps; 0 = never) falls on ``step``."""
+    return bool(every) and step % every == 0
+
+
+def _progress_bar(config: RunConfig, step: int, writer: bool) -> tqdm:
+    """The progress bar (``train.progress``, the writer only), starting at ``step``."""
+    return tqdm(
+        total=config.train.steps, initial=step, disable=not (config.train.progress and writer), dynamic_ncols=True,
+        desc=f"{config.model.router}", unit="step",
+    )
+
+
+def _train_step(parts: RunParts, state: RunState) -> dict[str, Any]:
+    """One optimisation step on the next batch: advance ``state`` and return the step's metrics
+    record, before any evaluation (the losses are means over the ranks, ``moe`` the MoE layers'
+    design §5 metrics merged over them). ``FloatingPointError`` if the loss is not finite."""
+    step_start = time.perf_counter()
+    inputs, targets, topology = _next_batch(parts)
+    lr = parts.scheduler.get_last_lr()[0]
+    loss_value, lm_value, aux_value, norm_value = _optimise(parts, state.step + 1, inputs, targets, topology)
+    state.step += 1
+    step = state.step
+    step_time = time.perf_counter() - step_start
+    state.train_time += step_time
+    state.steps_this_run += 1
+    tokens_per_step = parts.config.train.batch_size * parts.config.model.seq_len
+    record: dict[str, Any] = {
+        "step": step,
+        "loss": loss_value,
+        "lm_loss": lm_value,
+        "aux_loss": aux_value,
+        "lr": lr,
+        "grad_norm": norm_value,
+        "tokens_per_s": tokens_per_step / step_time,
+        "elapsed_s": state.elapsed(),
+        "epoch": parts.loader.epoch,
+        "moe": parts.runtime.routing_metrics(parts.model, step),
+        "traffic": parts.runtime.traffic(parts.model, step),
+    }
+    if not math.isfinite(loss_value):
+        raise FloatingPointError(f"the loss became {loss_value} at step {step}; lower --lr or check the data")
+    return record
+
+
+def _next_batch(parts: RunParts) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
+    """This rank's rows of the next global batch, and the keyword arguments of ``model.loss`` that
+    place its tokens on simulated nodes: ``token_nodes`` only when simulated, so a plain
+    ``loss(ids, targets)`` is all a model must offer."""
+    runtime, loader = parts.runtime, parts.loader
+    fraction = None
+    if runtime.simulated_nodes and parts.config.parallel.simulated_placement == "corpus":
+        fraction = torch.from_numpy(loader.batch_windows(loader.position) / loader.num_windows)
+    inputs, targets = loader.next_batch()
+    token_nodes = runtime.token_nodes(inputs, fraction)
+    inputs, targets = runtime.local_rows(inputs, targets)
+    return inputs, targets, ({} if token_nodes is None else {"token_nodes": token_nodes})
+
+
+def _optimise(
+    parts: RunParts, step: int, inputs: torch.Tensor, targets: torch.Tensor, topology: dict[str, torch.Tensor]
+) -> list[float]:
+    """Forward, backward, clip and update for optimiser step ``step`` (1-based); return the loss, LM
+    loss and aux loss (means over the ranks) and the gradient norm before clipping (global)."""
+    train_config, runtime, model = parts.config.train, parts.runtime, parts.model
+    runtime.set_step(model, step)
+    with forward_precision(train_config.precision):
+        lm_loss, aux_loss = model.loss(inputs, targets, **topology)
+    loss = lm_loss + aux_loss
+    parts.optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    max_norm = train_config.grad_clip if train_config.grad_clip > 0 else math.inf
+    grad_norm = runtime.finish_backward(model, max_norm, step)
+    parts.optimizer.step()
+    parts.scheduler.step()
+    logged = runtime.mean_over_ranks(torch.stack([loss.detach(), lm_loss.detach(), aux_loss.detach()]), step)
+    return torch.cat(
+        [logged, grad_norm.detach().reshape(1).to(logged.dtype)]
+    ).tolist()  # the one device sync of the step
+
+
+def _validate(parts: RunParts) -> dict[str, Any]:
+    """:func:`evaluate` at the run's settings, with the specialisation index (design §6.6)."""
+    train_config = parts.config.train
+    return evaluate(
+        parts.model, parts.data.validation_ids, train_config.batch_size, train_config.eval_batches, parts.runtime,
+        train_config.precision, specialisation=True,
+    )
+
+
+def _log_record(metrics_file: TextIO | None, state: RunState, record: dict[str, Any]) -> None:
+    """Append the step's record to ``metrics.jsonl`` (the writer's open file; ``None`` on the other
+    ranks), flushed so a kill loses no logged step, and to ``state.records``."""
+    if metrics_file is not None:
+        metrics_file.write(json.dumps(record) + "\n")
+        metrics_file.flush()
+    state.records.append(record)
+
+
+def _checkpoint(parts: RunParts, state: RunState) -> None:
+    """Checkpoint the run at ``state.step`` and note it in ``state``. Collective: every rank gathers
+    the consolidated state; the writer saves it, keeping the newest ``train.keep_checkpoints``."""
+    config, runtime = parts.config, parts.runtime
+    saved = {
+        "step": state.step,
+        "elapsed_s": state.elapsed(),
+        "config": config.to_dict(),
+        "world_size": runtime.world_size,
+        "model": runtime.model_state(parts.model),
+        "optimizer": runtime.optimizer_state(parts.model, parts.optimizer),
+        "scheduler": parts.scheduler.state_dict(),
+        "data": parts.loader.state_dict(),
+        "rng": rng_state(),
+        "tokenizer": parts.data.tokenizer.to_json(),
+        "corpus_sha256": parts.data.corpus_sha256,
+    }
+    if runtime.is_writer:
+        path = save_checkpoint(config.run_dir, state.step, saved, config.train.keep_checkpoints)
+    else:
+        path = config.run_dir / CHECKPOINT_DIR / checkpoint_name(state.step)
+    state.checkpoint_path, state.checkpoint_step = path, state.step
+
+
+def _report(progress: tqdm, callbacks: list[StepCallback], step: int, record: dict[str, Any]) -> None:
+    """Hand the step's record to the callbacks, then advance the progress bar; its postfix shows the
+    LM loss, learning rate and tokens/s as the step logged them, and the validation loss if any."""
+    postfix = {
+        "loss": f"{record['lm_loss']:.3f}", "lr": f"{record['lr']:.2e}", "tok/s": f"{record['tokens_per_s']:,.0f}"
+    }  # formatted before a callback sees the record
+    for callback in callbacks:
+        callback(step, record)
+    progress.update(1)
+    if "val_loss" in record:
+        postfix["val"] = f"{record['val_loss']:.3f}"
+    progress.set_postfix(postfix, refresh=False)
+
+
+def _finish(parts: RunParts, state: RunState) -> dict[str, Any]:
+    """The run's summary (:func:`locmoe.run_summary.summarize` plus ``world_size`` and, if a signal
+    stopped the run, ``signal``), written to ``summary.json`` by the writer and returned."""
+    config = parts.config
+    if state.stop_signal:
         status = "interrupted"
-    elif step >= train_config.steps:
+    elif state.step >= config.train.steps:
         status = "completed"
     else:
         status = "stopped"
-    throughput = steps_this_run * tokens_per_step / train_time if train_time > 0 else None
+    tokens_per_step = config.train.batch_size * config.model.seq_len
+    throughput = state.steps_this_run * tokens_per_step / state.train_time if state.train_time > 0 else None
     summary = summarize(
-        config, data, model, records, status, step, elapsed_before + (time.perf_counter() - started),
-        throughput, checkpoint_path,
+        config, parts.data, parts.model, state.records, status, state.step, state.elapsed(), throughput,
+        state.checkpoint_path,
     )
-    summary["world_size"] = runtime.world_size
-    if stop_signal:
-        summary["signal"] = signal.Signals(stop_signal).name
-    if writer:
-        write_atomic(run_dir / "summary.json", (json.dumps(summary, indent=2) + "\n").encode())
+    summary["world_size"] = parts.runtime.world_size
+    if state.stop_signal:
+        summary["signal"] = signal.Signals(state.stop_signal).name
+    if parts.runtime.is_writer:
+        write_atomic(config.run_dir / "summary.json", (json.dumps(summary, indent=2) + "\n").encode())
     return summary

@@ -86,7 +86,7 @@ def captured(monkeypatch):
         return {"status": "completed"}
 
     monkeypatch.setattr("locmoe.train.train", fake_train)
-    monkeypatch.setattr("locmoe.train.format_summary", lambda summary: "")
+    monkeypatch.setattr("locmoe.run_summary.format_summary", lambda summary: "")
     return seen
 
 

@@ -19,7 +19,8 @@ from locmoe.config import ModelConfig, TrainConfig
 from locmoe.data.dataset import prepare_data
 from locmoe.data.loader import validation_batches
 from locmoe.model import GPT
-from locmoe.train import evaluate, lr_factor, train, unigram_cross_entropy, unigram_entropy
+from locmoe.run_summary import unigram_cross_entropy, unigram_entropy
+from locmoe.train import evaluate, lr_factor, train
 
 STEPS = 20
 
