@@ -96,7 +96,7 @@ def worker(rank: int, world_size: int, store: str, out: str, contender: dict, st
         synchronize_gradients(model, groups)
         optimizer.step()
         elapsed = time.perf_counter() - started
-        traffic = layer.traffic
+        traffic = layer.dispatcher.traffic
         records.append({
             "seconds": elapsed,
             "lm_loss": float(lm_loss.detach()),

@@ -6,7 +6,7 @@ Public API::
 """
 
 from locmoe.layer import MoELayer
-from locmoe.routing import ROUTER_DEFAULT, RoutingContext, RoutingPlan, available_routers, build_router
+from locmoe.routing import RoutingContext, RoutingPlan, available_routers, build_router
 
-__all__ = ["MoELayer", "ROUTER_DEFAULT", "RoutingContext", "RoutingPlan", "available_routers", "build_router"]
+__all__ = ["MoELayer", "RoutingContext", "RoutingPlan", "available_routers", "build_router"]
 __version__ = "0.1.0"

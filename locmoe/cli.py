@@ -29,6 +29,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import NoReturn
 
+from locmoe.checkpoint import resolve_checkpoint
+from locmoe.compare import cli as compare_cli
 from locmoe.config import (
     ACTIVATIONS,
     DISPATCH_MODES,
@@ -40,7 +42,14 @@ from locmoe.config import (
     load_config_file,
     parse_field,
 )
+from locmoe.data.dataset import prepare_data
+from locmoe.data.tokenizer import BPETokenizer
+from locmoe.demo import run_demo
+from locmoe.model import build_model
+from locmoe.parallel.runtime import ExpertParallelRuntime
 from locmoe.routing.registry import available_routers
+from locmoe.run_summary import format_summary
+from locmoe.train import evaluate, train
 
 EXIT_USAGE = 2
 
@@ -122,8 +131,6 @@ def _is_first_rank() -> bool:
 
 
 def _run_train(args: argparse.Namespace) -> int:
-    from locmoe.run_summary import format_summary
-    from locmoe.train import train
 
     config = _resolve_train_config(args)
     speaks = _is_first_rank()  # before train(), which may end the process group
@@ -150,9 +157,6 @@ def _add_checkpoint_argument(parser: argparse.ArgumentParser) -> None:
 
 
 def _load_for_inference(path: str):
-    from locmoe.checkpoint import resolve_checkpoint
-    from locmoe.model import build_model
-    from locmoe.parallel.runtime import ExpertParallelRuntime
 
     checkpoint_path, state = resolve_checkpoint(path)
     try:
@@ -187,8 +191,6 @@ def _non_negative_int(name: str, text: str) -> int:
 
 
 def _run_eval(args: argparse.Namespace) -> int:
-    from locmoe.data.dataset import prepare_data
-    from locmoe.train import evaluate
 
     batches = _non_negative_int("--batches", args.batches)
     path, state, config, model = _load_for_inference(args.checkpoint)
@@ -219,7 +221,6 @@ def _add_sample_arguments(parser: argparse.ArgumentParser) -> None:
 def _run_sample(args: argparse.Namespace) -> int:
     import torch
 
-    from locmoe.data.tokenizer import BPETokenizer
 
     tokens = _non_negative_int("--tokens", args.tokens)
     top_k = _non_negative_int("--top-k", args.top_k)
@@ -241,14 +242,7 @@ def _run_sample(args: argparse.Namespace) -> int:
     return 0
 
 
-def _compare_cli():
-    from locmoe.compare import cli
-
-    return cli
-
-
 def _run_demo(args: argparse.Namespace) -> int:
-    from locmoe.demo import run_demo
 
     print(run_demo())
     return 0
@@ -261,8 +255,8 @@ COMMANDS: dict[str, Command] = {
     "demo": Command("every router on one batch, side by side", lambda parser: None, _run_demo),
     "compare": Command(
         "train every router with the same data and budget; write report.md, report.json and plots",
-        lambda parser: _compare_cli().add_compare_arguments(parser),
-        lambda args: _compare_cli().run_compare(args),
+        compare_cli.add_compare_arguments,
+        compare_cli.run_compare,
     ),
 }
 

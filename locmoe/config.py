@@ -10,13 +10,15 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from locmoe.routing.registry import available_routers
+from locmoe.dispatch import DISPATCH_MODES, ROUTING_SCOPES
+from locmoe.experts import ACTIVATIONS
+from locmoe.routing import RouterOptions, available_routers, make_options
+from locmoe.validation import config_choice, config_integer, config_number, invalid, is_finite_number, is_integer
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -24,38 +26,9 @@ else:  # pragma: no cover - exercised only on Python 3.10
     import tomli as tomllib
 
 POSITIONS = ("rotary", "learned")
-ACTIVATIONS = ("gelu", "swiglu")
-DISPATCH_MODES = ("pad", "pack")
 CAPACITY_WORDS = ("default", "dropless")
 SIMULATED_PLACEMENTS = ("rows", "corpus")
 PRECISIONS = ("float32", "bfloat16")
-
-
-def _fail(name: str, value: object, allowed: str) -> None:
-    raise ValueError(f"{name}={value!r} is invalid; allowed: {allowed}")
-
-
-def _is_int(value: object) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _is_number(value: object) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-
-
-def _int_at_least(name: str, value: object, low: int) -> None:
-    if not _is_int(value) or value < low:
-        _fail(name, value, f"an integer >= {low}")
-
-
-def _number_in(name: str, value: object, low: float, high: float, *, open_low: bool = False) -> None:
-    if not _is_number(value) or value > high or value < low or (open_low and value == low):
-        _fail(name, value, f"a number in {'(' if open_low else '['}{low}, {high}]")
-
-
-def _choice(name: str, value: object, choices: tuple[str, ...] | list[str]) -> None:
-    if value not in choices:
-        _fail(name, value, ", ".join(choices))
 
 
 @dataclass(frozen=True)
@@ -65,7 +38,10 @@ class ModelConfig:
     ``moe_every = k`` makes the FFN of every k-th block (blocks k, 2k, ... counting from 1) a
     ``MoELayer``; 0 makes every block dense. ``capacity_factor`` is a positive number, ``"default"``
     (each router's default) or ``"dropless"`` (``topk`` only). ``router_options`` go to the
-    router unchanged (e.g. ``{"tau": 0.9}``); ``top_k = None`` is the router's own default.
+    router unchanged (e.g. ``{"tau": 0.9}``; :mod:`locmoe.routing.options` lists each router's) and
+    are checked here; ``top_k = None`` is the router's own default. ``routing_scope`` is
+    ``"local"`` (each rank routes its own tokens) or ``"global"`` (all tokens of the expert-parallel
+    group form one routing group, design §2 step 6; in one process both are the whole batch).
     """
 
     d_model: int = 192
@@ -85,45 +61,70 @@ class ModelConfig:
     capacity_factor: float | str = "default"
     activation: str = "gelu"
     dispatch: str = "pad"
+    routing_scope: str = "local"
     ch_interval: int = 0
     router_options: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         for name in ("d_model", "n_layers", "n_heads", "d_ff", "seq_len", "num_experts"):
-            _int_at_least(f"model.{name}", getattr(self, name), 1)
+            config_integer(f"model.{name}", getattr(self, name), 1)
         if self.d_model % self.n_heads:
-            _fail("model.n_heads", self.n_heads, f"a divisor of d_model={self.d_model}")
-        _choice("model.positions", self.positions, POSITIONS)
+            invalid("model.n_heads", self.n_heads, f"a divisor of d_model={self.d_model}")
+        config_choice("model.positions", self.positions, POSITIONS)
         if self.positions == "rotary" and (self.d_model // self.n_heads) % 2:
-            _fail("model.n_heads", self.n_heads, "a value giving an even head size (d_model / n_heads) for rotary")
-        _number_in("model.rope_base", self.rope_base, 1.0, 1e12, open_low=True)
-        _number_in("model.dropout", self.dropout, 0.0, 0.99)
-        _number_in("model.norm_eps", self.norm_eps, 0.0, 1.0, open_low=True)
-        _number_in("model.init_std", self.init_std, 0.0, 1.0, open_low=True)
-        _int_at_least("model.moe_every", self.moe_every, 0)
+            invalid("model.n_heads", self.n_heads, "a value giving an even head size (d_model / n_heads) for rotary")
+        config_number("model.rope_base", self.rope_base, 1.0, 1e12, open_low=True)
+        config_number("model.dropout", self.dropout, 0.0, 0.99)
+        config_number("model.norm_eps", self.norm_eps, 0.0, 1.0, open_low=True)
+        config_number("model.init_std", self.init_std, 0.0, 1.0, open_low=True)
+        config_integer("model.moe_every", self.moe_every, 0)
         if self.moe_every > self.n_layers:
-            _fail("model.moe_every", self.moe_every,
+            invalid("model.moe_every", self.moe_every,
                   f"0 (a dense model) or an integer in [1, n_layers={self.n_layers}]: larger gives no MoE layer")
-        _choice("model.router", self.router, available_routers())
+        config_choice("model.router", self.router, available_routers())
         if self.top_k is not None:
-            _int_at_least("model.top_k", self.top_k, 1)
+            config_integer("model.top_k", self.top_k, 1)
             if self.top_k > self.num_experts:
-                _fail("model.top_k", self.top_k, f"an integer in [1, num_experts={self.num_experts}]")
+                invalid("model.top_k", self.top_k, f"an integer in [1, num_experts={self.num_experts}]")
         if isinstance(self.capacity_factor, str):
-            _choice("model.capacity_factor", self.capacity_factor, CAPACITY_WORDS)
-        elif not _is_number(self.capacity_factor) or self.capacity_factor <= 0:
-            _fail("model.capacity_factor", self.capacity_factor, "a positive number, 'default' or 'dropless'")
-        _choice("model.activation", self.activation, ACTIVATIONS)
-        _choice("model.dispatch", self.dispatch, DISPATCH_MODES)
-        _int_at_least("model.ch_interval", self.ch_interval, 0)
+            config_choice("model.capacity_factor", self.capacity_factor, CAPACITY_WORDS)
+        elif not is_finite_number(self.capacity_factor) or self.capacity_factor <= 0:
+            invalid("model.capacity_factor", self.capacity_factor, "a positive number, 'default' or 'dropless'")
+        config_choice("model.activation", self.activation, ACTIVATIONS)
+        config_choice("model.dispatch", self.dispatch, DISPATCH_MODES)
+        config_integer("model.ch_interval", self.ch_interval, 0)
         if not isinstance(self.router_options, dict) or not all(isinstance(k, str) for k in self.router_options):
-            _fail("model.router_options", self.router_options, "a table of option names to values")
+            invalid("model.router_options", self.router_options, "a table of option names to values")
         for own in ("capacity_factor", "top_k"):
             if own in self.router_options:
-                _fail(f"model.router_options.{own}", self.router_options[own],
+                invalid(f"model.router_options.{own}", self.router_options[own],
                       f"nothing: {own} is a field of its own (model.{own}, --{own.replace('_', '-')})")
+        config_choice("model.routing_scope", self.routing_scope, ROUTING_SCOPES)
         # A private copy: the frozen config must not change when the caller's dict does.
         object.__setattr__(self, "router_options", dict(self.router_options))
+        try:
+            settings = self.router_settings()
+        except ValueError as error:
+            raise ValueError(f"model.router_options for router {self.router!r}: {error}") from None
+        if self.routing_scope == "global" and getattr(settings, "scope", "batch") != "batch":
+            invalid("model.routing_scope", self.routing_scope,
+                    f"local, or global with the router's scope='batch' (it is {settings.scope!r})")
+
+    def router_keywords(self) -> dict[str, Any]:
+        """The router options as keywords for ``MoELayer``/``build_router``: ``router_options`` plus
+        the capacity factor, where the text form says something (``"default"`` = leave the router's
+        default, ``"dropless"`` = ``None``)."""
+        options = dict(self.router_options)
+        if self.capacity_factor == "dropless":
+            options["capacity_factor"] = None
+        elif self.capacity_factor != "default":
+            options["capacity_factor"] = float(self.capacity_factor)
+        return options
+
+    def router_settings(self) -> RouterOptions:
+        """The typed options every MoE layer's router runs with, size-dependent defaults resolved."""
+        options = make_options(self.router, self.num_experts, self.top_k, **self.router_keywords())
+        return options.for_layer(self.d_model, self.num_experts)
 
     @property
     def moe_layer_indices(self) -> list[int]:
@@ -155,16 +156,16 @@ class DataConfig:
 
     def __post_init__(self) -> None:
         if not isinstance(self.corpus, str) or not self.corpus:
-            _fail("data.corpus", self.corpus, "python-docs, linux-docs, linux-docs-networking or a path")
+            invalid("data.corpus", self.corpus, "python-docs, linux-docs, linux-docs-networking or a path")
         if not isinstance(self.cache_dir, str):
-            _fail("data.cache_dir", self.cache_dir, "a directory path ('' = the default cache)")
+            invalid("data.cache_dir", self.cache_dir, "a directory path ('' = the default cache)")
         # 256 byte-level symbols are the floor of a byte-level BPE; 2**31 keeps ids in int32.
-        if not _is_int(self.vocab_size) or not 256 <= self.vocab_size < 2**31:
-            _fail("data.vocab_size", self.vocab_size, "an integer >= 256")
-        _int_at_least("data.max_chars", self.max_chars, 0)
-        _number_in("data.validation_fraction", self.validation_fraction, 0.0, 0.5, open_low=True)
-        _int_at_least("data.split_block_chars", self.split_block_chars, 1)
-        _int_at_least("data.data_seed", self.data_seed, 0)
+        if not is_integer(self.vocab_size) or not 256 <= self.vocab_size < 2**31:
+            invalid("data.vocab_size", self.vocab_size, "an integer >= 256")
+        config_integer("data.max_chars", self.max_chars, 0)
+        config_number("data.validation_fraction", self.validation_fraction, 0.0, 0.5, open_low=True)
+        config_integer("data.split_block_chars", self.split_block_chars, 1)
+        config_integer("data.data_seed", self.data_seed, 0)
 
 
 @dataclass(frozen=True)
@@ -182,8 +183,8 @@ class TrainConfig:
     for the forward passes of training and evaluation: matrix products (linear layers, attention,
     the experts) run in bf16, while the weights, their gradients, the optimiser state, norms,
     softmax, the loss and the routers' logits (``routing.base.gate_logits``) stay float32. It pays
-    on hardware with native bf16 (GPUs; CPUs with AVX512-BF16 or AMX, where a bf16 GEMM ran 2.6x
-    faster than fp32 here); elsewhere bf16 is emulated and slower, hence the float32 default.
+    on hardware with native bf16 (GPUs; CPUs with AVX512-BF16 or AMX); elsewhere bf16 is emulated
+    and slower, hence the float32 default (measurements: the README and ``benchmarks/results/``).
     """
 
     steps: int = 1000
@@ -207,26 +208,26 @@ class TrainConfig:
     precision: str = "float32"
 
     def __post_init__(self) -> None:
-        _int_at_least("train.steps", self.steps, 1)
-        _int_at_least("train.stop_after", self.stop_after, 0)
-        _int_at_least("train.batch_size", self.batch_size, 1)
-        _number_in("train.lr", self.lr, 0.0, 10.0, open_low=True)
-        _number_in("train.min_lr_ratio", self.min_lr_ratio, 0.0, 1.0)
-        _int_at_least("train.warmup_steps", self.warmup_steps, 0)
-        _number_in("train.weight_decay", self.weight_decay, 0.0, 10.0)
-        _number_in("train.beta1", self.beta1, 0.0, 0.999999)
-        _number_in("train.beta2", self.beta2, 0.0, 0.999999)
-        _number_in("train.adam_eps", self.adam_eps, 0.0, 1.0, open_low=True)
-        _number_in("train.grad_clip", self.grad_clip, 0.0, 1e6)
-        _int_at_least("train.seed", self.seed, 0)
-        _int_at_least("train.eval_every", self.eval_every, 0)
-        _int_at_least("train.eval_batches", self.eval_batches, 0)
-        _int_at_least("train.checkpoint_every", self.checkpoint_every, 0)
-        _int_at_least("train.keep_checkpoints", self.keep_checkpoints, 1)
-        _int_at_least("train.threads", self.threads, 0)
+        config_integer("train.steps", self.steps, 1)
+        config_integer("train.stop_after", self.stop_after, 0)
+        config_integer("train.batch_size", self.batch_size, 1)
+        config_number("train.lr", self.lr, 0.0, 10.0, open_low=True)
+        config_number("train.min_lr_ratio", self.min_lr_ratio, 0.0, 1.0)
+        config_integer("train.warmup_steps", self.warmup_steps, 0)
+        config_number("train.weight_decay", self.weight_decay, 0.0, 10.0)
+        config_number("train.beta1", self.beta1, 0.0, 0.999999)
+        config_number("train.beta2", self.beta2, 0.0, 0.999999)
+        config_number("train.adam_eps", self.adam_eps, 0.0, 1.0, open_low=True)
+        config_number("train.grad_clip", self.grad_clip, 0.0, 1e6)
+        config_integer("train.seed", self.seed, 0)
+        config_integer("train.eval_every", self.eval_every, 0)
+        config_integer("train.eval_batches", self.eval_batches, 0)
+        config_integer("train.checkpoint_every", self.checkpoint_every, 0)
+        config_integer("train.keep_checkpoints", self.keep_checkpoints, 1)
+        config_integer("train.threads", self.threads, 0)
         if not isinstance(self.progress, bool):
-            _fail("train.progress", self.progress, "true or false")
-        _choice("train.precision", self.precision, PRECISIONS)
+            invalid("train.progress", self.progress, "true or false")
+        config_choice("train.precision", self.precision, PRECISIONS)
 
 
 @dataclass(frozen=True)
@@ -263,15 +264,15 @@ class ParallelConfig:
     simulated_placement: str = "rows"
 
     def __post_init__(self) -> None:
-        _int_at_least("parallel.expert_parallel", self.expert_parallel, 0)
-        _int_at_least("parallel.ranks_per_node", self.ranks_per_node, 0)
+        config_integer("parallel.expert_parallel", self.expert_parallel, 0)
+        config_integer("parallel.ranks_per_node", self.ranks_per_node, 0)
         if not isinstance(self.hierarchical, bool):
-            _fail("parallel.hierarchical", self.hierarchical, "true or false")
-        _number_in("parallel.collective_timeout", self.collective_timeout, 0.0, 1e7, open_low=True)
-        _int_at_least("parallel.simulated_nodes", self.simulated_nodes, 0)
-        _choice("parallel.simulated_placement", self.simulated_placement, SIMULATED_PLACEMENTS)
+            invalid("parallel.hierarchical", self.hierarchical, "true or false")
+        config_number("parallel.collective_timeout", self.collective_timeout, 0.0, 1e7, open_low=True)
+        config_integer("parallel.simulated_nodes", self.simulated_nodes, 0)
+        config_choice("parallel.simulated_placement", self.simulated_placement, SIMULATED_PLACEMENTS)
         if self.simulated_nodes and self.expert_parallel > 1:
-            _fail(
+            invalid(
                 "parallel.simulated_nodes", self.simulated_nodes,
                 f"0 when expert_parallel={self.expert_parallel} (nodes are simulated in one process; "
                 "under torchrun set ranks_per_node)",
@@ -299,28 +300,28 @@ class RunConfig:
 
     def __post_init__(self) -> None:
         if not isinstance(self.out, str) or not self.out:
-            _fail("out", self.out, "a directory path")
+            invalid("out", self.out, "a directory path")
         for name, cls in SECTIONS.items():
             if not isinstance(getattr(self, name), cls):
-                _fail(name, getattr(self, name), f"a {cls.__name__}")
+                invalid(name, getattr(self, name), f"a {cls.__name__}")
         experts = self.model.num_experts
         if self.parallel.expert_parallel > 1 and experts % self.parallel.expert_parallel:
-            _fail(
+            invalid(
                 "parallel.expert_parallel", self.parallel.expert_parallel,
                 f"a divisor of num_experts={experts} (every rank holds the same number of experts)",
             )
         nodes = self.parallel.simulated_nodes
         if nodes and experts % nodes:
-            _fail("parallel.simulated_nodes", nodes, f"a divisor of num_experts={experts}")
+            invalid("parallel.simulated_nodes", nodes, f"a divisor of num_experts={experts}")
         if nodes and self.parallel.simulated_placement == "rows" and self.train.batch_size % nodes:
-            _fail(
+            invalid(
                 "parallel.simulated_nodes", nodes,
                 f"a divisor of batch_size={self.train.batch_size} (simulated_placement='rows' splits the rows)",
             )
         try:
             self.out.format(**self.flat())
         except (KeyError, IndexError, ValueError) as error:
-            _fail("out", self.out, f"a path whose {{placeholders}} are config field names ({error})")
+            invalid("out", self.out, f"a path whose {{placeholders}} are config field names ({error})")
 
     @property
     def run_dir(self) -> Path:
@@ -343,7 +344,7 @@ class RunConfig:
         (default: the defaults). Unknown keys are errors naming the key and the allowed ones."""
         base = base or cls()
         if not isinstance(values, dict):
-            _fail("config", values, "a table with out, [model], [data], [train] and [parallel]")
+            invalid("config", values, "a table with out, [model], [data], [train] and [parallel]")
         unknown = sorted(set(values) - {"out", *SECTIONS})
         if unknown:
             raise ValueError(f"unknown config key(s) {', '.join(unknown)}; allowed: out, {', '.join(SECTIONS)}")
@@ -351,7 +352,7 @@ class RunConfig:
         for name, section_cls in SECTIONS.items():
             given = values.get(name, {})
             if not isinstance(given, dict):
-                _fail(name, given, f"a table of {name} fields")
+                invalid(name, given, f"a table of {name} fields")
             allowed = [f.name for f in dataclasses.fields(section_cls)]
             unknown = sorted(set(given) - set(allowed))
             if unknown:
@@ -376,7 +377,7 @@ def nest_fields(overrides: dict[str, Any], into: dict[str, Any] | None = None) -
         elif name in owners:
             section = nested.setdefault(owners[name], {})
             if not isinstance(section, dict):
-                _fail(owners[name], section, f"a table of {owners[name]} fields")
+                invalid(owners[name], section, f"a table of {owners[name]} fields")
             section[name] = value
         else:
             raise ValueError(f"unknown config field {name!r}")
@@ -441,7 +442,7 @@ def parse_field(name: str, text: str) -> Any:
     except ValueError:
         pass
     section = field_owners().get(name)
-    _fail(f"{section}.{name}" if section else name, text, f"a value of type {kind}")
+    invalid(f"{section}.{name}" if section else name, text, f"a value of type {kind}")
     raise AssertionError("unreachable")
 
 
@@ -482,7 +483,7 @@ def load_config_file(
         kind = "JSON" if path.suffix == ".json" else "TOML"
         raise ValueError(f"config file {str(path)!r} is not valid {kind}: {error}") from None
     if not isinstance(values, dict):
-        _fail("config", values, "a table with out, [model], [data], [train] and [parallel]")
+        invalid("config", values, "a table with out, [model], [data], [train] and [parallel]")
     return RunConfig.from_dict(nest_fields(overrides or {}, into=values), base=base)
 
 

@@ -1,26 +1,32 @@
-"""Permute tokens to their experts and back, by sorting (design §5).
+"""Dispatchers: turn a routing plan into expert inputs and the expert outputs back (design §5).
+
+A dispatcher sits between the router and the experts backend of a :class:`locmoe.MoELayer`. It
+decides which tokens form the routing group (:meth:`Dispatcher.route`) and moves each kept
+assignment to its expert and the gate-weighted result back to its token
+(:meth:`Dispatcher.dispatch`). :class:`LocalDispatcher` does it in one process; the expert-parallel
+one (:class:`locmoe.parallel.AllToAllDispatcher`) moves rows between ranks with all-to-alls.
 
 Never a dense ``S x n x C`` one-hot einsum: the kept assignments of a :class:`RoutingPlan` are
-sorted by expert once; ``pad`` scatters them into an ``n x C x d`` buffer (static shapes, one batched
-matmul, the drop-and-pad regime of the papers), ``pack`` keeps exactly the kept tokens in contiguous
-per-expert blocks. Both feed the same expert weights and give the same result.
-
-The single-process layer uses :func:`dispatch_and_combine`, which gathers, computes, gates and
-scatters expert by expert (no buffer of all ``A`` assignments); :func:`run_experts` and
-:func:`combine` are the same steps on explicit ``(A, d)`` rows, for the expert-parallel layer, whose
-rows travel through all-to-alls in between.
+sorted by expert once (:func:`sort_by_expert`). ``pad`` computes ``C`` rows per expert (its tokens,
+then zero rows: the drop-and-pad regime of the papers, ``n · C`` slots); ``pack`` computes exactly the
+kept assignments. Both give the same output.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Protocol
 
 import torch
+from torch import nn
 
 from locmoe.experts import GroupedExperts
-from locmoe.routing.plan import DROPPED, RoutingPlan
+from locmoe.routing import DROPPED, Router, RoutingContext, RoutingPlan
+from locmoe.routing.selection import count_per_expert
+from locmoe.validation import check_choice
 
 DISPATCH_MODES = ("pad", "pack")
+ROUTING_SCOPES = ("local", "global")
 
 
 @dataclass
@@ -55,7 +61,7 @@ def sort_by_expert(expert_ids: torch.Tensor, num_experts: int) -> DispatchOrder:
     flat = expert_ids.reshape(-1)
     sort_key = torch.where(flat == DROPPED, torch.full_like(flat, num_experts), flat)
     order = torch.argsort(sort_key, stable=True)
-    counts = torch.bincount(sort_key, minlength=num_experts + 1)[:num_experts]
+    counts = count_per_expert(expert_ids, num_experts)
     num_kept = int(counts.sum())
     slot_index = order[:num_kept]
     expert_index = sort_key[slot_index]
@@ -70,62 +76,6 @@ def sort_by_expert(expert_ids: torch.Tensor, num_experts: int) -> DispatchOrder:
     )
 
 
-def run_experts(
-    x: torch.Tensor,
-    order: DispatchOrder,
-    experts: GroupedExperts,
-    mode: str,
-    capacity: int | None,
-) -> torch.Tensor:
-    """Expert outputs ``(A, d)`` for the sorted assignments of ``order`` (inputs ``x (S, d)``).
-
-    ``pad``: buffer of ``n x C`` slots (``C`` = the plan's capacity, or the largest expert load when
-    dropless); unused slots are zeros and are computed but never read back. ``pack``: exactly ``A``
-    rows, experts run on contiguous slices.
-    """
-    tokens = x.index_select(0, order.token_index)
-    if mode == "pack":
-        return experts.forward_packed(tokens, order.tokens_per_expert.tolist())
-    if mode != "pad":
-        raise ValueError(f"dispatch must be one of {', '.join(DISPATCH_MODES)}; got {mode!r}")
-    num_experts = order.tokens_per_expert.shape[0]
-    slots = capacity if capacity is not None else int(order.tokens_per_expert.max()) if num_experts else 0
-    slots = max(int(slots), 1)
-    buffer_index = order.expert_index * slots + order.position
-    buffer = x.new_zeros(num_experts * slots, x.shape[1])
-    buffer = buffer.index_copy(0, buffer_index, tokens)
-    out = experts.forward_padded(buffer.view(num_experts, slots, x.shape[1]))
-    return out.view(num_experts * slots, x.shape[1]).index_select(0, buffer_index)
-
-
-def dispatch_and_combine(
-    x: torch.Tensor, order: DispatchOrder, plan: RoutingPlan, experts: GroupedExperts, mode: str
-) -> torch.Tensor:
-    """``y (S, d)``: :func:`run_experts` then :func:`combine` in one pass over the experts
-    (:meth:`GroupedExperts.forward_routed`), without building the ``(A, d)`` buffers of all
-    assignments. Same result; ``pad`` computes ``C`` rows per expert (``C`` = the plan's capacity, or
-    the largest expert load when dropless), ``pack`` exactly the kept assignments."""
-    if mode not in DISPATCH_MODES:
-        raise ValueError(f"dispatch must be one of {', '.join(DISPATCH_MODES)}; got {mode!r}")
-    counts = order.tokens_per_expert.tolist()  # the host sync that sizes the per-expert blocks
-    padded_rows = None
-    if mode == "pad":
-        padded_rows = max(int(plan.capacity if plan.capacity is not None else max(counts, default=0)), 1)
-    gates = plan.gate_weights.reshape(-1).index_select(0, order.slot_index)
-    return experts.forward_routed(x, order.token_index, gates, counts, padded_rows)
-
-
-def combine(expert_out: torch.Tensor, order: DispatchOrder, plan: RoutingPlan, num_tokens: int) -> torch.Tensor:
-    """``y_t = Σ_k g_{t,k} · E_{e_{t,k}}(x_t)`` (LocMoE eq. 1): scale by the gate and sum per token.
-
-    Tokens with no kept assignment get exactly zero.
-    """
-    gates = plan.gate_weights.reshape(-1).index_select(0, order.slot_index)
-    weighted = expert_out * gates.to(expert_out.dtype)[:, None]
-    out = expert_out.new_zeros(num_tokens, expert_out.shape[1])
-    return out.index_add(0, order.token_index, weighted)
-
-
 def processed_slots(order: DispatchOrder, mode: str, capacity: int | None) -> torch.Tensor:
     """Token slots the experts compute: ``n · C`` for pad, ``Σ kept`` for pack (design §5)."""
     counts = order.tokens_per_expert
@@ -133,3 +83,87 @@ def processed_slots(order: DispatchOrder, mode: str, capacity: int | None) -> to
         return counts.sum()
     slots = capacity if capacity is not None else counts.max()
     return torch.as_tensor(slots, device=counts.device) * counts.shape[0]
+
+
+def combine(expert_out: torch.Tensor, order: DispatchOrder, plan: RoutingPlan, num_tokens: int) -> torch.Tensor:
+    """``y_t = Σ_k g_{t,k} · E_{e_{t,k}}(x_t)`` (LocMoE eq. 1) from the expert outputs ``(A, d)`` of the
+    sorted assignments of ``order``: scale by the gate and sum per token; tokens with no kept
+    assignment get exactly zero."""
+    gates = plan.gate_weights.reshape(-1).index_select(0, order.slot_index)
+    weighted = expert_out * gates.to(expert_out.dtype)[:, None]
+    return expert_out.new_zeros(num_tokens, expert_out.shape[1]).index_add(0, order.token_index, weighted)
+
+
+def padded_rows(mode: str, capacity: int | None, counts: list[int]) -> int | None:
+    """Rows each expert computes: ``None`` (exactly its own) for pack; for pad the capacity ``C``, or,
+    without one (dropless), the largest expert load; at least 1."""
+    if mode == "pack":
+        return None
+    return max(int(capacity if capacity is not None else max(counts, default=0)), 1)
+
+
+@dataclass
+class DispatchResult:
+    """What a dispatcher hands back to the layer.
+
+    Attributes:
+        output: ``(S, d)`` the layer output of this process's tokens.
+        processed_slots: 0-d, the token slots this process's experts computed (``n · C`` summed over
+            routing groups for pad, the kept assignments for pack; design §5).
+        metrics: extra per-step metrics of the dispatcher (tensors or numbers), e.g. bytes moved.
+    """
+
+    output: torch.Tensor
+    processed_slots: torch.Tensor
+    metrics: dict[str, object] = field(default_factory=dict)
+
+
+class Dispatcher(Protocol):
+    """The seam between router and experts (module docstring).
+
+    Attributes:
+        mode: ``"pad"`` or ``"pack"``.
+        routing_scope: ``"local"`` (the tokens this process is given form the routing group) or
+            ``"global"`` (all tokens of the expert-parallel group; in one process the same thing).
+    """
+
+    mode: str
+    routing_scope: str
+
+    def route(self, router: Router, x: torch.Tensor, context: RoutingContext) -> tuple[RoutingPlan, RoutingContext]:
+        """The plan for this process's tokens ``x (S, d)``, and the context it was made with."""
+        ...
+
+    def dispatch(self, x: torch.Tensor, plan: RoutingPlan, experts: GroupedExperts) -> DispatchResult:
+        """Run the kept assignments of ``plan`` through ``experts`` and combine them per token."""
+        ...
+
+
+class LocalDispatcher(nn.Module):
+    """Every expert in this process: the plan's kept assignments are sorted by expert and handed to
+    the experts backend's routed path (gather, FFN, gate, scatter in one pass, no ``(A, d)`` buffer).
+
+    Args:
+        mode: ``"pad"`` or ``"pack"`` (module docstring).
+        routing_scope: ``"local"`` or ``"global"``; in one process the whole input is the group either
+            way. The layer keeps it for when its experts are sharded (:func:`locmoe.parallel.shard_layer`).
+    """
+
+    def __init__(self, mode: str = "pad", routing_scope: str = "local") -> None:
+        super().__init__()
+        self.mode = check_choice("dispatch", mode, DISPATCH_MODES)
+        self.routing_scope = check_choice("routing_scope", routing_scope, ROUTING_SCOPES)
+
+    def route(self, router: Router, x: torch.Tensor, context: RoutingContext) -> tuple[RoutingPlan, RoutingContext]:
+        return router(x, context), context
+
+    def dispatch(self, x: torch.Tensor, plan: RoutingPlan, experts: GroupedExperts) -> DispatchResult:
+        order = sort_by_expert(plan.expert_ids, plan.num_experts)
+        counts = order.tokens_per_expert.tolist()  # the host sync that sizes the per-expert blocks
+        gates = plan.gate_weights.reshape(-1).index_select(0, order.slot_index)
+        rows = padded_rows(self.mode, plan.capacity, counts)
+        output = experts.forward_routed(x, order.token_index, gates, counts, rows)
+        return DispatchResult(output, processed_slots(order, self.mode, plan.capacity))
+
+    def extra_repr(self) -> str:
+        return f"mode={self.mode}, routing_scope={self.routing_scope}"

@@ -1,78 +1,115 @@
-"""``MoELayer``: router -> dispatch -> experts -> combine. Nothing else lives here."""
+"""``MoELayer``: router -> dispatcher -> experts, composed from three parts (design §5).
+
+* the **router** (:class:`locmoe.routing.Router`) maps the tokens of a routing group to a
+  :class:`locmoe.routing.RoutingPlan`;
+* the **dispatcher** (:class:`locmoe.dispatch.Dispatcher`) decides the routing group and moves the
+  plan's kept assignments to the experts and the results back (:class:`locmoe.dispatch.LocalDispatcher`
+  in one process, :class:`locmoe.parallel.AllToAllDispatcher` across the ranks of an expert-parallel
+  group);
+* the **experts** (:class:`locmoe.experts.GroupedExperts`) hold the stacked FFN weights and compute
+  them with an experts backend.
+
+The layer itself only checks its input, calls the three, sums the router losses and records the
+metrics. A one-process layer and an expert-parallel one are the same class with a different
+dispatcher and a shard of the experts.
+"""
 
 from __future__ import annotations
 
 import warnings
+from typing import Any
 
 import torch
 from torch import nn
 
-from locmoe.dispatch import DISPATCH_MODES, dispatch_and_combine, processed_slots, sort_by_expert
+from locmoe.dispatch import Dispatcher, LocalDispatcher
 from locmoe.experts import GroupedExperts
 from locmoe.metrics import ClusterStatistics, calinski_harabasz, routing_metrics, specialisation_labels, to_python
-from locmoe.routing.base import ROUTER_DEFAULT, RoutingContext
-from locmoe.routing.plan import RoutingPlan
-from locmoe.routing.registry import build_router
+from locmoe.routing import Router, RoutingContext, RoutingPlan, build_router
+from locmoe.validation import check_integer
+
+
+def _layer_parts(
+    d_model: int,
+    d_ff: int,
+    num_experts: int,
+    router: str = "switch",
+    top_k: int | None = None,
+    *,
+    activation: str = "gelu",
+    dispatch: str = "pad",
+    routing_scope: str = "local",
+    experts_backend: str = "fused",
+    **router_options: Any,
+) -> tuple[Router, LocalDispatcher, GroupedExperts]:
+    """The three parts of the convenience constructor, built in the order that fixes the RNG draws
+    (router, then experts)."""
+    dispatcher = LocalDispatcher(dispatch, routing_scope)
+    built_router = build_router(router, d_model, num_experts, top_k=top_k, **router_options)
+    if routing_scope == "global" and getattr(built_router.options, "scope", "batch") != "batch":
+        raise ValueError(
+            f"routing_scope='global' routes all tokens of the expert-parallel group as one group; the router's "
+            f"scope={built_router.options.scope!r} contradicts it (use scope='batch')"
+        )
+    experts = GroupedExperts(num_experts, d_model, d_ff, activation, experts_backend)
+    return built_router, dispatcher, experts
 
 
 class MoELayer(nn.Module):
     """A drop-in sparse MoE feed-forward block: ``(..., d_model) -> (..., d_model)``.
 
-    Args:
-        d_model: hidden size ``d``.
-        d_ff: expert FFN inner size ``f``.
-        num_experts: ``n``.
-        router: a name from :func:`locmoe.available_routers`.
-        top_k: experts per token for ``topk`` (``None`` = its default, 2); must be ``None``/1 for
-            routers that send a token to one expert.
-        capacity_factor: ``cf``; default = each router's default (design §1: 1.1 for token choice, 1.0 for
-            expert choice); ``None`` = dropless (``topk`` only).
-        activation: ``"gelu"`` (the papers' expert) or ``"swiglu"`` (Mixtral).
-        dispatch: ``"pad"`` (drop-and-pad ``n x C x d`` buffer) or ``"pack"`` (exactly the kept
-            tokens); identical results.
-        expert_nodes: optional ``(n,)`` node of each expert; with ``token_nodes`` at forward it
-            enables the locality loss's topology and the ``remote_share`` metric.
-        ch_interval: compute the Calinski–Harabasz index of the input features labelled by their
-            first-choice expert (:func:`locmoe.metrics.specialisation_labels`) every this many
-            training forwards (0 = never; it costs ``O(S·d)``).
-        **router_options: passed to the router (e.g. ``aux_coef``, ``renormalize``, ``tau``).
+    Two ways to build one:
+
+    * ``MoELayer(router, dispatcher, experts)``: from the three parts (module docstring);
+    * ``MoELayer(d_model, d_ff, num_experts, router="switch", top_k=None, **options)``: the
+      convenience constructor, which builds the parts:
+
+      - ``router``: a name from :func:`locmoe.available_routers`; ``top_k`` experts per token for
+        ``topk`` (``None`` = its default, 2), ``None``/1 for routers that send a token to one expert;
+      - ``activation``: ``"gelu"`` (the papers' expert) or ``"swiglu"`` (Mixtral);
+      - ``dispatch``: ``"pad"`` (``C`` rows per expert, the papers' drop-and-pad) or ``"pack"``
+        (exactly the kept tokens); identical results;
+      - ``routing_scope``: ``"local"`` (default) or ``"global"``: what the routing group is once the
+        experts are sharded over an expert-parallel group (:func:`locmoe.parallel.shard_layer`);
+      - ``experts_backend``: ``"fused"`` (default) or ``"reference"`` (:mod:`locmoe.experts`);
+      - every other keyword is a router option (e.g. ``capacity_factor``, ``aux_coef``, ``tau``):
+        :mod:`locmoe.routing.options` lists them per router; an omitted one keeps the router's
+        default, ``capacity_factor=None`` is dropless (``topk`` only).
+
+    Both forms take ``expert_nodes`` (optional ``(n,)`` node of each expert; with ``token_nodes`` at
+    forward it enables the locality loss's topology and the ``remote_share`` metric) and
+    ``ch_interval`` (compute the Calinski–Harabasz index of the input features labelled by their
+    first-choice expert, :func:`locmoe.metrics.specialisation_labels`, every this many training
+    forwards; 0 = never; it costs ``O(S·d)``).
 
     After a forward, ``aux_loss`` is the scalar sum of the router losses (back-propagates) and
     ``last_metrics`` the design §5 metrics as plain floats/lists (converted on first read).
-    The whole input is one routing group (routers with a ``scope`` option may split it by sequence).
     """
 
     # state_dict format version (nn.Module's mechanism): 2 added the ``_forward_count`` buffer.
     _version = 2
 
-    def __init__(
-        self,
-        d_model: int,
-        d_ff: int,
-        num_experts: int,
-        router: str = "switch",
-        top_k: int | None = None,
-        capacity_factor: object = ROUTER_DEFAULT,
-        activation: str = "gelu",
-        dispatch: str = "pad",
-        *,
-        expert_nodes: torch.Tensor | list[int] | None = None,
-        ch_interval: int = 0,
-        **router_options: object,
-    ) -> None:
+    def __init__(self, *args: Any, expert_nodes: torch.Tensor | list[int] | None = None, ch_interval: int = 0,
+                 **kwargs: Any) -> None:
         super().__init__()
-        if dispatch not in DISPATCH_MODES:
-            raise ValueError(f"dispatch must be one of {', '.join(DISPATCH_MODES)}; got {dispatch!r}")
-        if isinstance(ch_interval, bool) or not isinstance(ch_interval, int) or ch_interval < 0:
-            raise ValueError(f"ch_interval must be an integer >= 0, got {ch_interval!r}")
-        self.d_model = d_model
-        self.num_experts = num_experts
-        self.dispatch = dispatch
+        composed = (args and isinstance(args[0], Router)) or isinstance(kwargs.get("router"), Router)
+        if composed:
+            router, dispatcher, experts = self._parts_given(*args, **kwargs)
+        else:
+            router, dispatcher, experts = _layer_parts(*args, **kwargs)
+        check_integer("ch_interval", ch_interval, low=0)
+        if experts.d_model != router.d_model:
+            raise ValueError(f"the experts' d_model={experts.d_model} differs from the router's {router.d_model}")
+        self.d_model = router.d_model
+        self.num_experts = router.num_experts
         self.ch_interval = ch_interval
-        self.router = build_router(
-            router, d_model, num_experts, top_k=top_k, capacity_factor=capacity_factor, **router_options
-        )
-        self.experts = GroupedExperts(num_experts, d_model, d_ff, activation)
+        self.router = router
+        self.dispatcher: Dispatcher = dispatcher
+        self.experts = experts
+        # Global ids of the experts this layer computes: all of them, until the experts are sharded
+        # (locmoe.parallel.shard_layer makes it persistent, so a shard's state dict says which it holds).
+        self.expert_ids: torch.Tensor
+        self.register_buffer("expert_ids", torch.arange(self.num_experts), persistent=False)
         self.expert_nodes: torch.Tensor | None
         self.register_buffer("expert_nodes", None, persistent=False)
         if expert_nodes is not None:
@@ -82,12 +119,25 @@ class MoELayer(nn.Module):
         self.cluster_statistics: ClusterStatistics | None = None
         self.aux_loss: torch.Tensor = torch.zeros(())
         self.last_plan: RoutingPlan | None = None
-        self._metric_tensors: dict[str, torch.Tensor] = {}
+        self._metric_tensors: dict[str, object] = {}
         self._metrics_cache: dict[str, float | int | list] | None = None
         # Training forwards so far: a buffer, so a resumed run computes the Calinski–Harabasz index at
         # the same steps as an uninterrupted one (saved in checkpoints; see _load_from_state_dict).
         self._forward_count: torch.Tensor
         self.register_buffer("_forward_count", torch.zeros((), dtype=torch.long))
+
+    @staticmethod
+    def _parts_given(
+        router: Router, dispatcher: Dispatcher, experts: GroupedExperts
+    ) -> tuple[Router, Dispatcher, GroupedExperts]:
+        if not isinstance(experts, GroupedExperts):
+            raise ValueError(f"experts must be a GroupedExperts, got {type(experts).__name__}")
+        if experts.num_experts != router.num_experts:
+            raise ValueError(
+                f"the router routes to {router.num_experts} experts but the experts hold {experts.num_experts}; "
+                "build the layer whole and shard it with locmoe.parallel.shard_layer"
+            )
+        return router, dispatcher, experts
 
     @property
     def router_name(self) -> str:
@@ -122,6 +172,16 @@ class MoELayer(nn.Module):
                     f"{name} has shape {tuple(value.shape)}; expected {tuple(x.shape[:-1])} (x's leading dims)"
                 )
 
+    @property
+    def dispatch(self) -> str:
+        """``"pad"`` or ``"pack"`` (the dispatcher's mode)."""
+        return self.dispatcher.mode
+
+    @property
+    def routing_scope(self) -> str:
+        """``"local"`` or ``"global"`` (the dispatcher's routing group)."""
+        return self.dispatcher.routing_scope
+
     def forward(
         self, x: torch.Tensor, token_ids: torch.Tensor | None = None, token_nodes: torch.Tensor | None = None
     ) -> torch.Tensor:
@@ -136,22 +196,25 @@ class MoELayer(nn.Module):
             token_nodes=None if token_nodes is None else token_nodes.reshape(-1).long(),
             expert_nodes=self.expert_nodes,
         )
-        plan = self.router(flat, context)
-        order = sort_by_expert(plan.expert_ids, self.num_experts)
-        out = dispatch_and_combine(flat, order, plan, self.experts, self.dispatch)
+        plan, context = self.dispatcher.route(self.router, flat, context)
+        result = self.dispatcher.dispatch(flat, plan, self.experts)
 
         self.aux_loss = sum(plan.losses.values(), flat.new_zeros(()))
         self.last_plan = plan.detached()  # for inspection; holding the graph would keep it alive
-        self._record_metrics(flat, plan, order, context)
-        return out.view(*leading_shape, self.d_model)
+        self._record_metrics(flat, plan, result.processed_slots, context, result.metrics)
+        return result.output.view(*leading_shape, self.d_model)
 
-    def _record_metrics(self, flat: torch.Tensor, plan: RoutingPlan, order, context: RoutingContext) -> None:
-        metrics = routing_metrics(
-            plan,
-            processed_slots(order, self.dispatch, plan.capacity),
-            token_nodes=context.token_nodes,
-            expert_nodes=context.expert_nodes,
-        )
+    def _record_metrics(
+        self,
+        flat: torch.Tensor,
+        plan: RoutingPlan,
+        processed_slots: torch.Tensor,
+        context: RoutingContext,
+        dispatcher_metrics: dict[str, object],
+    ) -> None:
+        metrics: dict[str, object] = dict(routing_metrics(
+            plan, processed_slots, token_nodes=context.token_nodes, expert_nodes=context.expert_nodes
+        ))
         for name, value in plan.losses.items():
             metrics[f"loss_{name}"] = value.detach()
         if self.training:
@@ -162,6 +225,7 @@ class MoELayer(nn.Module):
             )
         if self.cluster_statistics is not None and not self.training:
             self.cluster_statistics.update(flat, specialisation_labels(plan))
+        metrics.update(dispatcher_metrics)
         self._metric_tensors = metrics
         self._metrics_cache = None
 
@@ -198,8 +262,8 @@ class MoELayer(nn.Module):
     def last_metrics(self) -> dict[str, float | int | list]:
         """design §5 metrics of the last forward as plain Python values (one device sync, cached)."""
         if self._metrics_cache is None:
-            self._metrics_cache = to_python(self._metric_tensors)
+            self._metrics_cache = to_python(self._metric_tensors)  # type: ignore[arg-type]
         return self._metrics_cache
 
     def extra_repr(self) -> str:
-        return f"dispatch={self.dispatch}"
+        return f"d_model={self.d_model}, num_experts={self.num_experts}, ch_interval={self.ch_interval}"

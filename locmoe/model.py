@@ -28,7 +28,6 @@ from torch import nn
 
 from locmoe.config import ModelConfig
 from locmoe.layer import MoELayer
-from locmoe.routing.base import ROUTER_DEFAULT
 
 LOSS_CHUNK_TOKENS = 512  # rows of the output projection per softmax chunk in GPT.loss (speed only)
 
@@ -92,14 +91,6 @@ class DenseMLP(nn.Module):
         return self.fc_out(F.silu(self.fc_gate(x)) * self.fc_in(x))
 
 
-def _capacity_argument(value: float | str) -> object:
-    if value == "default":
-        return ROUTER_DEFAULT
-    if value == "dropless":
-        return None
-    return float(value)
-
-
 class Block(nn.Module):
     """Pre-norm transformer block; its FFN is a ``MoELayer`` or a ``DenseMLP``."""
 
@@ -116,11 +107,11 @@ class Block(nn.Module):
                 config.num_experts,
                 router=config.router,
                 top_k=config.top_k,
-                capacity_factor=_capacity_argument(config.capacity_factor),
                 activation=config.activation,
                 dispatch=config.dispatch,
+                routing_scope=config.routing_scope,
                 ch_interval=config.ch_interval,
-                **config.router_options,
+                **config.router_keywords(),
             )
         else:
             self.ffn = DenseMLP(config.d_model, config.d_ff, config.activation)
@@ -215,8 +206,7 @@ class GPT(nn.Module):
 
         Same value as ``cross_entropy(forward(ids)[0], targets)``, but the output projection and
         softmax run over ``LOSS_CHUNK_TOKENS`` rows at a time, so the full ``(B·T, V)`` logits (and
-        their gradient) never exist at once: less memory traffic (about 10 % faster for this head on
-        our 2-core CPU) and a smaller peak memory.
+        their gradient) never exist at once: less memory traffic and a smaller peak memory.
         """
         hidden, aux_loss = self.features(ids, token_nodes)
         hidden = hidden.reshape(-1, hidden.shape[-1])

@@ -79,7 +79,7 @@ def test_unknown_router_option_lists_accepted_ones():
     [
         ({"activation": "relu"}, "activation must be one of gelu, swiglu; got 'relu'"),
         ({"dispatch": "dense"}, "dispatch must be one of pad, pack; got 'dense'"),
-        ({"aux_coef": -0.1}, "aux_coef must be a finite number >= 0, got -0.1"),
+        ({"aux_coef": -0.1}, r"aux_coef must be a finite number in \[0, inf\), got -0.1"),
         ({"ch_interval": -1}, "ch_interval must be an integer >= 0, got -1"),
         ({"expert_nodes": [0, 1]}, "expert_nodes must be 4 non-negative node ids"),
     ],

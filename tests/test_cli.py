@@ -85,8 +85,8 @@ def captured(monkeypatch):
         seen["config"] = config
         return {"status": "completed"}
 
-    monkeypatch.setattr("locmoe.train.train", fake_train)
-    monkeypatch.setattr("locmoe.run_summary.format_summary", lambda summary: "")
+    monkeypatch.setattr("locmoe.cli.train", fake_train)
+    monkeypatch.setattr("locmoe.cli.format_summary", lambda summary: "")
     return seen
 
 

@@ -1,4 +1,4 @@
-"""GroupedExperts: the fused routed path against gather -> per-expert FFN -> gate -> scatter-add."""
+"""GroupedExperts and its backends (fused, reference) against gather -> per-expert FFN -> gate -> scatter-add."""
 
 from __future__ import annotations
 
@@ -6,8 +6,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from locmoe.experts import GroupedExperts
+from locmoe.dispatch import LocalDispatcher
+from locmoe.experts import GroupedExperts, available_backends
 from locmoe.layer import MoELayer
+from locmoe.routing import build_router
 
 
 def _reference(experts: GroupedExperts, x, token_index, gates, counts):
@@ -27,12 +29,13 @@ def _reference(experts: GroupedExperts, x, token_index, gates, counts):
     return out
 
 
+@pytest.mark.parametrize("backend", available_backends())
 @pytest.mark.parametrize("padded", [False, True])
 @pytest.mark.parametrize("activation", ["gelu", "swiglu"])
-def test_forward_routed_matches_reference_values_and_gradients(activation, padded):
+def test_forward_routed_matches_reference_values_and_gradients(activation, padded, backend):
     generator = torch.Generator().manual_seed(11)
     num_tokens, d, f, n = 29, 12, 20, 5
-    experts = GroupedExperts(n, d, f, activation)
+    experts = GroupedExperts(n, d, f, activation, backend)
     # Top-2 style assignments sorted by expert; expert 3 gets nothing; some tokens get nothing.
     counts = [7, 4, 9, 0, 6]
     token_index = torch.cat([torch.randperm(num_tokens, generator=generator)[:c].sort().values for c in counts])
@@ -93,3 +96,71 @@ def test_higher_order_gradients_through_the_experts_are_refused_clearly(dispatch
     # A plain backward of a fresh forward still works after the refusal.
     layer(x).square().mean().backward()
     assert x.grad is not None and torch.isfinite(x.grad).all()
+
+
+@pytest.mark.parametrize("backend", available_backends())
+@pytest.mark.parametrize("padded", [False, True])
+@pytest.mark.parametrize("activation", ["gelu", "swiglu"])
+def test_forward_grouped_is_the_routed_path_with_unit_gates(activation, padded, backend):
+    """Rows already grouped by expert (what an expert-parallel rank receives): each row's output is
+    its expert's FFN of it, gradients included."""
+    generator = torch.Generator().manual_seed(5)
+    counts = [3, 0, 6, 2]
+    experts = GroupedExperts(4, 8, 12, activation, backend)
+    rows = torch.randn(sum(counts), 8, generator=generator, requires_grad=True)
+    grad = torch.randn(sum(counts), 8, generator=generator)
+    out = experts.forward_grouped(rows, counts, 7 if padded else None)
+    out.backward(grad)
+    got = [rows.grad, *(p.grad for p in experts.parameters())]
+    for tensor in [rows, *experts.parameters()]:
+        tensor.grad = None
+    identity = torch.arange(sum(counts))
+    expected_out = _reference(experts, rows, identity, torch.ones(sum(counts)), counts)
+    expected_out.backward(grad)
+    torch.testing.assert_close(out, expected_out, rtol=1e-5, atol=1e-6)
+    for a, b in zip(got, [rows.grad, *(p.grad for p in experts.parameters())], strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("dispatch", ["pad", "pack"])
+@pytest.mark.parametrize("router", ["switch", "topk", "expert_choice", "locmoe_plus"])
+def test_layers_with_either_backend_agree(router, dispatch):
+    generator = torch.Generator().manual_seed(3)
+    x = torch.randn(4, 9, 16, generator=generator)
+    results = {}
+    for backend in available_backends():
+        torch.manual_seed(0)
+        layer = MoELayer(16, 24, 4, router=router, dispatch=dispatch, activation="swiglu", experts_backend=backend)
+        inputs = x.clone().requires_grad_()
+        out = layer(inputs)
+        (out.square().sum() + layer.aux_loss).backward()
+        results[backend] = [out, inputs.grad, *(p.grad for p in layer.experts.parameters())]
+    for a, b in zip(results["fused"], results["reference"], strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_the_reference_backend_back_propagates_twice_and_to_second_order():
+    torch.manual_seed(0)
+    layer = MoELayer(8, 16, 4, router="topk", experts_backend="reference")
+    x = torch.randn(10, 8, requires_grad=True)
+    out = layer(x).square().sum()
+    out.backward(retain_graph=True)
+    first = layer.experts.w_in.grad.clone()
+    out.backward()
+    torch.testing.assert_close(layer.experts.w_in.grad, 2 * first)
+    (grad_x,) = torch.autograd.grad(layer(x).square().sum(), x, create_graph=True)
+    grad_x.square().sum().backward()  # a gradient penalty through the experts
+    assert layer.experts.w_out.grad is not None and bool(torch.isfinite(layer.experts.w_out.grad).all())
+
+
+def test_layer_from_its_three_parts_equals_the_convenience_constructor():
+    torch.manual_seed(0)
+    built = MoELayer(16, 24, 4, router="locmoe_plus", dispatch="pack", tau=0.8)
+    torch.manual_seed(0)
+    router = build_router("locmoe_plus", 16, 4, tau=0.8)
+    composed = MoELayer(router, LocalDispatcher("pack"), GroupedExperts(4, 16, 24))
+    x = torch.randn(3, 8, 16)
+    torch.testing.assert_close(composed(x), built(x))
+    assert composed.dispatch == "pack" and composed.router.options.tau == 0.8
+    with pytest.raises(ValueError, match="the router routes to 4 experts but the experts hold 2"):
+        MoELayer(router, LocalDispatcher(), GroupedExperts(2, 16, 24))

@@ -11,7 +11,7 @@ from locmoe import MoELayer, available_routers
 from locmoe.config import RunConfig
 from locmoe.metrics import ClusterStatistics, calinski_harabasz
 from locmoe.model import build_model
-from locmoe.routing.base import capacity_from_factor
+from locmoe.routing.capacity import capacity_from_factor
 
 BASELINES = ["switch", "topk", "expert_choice", "hash"]
 

@@ -23,13 +23,14 @@ def _reference(layer: MoELayer, x: torch.Tensor, token_ids: torch.Tensor):
     router = layer.router
     S = x.shape[0]
     if router.name == "hash":
-        capacity = conventional_capacity(router.capacity_factor, S, N)
+        capacity = conventional_capacity(router.options.capacity_factor, S, N)
         return hash_assignments(token_ids.tolist(), N, router.multiplier, router.offset, capacity, x.dtype)
     probs = torch.softmax(x @ router.gate.weight.T, dim=-1)
     if router.name == "expert_choice":
-        return expert_choice_assignments(probs, conventional_capacity(router.capacity_factor, S, N))
+        return expert_choice_assignments(probs, conventional_capacity(router.options.capacity_factor, S, N))
     k = router.top_k
-    capacity = None if router.capacity_factor is None else conventional_capacity(router.capacity_factor, S, N, k)
+    factor = router.options.capacity_factor
+    capacity = None if factor is None else conventional_capacity(factor, S, N, k)
     return token_choice_assignments(probs, k, capacity, router.renormalize)
 
 

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from locmoe.losses import load_balance_loss, z_loss
+from locmoe.routing.losses import load_balance_loss, z_loss
 
 PROBS = torch.tensor([[0.7, 0.3], [0.6, 0.4], [0.2, 0.8], [0.1, 0.9]])
 

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from locmoe.losses import locality_loss
+from locmoe.routing.losses import locality_loss
 
 PROBS = torch.tensor(
     [
@@ -109,7 +109,7 @@ def test_finite_with_hard_routing_and_gradients_pull_mass_home():
 
 
 def test_bad_smoothing_raises():
-    with pytest.raises(ValueError, match=r"smoothing must be in \[0, 1\), got 1.0"):
+    with pytest.raises(ValueError, match=r"locality smoothing must be a finite number in \[0, 1\), got 1.0"):
         locality_loss(PROBS, TOKEN_NODES, EXPERT_NODES, 0.01, smoothing=1.0)
 
 

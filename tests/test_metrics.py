@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from locmoe.layer import MoELayer
-from locmoe.metrics import ClusterStatistics, calinski_harabasz, merge_rank_metrics, specialisation_labels
+from locmoe.metrics import ClusterStatistics, calinski_harabasz, specialisation_labels
+from locmoe.parallel.rank_metrics import merge_rank_metrics
 from locmoe.routing.plan import RoutingPlan
 
 

@@ -137,7 +137,7 @@ def test_routing_metrics_are_reported_per_moe_layer(router):
 def test_router_options_reach_the_router():
     model = tiny_model(router="topk", top_k=2, capacity_factor="dropless", router_options={"renormalize": True})
     router = model.moe_layers["layer1"].router
-    assert router.top_k == 2 and router.capacity_factor is None and router.renormalize is True
+    assert router.top_k == 2 and router.options.capacity_factor is None and router.renormalize is True
     with pytest.raises(ValueError, match="does not take option"):
         tiny_model(router="switch", router_options={"no_such_option": 1})
 

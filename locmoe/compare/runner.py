@@ -23,12 +23,12 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from locmoe.capacity import default_select_temperature
 from locmoe.checkpoint import config_differences, latest_checkpoint, list_checkpoints
 from locmoe.compare.report import write_report
 from locmoe.config import RunConfig, parse_scalar
-from locmoe.routing.base import RouterDefault, capacity_from_factor
-from locmoe.routing.registry import available_routers, router_class, router_options
+from locmoe.routing import available_routers, options_class
+from locmoe.routing.capacity import capacity_from_factor
+from locmoe.train import train
 
 NO_LOCALITY_SUFFIX = "-noloc"
 MATCHED = "matched"
@@ -56,7 +56,7 @@ class Contender:
 def _parse_variant(name: str, router: str, variant: str) -> tuple[dict[str, Any], float | None, str | None]:
     """``@matched``, ``@cf0.75`` or ``@key=value:key=value`` -> (options, capacity factor, matched_to)."""
     if variant == MATCHED:
-        if "capacity_factor" not in router_options(router):
+        if "capacity_factor" not in options_class(router).names():
             raise ValueError(f"contender {name!r}: router {router!r} has no capacity factor to match")
         return {}, None, MATCH_TARGET
     if variant.startswith("cf"):
@@ -66,11 +66,11 @@ def _parse_variant(name: str, router: str, variant: str) -> tuple[dict[str, Any]
             factor = math.nan
         if not (math.isfinite(factor) and factor > 0):
             raise ValueError(f"contender {name!r}: {variant!r} is not cf followed by a positive number, e.g. cf0.75")
-        if "capacity_factor" not in router_options(router):
+        if "capacity_factor" not in options_class(router).names():
             raise ValueError(f"contender {name!r}: router {router!r} takes no capacity factor")
         return {}, factor, None
     options: dict[str, Any] = {}
-    accepted = sorted(set(router_options(router)) - set(OWN_FIELDS))
+    accepted = sorted(set(options_class(router).names()) - set(OWN_FIELDS))
     for item in variant.split(":"):
         key, sep, value = item.partition("=")
         if not sep or not key:
@@ -107,7 +107,7 @@ def parse_contenders(names: Sequence[str | Contender]) -> list[Contender]:
             router, options = base_name, {}
             if base_name.endswith(NO_LOCALITY_SUFFIX):
                 router = base_name[: -len(NO_LOCALITY_SUFFIX)]
-                if router in valid and "locality_coef" not in router_options(router):
+                if router in valid and "locality_coef" not in options_class(router).names():
                     raise ValueError(f"contender {name!r}: router {router!r} has no locality loss to switch off")
                 options = {"locality_coef": 0.0}
             if router not in valid:
@@ -307,24 +307,12 @@ def _metric_series(records: list[dict], key: str, layer: str | None) -> list:
 
 
 def effective_router_options(router: str, config: RunConfig) -> dict[str, Any]:
-    """Every option ``router`` ran with: its defaults, the config's options over them, and the
-    config's capacity factor / top-k, with "the router's default" resolved to the value it means."""
-    options = {**router_options(router), **config.model.router_options}
-    capacity = config.model.capacity_factor
-    if "capacity_factor" in options:
-        if capacity == "dropless":
-            options["capacity_factor"] = None
-        elif capacity != "default":
-            options["capacity_factor"] = capacity
-    if "top_k" in options and config.model.top_k is not None:
-        options["top_k"] = config.model.top_k
-    if "select_temperature" in options and options["select_temperature"] is None:
-        options["select_temperature"] = default_select_temperature(config.model.d_model)
-    default_capacity = router_class(router).default_capacity_factor
-    return {
-        key: (default_capacity if key == "capacity_factor" else None) if isinstance(value, RouterDefault) else value
-        for key, value in options.items()
-    }
+    """Every option ``router`` ran with (:meth:`locmoe.config.ModelConfig.router_settings`): its
+    defaults, the config's options, capacity factor and top-k over them, and the size-dependent
+    defaults resolved to the values they mean."""
+    if router != config.model.router:
+        raise ValueError(f"the run's config routes with {config.model.router!r}, not {router!r}")
+    return config.model.router_settings().as_dict()
 
 
 def _mean(values: Sequence[float]) -> float | None:
@@ -437,8 +425,7 @@ def compare(
     Runs go seed by seed in the contenders' order, so a matched contender (``switch@matched``) finds
     the finished run it copies its capacity from.
     """
-    if train_fn is None:
-        from locmoe.train import train as train_fn  # imported lazily: the report builder is usable alone
+    train_fn = train_fn or train
     if not seeds:
         raise ValueError("no seeds; pass --seeds with at least one integer")
     out_dir = Path(out_dir)

@@ -5,7 +5,7 @@ Systems code only: nothing here decides routing. Typical use under ``torchrun``:
 
     groups = init_expert_parallel(expert_parallel=4, ranks_per_node=2)
     model = build_model(config, vocab_size)          # the single-process model, same seed
-    shard_experts(model, groups, hierarchical=False) # its MoELayers become ExpertParallelMoELayers
+    shard_experts(model, groups, hierarchical=False) # its MoELayers get a shard and an all-to-all dispatcher
     ...
     loss.backward()
     synchronize_gradients(model, groups)
@@ -28,9 +28,11 @@ from locmoe.parallel.data_parallel import (
     is_expert_parameter,
     synchronize_gradients,
 )
+from locmoe.parallel.dispatcher import AllToAllDispatcher, plan_rows
 from locmoe.parallel.groups import DEFAULT_TIMEOUT_S, ExpertParallelGroups, build_groups, init_expert_parallel
-from locmoe.parallel.layer import ExpertParallelMoELayer, expert_parallel_layers, plan_rows, shard_experts
+from locmoe.parallel.rank_metrics import merge_rank_metrics
 from locmoe.parallel.runtime import ExpertParallelRuntime
+from locmoe.parallel.shard import expert_parallel_layers, is_sharded, shard_experts, shard_layer
 from locmoe.parallel.timeouts import CollectiveLabel, CollectiveTimeoutError
 from locmoe.parallel.topology import Topology, resolve_ranks_per_node
 from locmoe.parallel.traffic import TrafficCounter
@@ -41,7 +43,7 @@ __all__ = [
     "CollectiveLabel",
     "CollectiveTimeoutError",
     "ExpertParallelGroups",
-    "ExpertParallelMoELayer",
+    "AllToAllDispatcher",
     "ExpertParallelRuntime",
     "Topology",
     "TrafficCounter",
@@ -56,8 +58,11 @@ __all__ = [
     "hierarchical_all_to_all",
     "init_expert_parallel",
     "is_expert_parameter",
+    "is_sharded",
+    "merge_rank_metrics",
     "plan_rows",
     "resolve_ranks_per_node",
+    "shard_layer",
     "shard_experts",
     "synchronize_gradients",
 ]

@@ -1,6 +1,6 @@
 """Expert-sharded state ⇄ global expert ids (design §5; issue 5.6).
 
-On a rank, an :class:`~locmoe.parallel.layer.ExpertParallelMoELayer` holds experts
+On a rank, an :func:`sharded <locmoe.parallel.shard.shard_layer>` ``MoELayer`` holds experts
 ``[r·n/P, (r+1)·n/P)`` and records their global ids in its ``expert_ids`` buffer, so every state dict
 says which experts it holds. Two ways to a checkpoint any number of ranks can resume from:
 
@@ -32,7 +32,7 @@ from torch import nn
 from locmoe.layer import MoELayer
 from locmoe.parallel.data_parallel import is_expert_parameter
 from locmoe.parallel.groups import ExpertParallelGroups
-from locmoe.parallel.layer import ExpertParallelMoELayer
+from locmoe.parallel.shard import is_sharded
 from locmoe.parallel.timeouts import CollectiveLabel, run_collective
 
 EXPERT_IDS = "expert_ids"
@@ -76,7 +76,7 @@ def consolidated_state_dict(model: nn.Module, groups: ExpertParallelGroups | Non
     groups = groups or ExpertParallelGroups.single_process()
     state = dict(model.state_dict())
     for path, layer in _moe_layers(model).items():
-        if not isinstance(layer, ExpertParallelMoELayer):
+        if not is_sharded(layer):
             state[f"{_prefix(path)}{EXPERT_IDS}"] = torch.arange(layer.num_experts)
             continue
         prefix = _prefix(path)
@@ -131,7 +131,7 @@ def load_consolidated_state_dict(
         ids = state.pop(f"{prefix}{EXPERT_IDS}", torch.arange(held))
         _check_expert_ids(path, torch.as_tensor(ids), layer.num_experts)
         order = torch.argsort(torch.as_tensor(ids).long())
-        block = layer.expert_ids if isinstance(layer, ExpertParallelMoELayer) else torch.arange(layer.num_experts)
+        block = layer.expert_ids
         for name, key in expert_keys.items():
             full = state[key][order]
             expected = (layer.num_experts, *getattr(layer.experts, name).shape[1:])
@@ -141,7 +141,7 @@ def load_consolidated_state_dict(
                     f"{expected}; refusing a checkpoint whose experts do not match"
                 )
             state[key] = full[block.cpu()]
-        if isinstance(layer, ExpertParallelMoELayer):
+        if is_sharded(layer):
             state[f"{prefix}{EXPERT_IDS}"] = layer.expert_ids.clone()
     model.load_state_dict(state, strict=strict)
 
@@ -222,7 +222,7 @@ def load_consolidated_optimizer_state(
             continue
         if name in owners:
             _, layer = owners[name]
-            block = layer.expert_ids if isinstance(layer, ExpertParallelMoELayer) else torch.arange(layer.num_experts)
+            block = layer.expert_ids
             full_shape = (layer.num_experts, *parameters[name].shape[1:])
             entry = {
                 key: value[block.cpu()] if _is_expert_shaped(value, full_shape) else value

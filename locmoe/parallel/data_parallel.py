@@ -5,7 +5,7 @@ Two kinds of parameters:
 * *replicated* (everything outside the experts: embeddings, attention, norms, router gates) live on
   every rank: their gradients are all-reduced over all ranks;
 * *expert shards* (parameters with ``expert_parallel = True``, set by
-  :class:`~locmoe.parallel.layer.ExpertParallelMoELayer`) live on one rank of each expert-parallel
+  :func:`~locmoe.parallel.shard.shard_layer`) live on one rank of each expert-parallel
   group: their gradient already holds the contributions of every token of the group (the
   all-to-all's backward brought them home), so they are only all-reduced over the replica group.
 

@@ -21,6 +21,7 @@ import torch
 import torch.distributed as dist
 
 from locmoe.parallel.topology import Topology, resolve_ranks_per_node
+from locmoe.validation import check_number, is_integer
 
 DEFAULT_TIMEOUT_S = 300.0
 """Seconds a collective may stall before every rank fails (``--collective-timeout``; ours)."""
@@ -80,9 +81,7 @@ class ExpertParallelGroups:
 
 
 def _check_timeout(timeout_s: float) -> float:
-    if isinstance(timeout_s, bool) or not isinstance(timeout_s, (int, float)) or not 0 < timeout_s < float("inf"):
-        raise ValueError(f"collective timeout must be a positive number of seconds, got {timeout_s!r}")
-    return float(timeout_s)
+    return check_number("collective timeout (seconds)", timeout_s, low=0.0, low_open=True)
 
 
 def build_groups(
@@ -101,7 +100,7 @@ def build_groups(
     timeout_s = _check_timeout(timeout_s)
     world_size, global_rank = dist.get_world_size(), dist.get_rank()
     size = world_size if expert_parallel is None else expert_parallel
-    if isinstance(size, bool) or not isinstance(size, int) or size < 1 or world_size % size != 0:
+    if not is_integer(size) or size < 1 or world_size % size != 0:
         raise ValueError(
             f"expert_parallel must be a positive integer dividing the world size {world_size}, got {expert_parallel!r}"
         )

@@ -14,7 +14,7 @@ differently under ``torchrun``:
 * :meth:`mean_over_ranks` / :meth:`sum_over_ranks` / :meth:`max_over_ranks` — one all-reduce each
   (the step's logged scalars, evaluation totals, the stop request).
 * :meth:`routing_metrics` — every MoE layer's metrics merged over the ranks
-  (:func:`locmoe.metrics.merge_rank_metrics`).
+  (:func:`locmoe.parallel.rank_metrics.merge_rank_metrics`).
 * :meth:`traffic` — bytes by phase and kind, summed over layers and ranks (forward and backward).
 * :meth:`model_state` / :meth:`load_model_state` / :meth:`optimizer_state` /
   :meth:`load_optimizer_state` — checkpoints in the consolidated, rank-count-independent form.
@@ -30,7 +30,6 @@ the tokens, so the routers' locality loss and ``remote_share`` see a topology in
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import os
 from collections.abc import Callable
@@ -42,7 +41,6 @@ import torch.distributed as dist
 from torch import nn
 
 from locmoe.layer import MoELayer
-from locmoe.metrics import merge_rank_metrics
 from locmoe.parallel.checkpoint import (
     consolidated_optimizer_state,
     consolidated_state_dict,
@@ -51,10 +49,12 @@ from locmoe.parallel.checkpoint import (
 )
 from locmoe.parallel.data_parallel import broadcast_parameters, clip_grad_norm, synchronize_gradients
 from locmoe.parallel.groups import DEFAULT_TIMEOUT_S, ExpertParallelGroups, init_expert_parallel
-from locmoe.parallel.layer import expert_parallel_layers, shard_experts
+from locmoe.parallel.rank_metrics import merge_rank_metrics
+from locmoe.parallel.shard import expert_parallel_layers, shard_experts
 from locmoe.parallel.timeouts import CollectiveLabel, run_collective
 from locmoe.parallel.topology import Topology
 from locmoe.parallel.traffic import KINDS, TrafficCounter
+from locmoe.validation import check_integer
 
 Result = TypeVar("Result")
 
@@ -79,8 +79,7 @@ class ExpertParallelRuntime:
     @classmethod
     def single_process(cls, simulated_nodes: int = 0) -> ExpertParallelRuntime:
         """One process; ``simulated_nodes`` > 0 places experts and tokens on that many simulated nodes."""
-        if isinstance(simulated_nodes, bool) or not isinstance(simulated_nodes, int) or simulated_nodes < 0:
-            raise ValueError(f"simulated_nodes must be an integer >= 0, got {simulated_nodes!r}")
+        check_integer("simulated_nodes", simulated_nodes, low=0)
         return cls(ExpertParallelGroups.single_process(), simulated_nodes=simulated_nodes)
 
     @classmethod
@@ -126,19 +125,12 @@ class ExpertParallelRuntime:
         """``builder(config, vocab_size)`` then, with several ranks, shard its MoE layers over the
         expert-parallel group and make every replica start identical.
 
-        ``config`` is the trainer's frozen model config; a ``router_options["scope"] == "global"``
-        is replaced by ``"batch"`` for the router and becomes the layers' ``routing_scope`` (in one
-        process the batch is the whole group). One process keeps the plain layers; with simulated
-        nodes they learn where their experts live."""
-        routing_scope = "local"
-        options = dict(getattr(config, "router_options", {}) or {})
-        if options.get("scope") == "global":
-            options["scope"] = "batch"
-            config = dataclasses.replace(config, router_options=options)
-            routing_scope = "global"
+        Each layer keeps its ``routing_scope`` (``model.routing_scope``); in one process the batch is
+        the whole group. One process keeps the plain layers; with simulated nodes they learn where
+        their experts live."""
         model = builder(config, vocab_size)
         if self.world_size > 1:
-            shard_experts(model, self.groups, hierarchical=self.hierarchical, routing_scope=routing_scope)
+            shard_experts(model, self.groups, hierarchical=self.hierarchical)
             broadcast_parameters(model, self.groups)
         elif self.simulated_nodes:
             # N single-rank nodes: expert e on node e // (n / N), as N ranks would hold them.
@@ -188,7 +180,7 @@ class ExpertParallelRuntime:
     def set_step(self, model: nn.Module, step: int) -> None:
         """Name ``step`` (1-based) in collective error messages of the next forward/backward."""
         for layer in expert_parallel_layers(model).values():
-            layer.step = step - 1 if layer.training else step  # a training forward counts itself
+            layer.dispatcher.step = step - 1 if layer.training else step  # a training forward counts itself
 
     def finish_backward(self, model: nn.Module, max_norm: float, step: int = 0) -> torch.Tensor:
         """Average gradients over ranks (module :mod:`~locmoe.parallel.data_parallel`), clip by the
@@ -259,7 +251,7 @@ class ExpertParallelRuntime:
 
     def routing_metrics(self, model: nn.Module, step: int = 0) -> dict[str, dict[str, Any]]:
         """``model.routing_metrics()`` (``{layer: metrics}``) merged over all ranks with
-        :func:`~locmoe.metrics.merge_rank_metrics` (one all-gather); unchanged in one process. Every
+        :func:`~locmoe.parallel.rank_metrics.merge_rank_metrics` (one all-gather); unchanged in one process. Every
         rank must report the same layers, keys and shapes (they run the same code)."""
         metrics = model.routing_metrics()
         if self.groups.data_group is None:
@@ -305,7 +297,7 @@ class ExpertParallelRuntime:
         combine (forward and backward). One all-reduce."""
         counter = TrafficCounter()
         for layer in expert_parallel_layers(model).values():
-            counter.merge(layer.traffic)
+            counter.merge(layer.dispatcher.traffic)
         phases = sorted(counter.bytes)
         names = [f"{phase}_bytes_{kind}" for phase in phases for kind in KINDS]
         values = torch.tensor([counter.bytes[phase][kind] for phase in phases for kind in KINDS], dtype=torch.float64)

@@ -17,6 +17,8 @@ from dataclasses import dataclass
 
 import torch
 
+from locmoe.validation import check_integer
+
 
 def resolve_ranks_per_node(world_size: int, ranks_per_node: int | None = None) -> int:
     """``L``: the explicit value, else ``LOCAL_WORLD_SIZE``, else ``world_size`` (one node).
@@ -33,8 +35,7 @@ def resolve_ranks_per_node(world_size: int, ranks_per_node: int | None = None) -
             ranks_per_node = int(local)
         except ValueError:
             raise ValueError(f"LOCAL_WORLD_SIZE must be a positive integer, got {local!r}") from None
-    if isinstance(ranks_per_node, bool) or not isinstance(ranks_per_node, int) or ranks_per_node < 1:
-        raise ValueError(f"{source} must be a positive integer, got {ranks_per_node!r}")
+    check_integer(source, ranks_per_node, low=1)
     if world_size % ranks_per_node != 0:
         raise ValueError(
             f"{source}={ranks_per_node} does not divide the world size {world_size}; "

@@ -1,17 +1,33 @@
-"""Routing: pure routing math returning one contract, the :class:`RoutingPlan`."""
+"""Routing: pure routing math returning one contract, the :class:`RoutingPlan`.
 
-from locmoe.routing.base import ROUTER_DEFAULT, Router, RoutingContext
+Layers, lowest first (each imports only from those above it): ``plan`` (the contract), ``selection``
+(capacity cuts and ranking), ``capacity`` (capacity rules and the LocMoE bound), ``losses``,
+``options`` (typed router options), ``base`` (the :class:`Router` interface), ``grap`` and the
+routers, ``registry``.
+"""
+
+from locmoe.routing.base import Router, RoutingContext
+from locmoe.routing.options import RouterOptions
 from locmoe.routing.plan import DROPPED, RoutingPlan
-from locmoe.routing.registry import available_routers, build_router, router_class, router_options
+from locmoe.routing.registry import (
+    available_routers,
+    build_router,
+    make_options,
+    options_class,
+    router_class,
+    router_options,
+)
 
 __all__ = [
     "DROPPED",
-    "ROUTER_DEFAULT",
     "Router",
+    "RouterOptions",
     "RoutingContext",
     "RoutingPlan",
     "available_routers",
     "build_router",
+    "make_options",
+    "options_class",
     "router_class",
     "router_options",
 ]

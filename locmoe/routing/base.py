@@ -8,30 +8,14 @@ routers alike; whatever differs between strategies lives behind this interface.
 from __future__ import annotations
 
 import abc
-import math
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
+from locmoe.routing.options import RouterOptions
 from locmoe.routing.plan import RoutingPlan
-
-
-class RouterDefault:
-    """Sentinel: "use this router's own default (design §1)" for an option such as the capacity factor."""
-
-    _instance: RouterDefault | None = None
-
-    def __new__(cls) -> RouterDefault:
-        if cls._instance is None:
-            cls._instance = super().__new__(cls)
-        return cls._instance
-
-    def __repr__(self) -> str:
-        return "ROUTER_DEFAULT"
-
-
-ROUTER_DEFAULT = RouterDefault()
+from locmoe.validation import check_integer
 
 
 @dataclass(frozen=True)
@@ -54,26 +38,33 @@ class RoutingContext:
 
 
 class Router(nn.Module, metaclass=abc.ABCMeta):
-    """Base class: subclasses implement :meth:`route`.
+    """Base class: subclasses set :attr:`Options` and implement :meth:`route`.
+
+    Built from a typed options object (:mod:`locmoe.routing.options`); ``self.options`` holds the
+    options this router runs with, size-dependent defaults filled in.
 
     Class attributes:
         name: registry name.
+        Options: the frozen dataclass of this router's options.
         needs_token_ids: ``True`` if ``route`` requires ``context.token_ids``.
-        default_capacity_factor: the default used when the caller passes ``ROUTER_DEFAULT``.
     """
 
     name: str = "router"
+    Options: type[RouterOptions] = RouterOptions
     needs_token_ids: bool = False
-    default_capacity_factor: float | None = 1.1
 
-    def __init__(self, d_model: int, num_experts: int) -> None:
+    def __init__(self, d_model: int, num_experts: int, options: RouterOptions | None = None) -> None:
         super().__init__()
-        if d_model < 1:
-            raise ValueError(f"d_model must be a positive integer, got {d_model!r}")
-        if num_experts < 1:
-            raise ValueError(f"num_experts must be a positive integer, got {num_experts!r}")
+        check_integer("d_model", d_model, low=1)
+        check_integer("num_experts", num_experts, low=1)
+        options = self.Options() if options is None else options
+        if type(options) is not self.Options:
+            raise ValueError(
+                f"router {self.name!r} takes {self.Options.__name__}, got {type(options).__name__}"
+            )
         self.d_model = d_model
         self.num_experts = num_experts
+        self.options = options.for_layer(d_model, num_experts)
 
     @abc.abstractmethod
     def route(self, x: torch.Tensor, context: RoutingContext) -> RoutingPlan:
@@ -89,20 +80,9 @@ class Router(nn.Module, metaclass=abc.ABCMeta):
             )
         return self.route(x, context)
 
-
-def resolve_capacity_factor(value: object, default: float | None, *, allow_none: bool) -> float | None:
-    """Turn the user's ``capacity_factor`` into a float (or ``None`` = dropless), validating it."""
-    if isinstance(value, RouterDefault):
-        return default
-    if value is None:
-        if allow_none:
-            return None
-        raise ValueError(
-            "capacity_factor=None (dropless) is only allowed for the 'topk' router; pass a positive number"
-        )
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
-        raise ValueError(f"capacity_factor must be a positive finite number, got {value!r}")
-    return float(value)
+    def extra_repr(self) -> str:
+        return ", ".join(f"{name}={value:.4g}" if isinstance(value, float) else f"{name}={value}"
+                         for name, value in self.options.as_dict().items())
 
 
 def gate_logits(gate: nn.Linear, x: torch.Tensor) -> torch.Tensor:
@@ -118,25 +98,3 @@ def gate_logits(gate: nn.Linear, x: torch.Tensor) -> torch.Tensor:
     dtype = torch.promote_types(x.dtype, torch.float32)
     with torch.autocast(x.device.type, enabled=False):
         return torch.nn.functional.linear(x.to(dtype), gate.weight.to(dtype))
-
-
-# Slack on ceil(): 1.1 · 1600 / 8 is 220.00000000000003 in binary floating point and must give 220.
-_CEIL_SLACK = 1e-9
-
-
-def ceil_tolerant(value: float) -> int:
-    """``ceil(value)``, except that a value within ``1e-9`` above an integer counts as that integer
-    (float rounding of a product such as ``cf · S / n``, not a real excess). Shared by every capacity."""
-    return math.ceil(value - _CEIL_SLACK)
-
-
-def capacity_from_factor(capacity_factor: float, num_tokens: int, num_experts: int, top_k: int = 1) -> int:
-    """Conventional capacity ``C_cf = ceil(cf * k * S / n)`` (design §3; GShard/Switch, with ``k``
-    slots per token for top-k routing), at most ``S``: an expert meets each token at most once, so
-    more slots would only be padding (a huge ``cf`` must not allocate a huge buffer, nor overflow).
-    Never below 1. A product within ``1e-9`` above an integer counts as that integer (float rounding,
-    not a real excess)."""
-    slots = capacity_factor * top_k * num_tokens / num_experts
-    if not slots < num_tokens:  # also inf, from a finite but huge cf
-        return max(1, num_tokens)
-    return max(1, ceil_tolerant(slots))

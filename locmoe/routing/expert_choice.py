@@ -10,18 +10,12 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from locmoe.losses import z_loss
-from locmoe.routing.base import (
-    ROUTER_DEFAULT,
-    Router,
-    RoutingContext,
-    capacity_from_factor,
-    gate_logits,
-    resolve_capacity_factor,
-)
+from locmoe.routing.base import Router, RoutingContext, gate_logits
+from locmoe.routing.capacity import capacity_from_factor
+from locmoe.routing.losses import z_loss
+from locmoe.routing.options import ExpertChoiceOptions
 from locmoe.routing.plan import DROPPED, RoutingPlan
 from locmoe.routing.selection import count_per_expert
-from locmoe.routing.topk import _check_coef
 
 
 def expert_choice_selection(scores: torch.Tensor, capacity: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -45,36 +39,27 @@ def expert_choice_selection(scores: torch.Tensor, capacity: int) -> tuple[torch.
 class ExpertChoiceRouter(Router):
     """``expert_choice``: learned linear gate, experts choose tokens (design §1).
 
-    Options:
-        capacity_factor: ``cf`` of ``C = ceil(cf · S / n)``, default 1.0 (every token processed
-            once on average).
-        z_loss_coef: router z-loss, default 0. There is no load-balance loss: expert choice is
-            balanced by construction (Zhou et al. use none).
+    Options: :class:`locmoe.routing.options.ExpertChoiceOptions` (``capacity_factor`` 1.0: every
+    token processed once on average; ``z_loss_coef`` 0). There is no load-balance loss: expert
+    choice is balanced by construction (Zhou et al. use none).
     """
 
     name = "expert_choice"
-    default_capacity_factor = 1.0
+    Options = ExpertChoiceOptions
+    options: ExpertChoiceOptions
 
-    def __init__(
-        self,
-        d_model: int,
-        num_experts: int,
-        *,
-        capacity_factor: object = ROUTER_DEFAULT,
-        z_loss_coef: float = 0.0,
-    ) -> None:
-        super().__init__(d_model, num_experts)
-        self.capacity_factor = resolve_capacity_factor(capacity_factor, self.default_capacity_factor, allow_none=False)
-        self.z_loss_coef = _check_coef("z_loss_coef", z_loss_coef)
+    def __init__(self, d_model: int, num_experts: int, options: ExpertChoiceOptions | None = None) -> None:
+        super().__init__(d_model, num_experts, options)
         self.gate = nn.Linear(d_model, num_experts, bias=False)
 
     def route(self, x: torch.Tensor, context: RoutingContext) -> RoutingPlan:
         logits = gate_logits(self.gate, x)
         probs = torch.softmax(logits, dim=-1)
-        capacity = min(capacity_from_factor(self.capacity_factor, x.shape[0], self.num_experts), x.shape[0])
+        capacity = min(capacity_from_factor(self.options.capacity_factor, x.shape[0], self.num_experts), x.shape[0])
         expert_ids, gate_weights = expert_choice_selection(probs, capacity)
         top1 = probs.argmax(dim=-1)
-        losses = {"z_loss": z_loss(logits, self.z_loss_coef)} if self.z_loss_coef > 0 else {}
+        coef = self.options.z_loss_coef
+        losses = {"z_loss": z_loss(logits, coef)} if coef > 0 else {}
         return RoutingPlan(
             expert_ids=expert_ids,
             gate_weights=gate_weights,
@@ -86,6 +71,3 @@ class ExpertChoiceRouter(Router):
             top1_expert=top1,
             losses=losses,
         )
-
-    def extra_repr(self) -> str:
-        return f"capacity_factor={self.capacity_factor}"

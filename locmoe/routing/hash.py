@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import torch
 
-from locmoe.routing.base import ROUTER_DEFAULT, Router, RoutingContext, capacity_from_factor, resolve_capacity_factor
+from locmoe.routing.base import Router, RoutingContext
+from locmoe.routing.capacity import capacity_from_factor
+from locmoe.routing.options import HashOptions
 from locmoe.routing.plan import RoutingPlan
 from locmoe.routing.selection import count_per_expert, keep_within_capacity, mask_dropped, positional_priority
 
@@ -26,25 +28,19 @@ class HashRouter(Router):
 
     Capacity as Switch: ``ceil(cf · S / n)`` served by position, cf default 1.1.
 
-    Options:
-        capacity_factor: default 1.1.
-        hash_seed: picks the hash function's ``(a, b)``; fixed per layer so routing never changes.
+    Options: :class:`locmoe.routing.options.HashOptions` (``capacity_factor`` 1.1; ``hash_seed`` 0
+    picks the hash function's ``(a, b)``, fixed per layer so routing never changes).
     """
 
     name = "hash"
+    Options = HashOptions
+    options: HashOptions
     needs_token_ids = True
-    default_capacity_factor = 1.1
 
-    def __init__(
-        self, d_model: int, num_experts: int, *, capacity_factor: object = ROUTER_DEFAULT, hash_seed: int = 0
-    ) -> None:
-        super().__init__(d_model, num_experts)
-        if isinstance(hash_seed, bool) or not isinstance(hash_seed, int) or hash_seed < 0:
-            raise ValueError(f"hash_seed must be an integer >= 0, got {hash_seed!r}")
-        self.capacity_factor = resolve_capacity_factor(capacity_factor, self.default_capacity_factor, allow_none=False)
-        generator = torch.Generator().manual_seed(hash_seed)
+    def __init__(self, d_model: int, num_experts: int, options: HashOptions | None = None) -> None:
+        super().__init__(d_model, num_experts, options)
+        generator = torch.Generator().manual_seed(self.options.hash_seed)
         multiplier, offset = torch.randint(1, _PRIME, (2,), generator=generator).tolist()
-        self.hash_seed = hash_seed
         self.multiplier = int(multiplier)
         self.offset = int(offset)
 
@@ -59,7 +55,7 @@ class HashRouter(Router):
             raise ValueError(f"token_ids must be an integer tensor, got dtype {token_ids.dtype}")
         num_tokens = x.shape[0]
         proposed = hash_experts(token_ids.to(x.device), self.num_experts, self.multiplier, self.offset)[:, None]
-        capacity = capacity_from_factor(self.capacity_factor, num_tokens, self.num_experts)
+        capacity = capacity_from_factor(self.options.capacity_factor, num_tokens, self.num_experts)
         expert_ids = keep_within_capacity(proposed, positional_priority(num_tokens, 1, device=x.device), capacity)
         ones = torch.ones(num_tokens, 1, dtype=x.dtype, device=x.device)
         return RoutingPlan(
@@ -72,6 +68,3 @@ class HashRouter(Router):
             router_probs=None,
             top1_expert=proposed[:, 0],
         )
-
-    def extra_repr(self) -> str:
-        return f"capacity_factor={self.capacity_factor}, hash_seed={self.hash_seed}"

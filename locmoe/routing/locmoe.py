@@ -6,9 +6,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from locmoe.capacity import delta_statistic, locmoe_capacity
-from locmoe.routing.base import ROUTER_DEFAULT, RoutingContext
-from locmoe.routing.grap_router import GrAPRouter, check_integer, check_number
+from locmoe.routing.base import RoutingContext
+from locmoe.routing.capacity import delta_statistic, locmoe_capacity
+from locmoe.routing.grap_router import GrAPRouter
+from locmoe.routing.options import LocMoEOptions
 from locmoe.routing.plan import RoutingPlan
 from locmoe.routing.selection import keep_within_capacity, positional_priority
 
@@ -28,43 +29,17 @@ class LocMoERouter(GrAPRouter):
     before any training forward the capacity is computed from the batch and not stored. Tokens beyond
     ``C`` are dropped in position order, as in Switch/GShard.
 
-    Options (besides those of :class:`GrAPRouter`):
-        capacity_factor: ``cf`` of the ceiling ``C_cf = ceil(cf · S / n)``, default 1.1.
-        kappa: ``κ`` scaling the bound, default 1 **(ours)**.
-        capacity_floor: ``C_floor``; ``None`` (default) = ``ceil(S / n)`` of the first batch **(ours)**.
+    Options: :class:`locmoe.routing.options.LocMoEOptions` (``capacity_factor`` of the ceiling
+    ``C_cf = ceil(cf · S / n)``, 1.1; ``kappa`` scaling the bound, 1 **(ours)**; ``capacity_floor``
+    ``C_floor``, ``None`` = ``ceil(S / n)`` of the first batch **(ours)**; and the GrAP options).
     """
 
     name = "locmoe"
-    default_capacity_factor = 1.1
+    Options = LocMoEOptions
+    options: LocMoEOptions
 
-    def __init__(
-        self,
-        d_model: int,
-        num_experts: int,
-        *,
-        capacity_factor: object = ROUTER_DEFAULT,
-        kappa: float = 1.0,
-        capacity_floor: int | None = None,
-        temperature: float | None = None,
-        aux_coef: float = 0.01,
-        locality_coef: float = 0.01,
-        locality_smoothing: float = 1e-3,
-        z_loss_coef: float = 0.0,
-        delta_quantile: float = 0.05,
-    ) -> None:
-        super().__init__(
-            d_model,
-            num_experts,
-            capacity_factor=capacity_factor,
-            temperature=temperature,
-            aux_coef=aux_coef,
-            locality_coef=locality_coef,
-            locality_smoothing=locality_smoothing,
-            z_loss_coef=z_loss_coef,
-            delta_quantile=delta_quantile,
-        )
-        self.kappa = check_number("kappa", kappa, low=0.0, low_open=True)
-        self.capacity_floor = None if capacity_floor is None else check_integer("capacity_floor", capacity_floor, low=1)
+    def __init__(self, d_model: int, num_experts: int, options: LocMoEOptions | None = None) -> None:
+        super().__init__(d_model, num_experts, options)
         self.fixed_capacity: torch.Tensor
         self.register_buffer("fixed_capacity", torch.zeros((), dtype=torch.long))
         self._capacity_cache: int | None = None
@@ -78,16 +53,16 @@ class LocMoERouter(GrAPRouter):
             return self._capacity_cache
         if affinity.shape[0] == 0:  # nothing to measure the bound on: wait for a real first batch
             return 1
-        delta_stat, _ = delta_statistic(affinity, proposed, self.delta_quantile)
-        num_tokens = affinity.shape[0]
+        options = self.options
+        delta_stat, _ = delta_statistic(affinity, proposed, options.delta_quantile)
         capacity = locmoe_capacity(
             delta_stat,
             self.d_model,
             self.num_experts,
-            num_tokens,
-            capacity_factor=self.capacity_factor,
-            kappa=self.kappa,
-            floor=self.capacity_floor,
+            affinity.shape[0],
+            capacity_factor=options.capacity_factor,
+            kappa=options.kappa,
+            floor=options.capacity_floor,
         )
         if self.training:
             self.fixed_capacity.fill_(capacity)
@@ -101,6 +76,3 @@ class LocMoERouter(GrAPRouter):
         capacity = self._capacity(scores.affinity, proposed)
         expert_ids = keep_within_capacity(proposed, positional_priority(x.shape[0], 1, device=x.device), capacity)
         return self.assemble_plan(x, scores, expert_ids, proposed, capacity, context)
-
-    def extra_repr(self) -> str:
-        return f"{super().extra_repr()}, kappa={self.kappa}, capacity_floor={self.capacity_floor}"

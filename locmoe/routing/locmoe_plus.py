@@ -8,7 +8,7 @@ The selection, for one routing group of tokens and the GrAP affinities ``δ (S, 
    ``softmax(δ / T_sel)`` over the candidates, alternatively ``max(δ, 0)`` normalised **(ours)**.
    ``k_i^τ`` is the smallest ``k`` with ``Σ_{j≤k} a_j ≥ τ``.
 3. Expert ``i`` keeps its first ``min(|T_i|, C_t, k_i^τ)`` candidates; ``C_t`` is the dynamic capacity
-   (:func:`locmoe.capacity.dynamic_capacity`). Tokens kept by no expert are dropped (zero MoE output,
+   (:func:`locmoe.routing.capacity.dynamic_capacity`). Tokens kept by no expert are dropped (zero MoE output,
    the residual carries them); nothing is re-routed.
 
 The math is in free functions, vectorised over tokens and experts (sorts and segment sums, no Python
@@ -22,15 +22,14 @@ from dataclasses import dataclass
 
 import torch
 
-from locmoe.capacity import CAPACITY_RULES, default_select_temperature, dynamic_capacity
-from locmoe.routing.base import ROUTER_DEFAULT, RoutingContext, capacity_from_factor
+from locmoe.routing.base import RoutingContext
+from locmoe.routing.capacity import capacity_from_factor, dynamic_capacity
 from locmoe.routing.expert_choice import expert_choice_selection
-from locmoe.routing.grap_router import GrAPRouter, check_choice, check_integer, check_number
+from locmoe.routing.grap_router import GrAPRouter
+from locmoe.routing.options import SCOPES, SELECTION_SCORES, ECROptions, LocMoEPlusOptions, TCROptions
 from locmoe.routing.plan import DROPPED, RoutingPlan
 from locmoe.routing.selection import count_per_expert, keep_within_capacity, positional_priority, rank_within_expert
-
-SCOPES = ("sequence", "batch", "global")
-SELECTION_SCORES = ("softmax", "relu")
+from locmoe.validation import check_choice
 
 # A prefix whose score mass reaches τ up to this slack counts as reaching it, so that e.g. uniform
 # scores over m candidates give exactly ceil(τ·m) despite rounding in the running sum.
@@ -47,11 +46,9 @@ def routing_group_size(num_tokens: int, scope: str, sequence_length: int | None)
 
     ``batch``: all ``S`` tokens on this rank form one group. ``sequence``: each run of
     ``sequence_length`` consecutive tokens (one sequence of a flattened ``(B, T)`` batch) is a group;
-    without a sequence length the whole input is one sequence. ``global`` (all tokens of the
-    expert-parallel group) needs expert parallelism and is rejected here.
+    without a sequence length the whole input is one sequence. (All tokens of an expert-parallel
+    group as one group is the layer's ``routing_scope="global"``: its dispatcher gathers them.)
     """
-    if scope == "global":
-        raise ValueError("scope='global' routes over the whole expert-parallel group and needs expert parallelism")
     check_choice("scope", scope, SCOPES)
     if scope == "batch" or sequence_length is None:
         return num_tokens
@@ -189,26 +186,11 @@ class LocMoEPlusRouter(GrAPRouter):
     """``locmoe_plus``: TCR top-ℓ, then each expert keeps its most affine candidates up to the
     score-sum threshold and the dynamic capacity (design §2, §3).
 
-    Options (besides those of :class:`GrAPRouter`; defaults from design §2–§3):
-        tau: score-sum threshold ``τ`` in ``(0, 1]``, default 0.9.
-        top_l: experts proposed per token ``ℓ`` in ``[1, n]``, default 1 (the paper's experiments).
-        select_temperature: ``T_sel`` of the softmax scores, ``> 0``; ``None`` (default) =
-            ``3.2/√d`` (:func:`locmoe.capacity.default_select_temperature`, 0.05 at the paper's
-            d = 4096) **(ours, design §3.2)**. It is the knob that trades expert compute for quality:
-            a lower ``T_sel`` concentrates the score mass and cuts more candidates.
-        capacity_rule: ``"mean"`` (default) or ``"max"``: which ``k_i^τ`` sets ``C_t``
-            (:func:`locmoe.capacity.dynamic_capacity`) **(ours, design §3.3)**.
-        selection_score: ``"softmax"`` (default) or ``"relu"`` (``max(δ, 0)`` normalised) **(ours)**.
-        capacity_factor: ``cf`` of the ceiling ``C_cf = ceil(cf · S_g / n)``, default 1.1.
-        capacity_floor: ``C_floor`` (integer ``≥ 1``), default 4.
-        margin: ``≥ 0``, default 0.1: ``C_t = clamp(ceil(mean_i k_i^τ · (1 + margin)), C_floor, C_cf)``
-            (``max_i`` under ``capacity_rule="max"``); an expert with ``k_i^τ > C_t`` keeps its
-            ``C_t`` most affine candidates.
-        capacity_ema: EMA weight of the capacity target over training steps in ``[0, 1)``, 0 = off.
-        scope: routing group, ``"batch"`` (default; all tokens here) or ``"sequence"``; ``"global"``
-            (all tokens of the expert-parallel group) is a property of the layer, not of the router:
-            :class:`locmoe.parallel.ExpertParallelMoELayer` and the trainer accept it, the router
-            alone raises **(ours)**.
+    Options: :class:`locmoe.routing.options.LocMoEPlusOptions` (``tau``, ``top_l``,
+    ``select_temperature`` — the knob that trades expert compute for quality: a lower ``T_sel``
+    concentrates the score mass and cuts more candidates —, ``selection_score``, ``capacity_rule``,
+    ``margin``, ``capacity_floor``, ``capacity_ema``, ``scope`` and the GrAP options). An expert with
+    ``k_i^τ > C_t`` keeps its ``C_t`` most affine candidates.
 
     ``C_t`` is computed per group size ``S_g`` and shared by the groups; the plan's ``capacity`` is
     ``G · C_t`` (the drop-and-pad slots per expert over the ``G`` groups). ``C_t`` becomes a Python int
@@ -224,83 +206,37 @@ class LocMoEPlusRouter(GrAPRouter):
     """
 
     name = "locmoe_plus"
-    default_capacity_factor = 1.1
+    Options = LocMoEPlusOptions
+    options: LocMoEPlusOptions
 
-    def __init__(
-        self,
-        d_model: int,
-        num_experts: int,
-        *,
-        capacity_factor: object = ROUTER_DEFAULT,
-        tau: float = 0.9,
-        top_l: int = 1,
-        select_temperature: float | None = None,
-        selection_score: str = "softmax",
-        capacity_rule: str = "mean",
-        margin: float = 0.1,
-        capacity_floor: int = 4,
-        capacity_ema: float = 0.0,
-        scope: str = "batch",
-        temperature: float | None = None,
-        aux_coef: float = 0.01,
-        locality_coef: float = 0.01,
-        locality_smoothing: float = 1e-3,
-        z_loss_coef: float = 0.0,
-        delta_quantile: float = 0.05,
-    ) -> None:
-        super().__init__(
-            d_model,
-            num_experts,
-            capacity_factor=capacity_factor,
-            temperature=temperature,
-            aux_coef=aux_coef,
-            locality_coef=locality_coef,
-            locality_smoothing=locality_smoothing,
-            z_loss_coef=z_loss_coef,
-            delta_quantile=delta_quantile,
-        )
-        self.tau = check_number("tau", tau, low=0.0, high=1.0, low_open=True)
-        self.top_l = check_integer("top_l", top_l, low=1, high=num_experts)
-        if select_temperature is None:
-            select_temperature = default_select_temperature(d_model)
-        self.select_temperature = check_number("select_temperature", select_temperature, low=0.0, low_open=True)
-        self.capacity_rule = check_choice("capacity_rule", capacity_rule, CAPACITY_RULES)
-        self.selection_score = check_choice("selection_score", selection_score, SELECTION_SCORES)
-        self.margin = check_number("margin", margin, low=0.0)
-        self.capacity_floor = check_integer("capacity_floor", capacity_floor, low=1)
-        self.capacity_ema = check_number("capacity_ema", capacity_ema, low=0.0, high=1.0, high_open=True)
-        if scope == "global":
-            raise ValueError(
-                "scope='global' (route over all tokens of the expert-parallel group) needs expert parallelism: "
-                "use locmoe.parallel.ExpertParallelMoELayer (or `locmoe train`, which handles it in one process "
-                "and under torchrun); a router alone takes scope='batch' or 'sequence'"
-            )
-        self.scope = check_choice("scope", scope, ("sequence", "batch"))
+    def __init__(self, d_model: int, num_experts: int, options: LocMoEPlusOptions | None = None) -> None:
+        super().__init__(d_model, num_experts, options)
         self.capacity_state: torch.Tensor
         self.register_buffer("capacity_state", torch.full((), math.nan, dtype=torch.float64))
 
     def route(self, x: torch.Tensor, context: RoutingContext) -> RoutingPlan:
         scores = self.score(x)
         num_tokens = x.shape[0]
-        group_size = max(1, routing_group_size(num_tokens, self.scope, context.sequence_length))
+        options = self.options
+        group_size = max(1, routing_group_size(num_tokens, options.scope, context.sequence_length))
         ranking = rank_candidates(
             scores.affinity,
-            top_l=self.top_l,
-            tau=self.tau,
-            select_temperature=self.select_temperature,
-            score=self.selection_score,
+            top_l=options.top_l,
+            tau=options.tau,
+            select_temperature=options.select_temperature,
+            score=options.selection_score,
             group_size=group_size,
         )
-        ceiling = capacity_from_factor(self.capacity_factor, group_size, self.num_experts)
+        ceiling = capacity_from_factor(options.capacity_factor, group_size, self.num_experts)
         if self.training:
             capacity, state = dynamic_capacity(
-                ranking.k_tau, self.margin, self.capacity_floor, ceiling, self.capacity_state, self.capacity_ema,
-                self.capacity_rule,
+                ranking.k_tau, options.margin, options.capacity_floor, ceiling, self.capacity_state,
+                options.capacity_ema, options.capacity_rule,
             )
             self.capacity_state.copy_(state)
         else:
             capacity, state = dynamic_capacity(
-                ranking.k_tau, self.margin, self.capacity_floor, ceiling, rule=self.capacity_rule
+                ranking.k_tau, options.margin, options.capacity_floor, ceiling, rule=options.capacity_rule
             )
         expert_ids = keep_candidates(ranking, capacity)
         num_groups = max(1, num_tokens // group_size)
@@ -314,56 +250,22 @@ class LocMoEPlusRouter(GrAPRouter):
         }
         return self.assemble_plan(x, scores, expert_ids, ranking.proposed, num_groups * capacity, context, metrics)
 
-    def extra_repr(self) -> str:
-        return (
-            f"{super().extra_repr()}, tau={self.tau}, top_l={self.top_l}, "
-            f"select_temperature={self.select_temperature}, selection_score={self.selection_score}, "
-            f"capacity_rule={self.capacity_rule}, margin={self.margin}, capacity_floor={self.capacity_floor}, "
-            f"capacity_ema={self.capacity_ema}, "
-            f"scope={self.scope}"
-        )
-
 
 class TCRRouter(GrAPRouter):
     """``tcr``: the token-choice half of LocMoE+ alone (the papers' "LocMoE (TCR)" row).
 
     GrAP top-1 by affinity; each expert keeps its first ``C = ceil(cf · S / n)`` proposals by position,
-    like ``switch``. ``capacity_factor`` default 1.1. Other options: see :class:`GrAPRouter`.
+    like ``switch``. Options: :class:`locmoe.routing.options.TCROptions`.
     """
 
     name = "tcr"
-    default_capacity_factor = 1.1
-
-    def __init__(
-        self,
-        d_model: int,
-        num_experts: int,
-        *,
-        capacity_factor: object = ROUTER_DEFAULT,
-        temperature: float | None = None,
-        aux_coef: float = 0.01,
-        locality_coef: float = 0.01,
-        locality_smoothing: float = 1e-3,
-        z_loss_coef: float = 0.0,
-        delta_quantile: float = 0.05,
-    ) -> None:
-        super().__init__(
-            d_model,
-            num_experts,
-            capacity_factor=capacity_factor,
-            temperature=temperature,
-            aux_coef=aux_coef,
-            locality_coef=locality_coef,
-            locality_smoothing=locality_smoothing,
-            z_loss_coef=z_loss_coef,
-            delta_quantile=delta_quantile,
-        )
+    Options = TCROptions
 
     def route(self, x: torch.Tensor, context: RoutingContext) -> RoutingPlan:
         scores = self.score(x)
         num_tokens = x.shape[0]
         proposed = tcr_proposals(scores.affinity, 1)
-        capacity = capacity_from_factor(self.capacity_factor, num_tokens, self.num_experts)
+        capacity = capacity_from_factor(self.options.capacity_factor, num_tokens, self.num_experts)
         expert_ids = keep_within_capacity(proposed, positional_priority(num_tokens, 1, device=x.device), capacity)
         return self.assemble_plan(x, scores, expert_ids, proposed, capacity, context)
 
@@ -374,41 +276,16 @@ class ECRRouter(GrAPRouter):
     Each expert keeps the ``C = ceil(cf · S / n)`` tokens of highest affinity among all ``S`` (a token
     may be kept by 0..n experts; ``K = n`` slots per token), like ``expert_choice`` with GrAP
     affinities. ``capacity_factor`` default 1.0. Proposals (for the balance loss and metrics) are
-    the tokens' top-1 experts. Other options: see :class:`GrAPRouter`.
+    the tokens' top-1 experts. Options: :class:`locmoe.routing.options.ECROptions` (``cf`` 1.0).
     """
 
     name = "ecr"
-    default_capacity_factor = 1.0
-
-    def __init__(
-        self,
-        d_model: int,
-        num_experts: int,
-        *,
-        capacity_factor: object = ROUTER_DEFAULT,
-        temperature: float | None = None,
-        aux_coef: float = 0.01,
-        locality_coef: float = 0.01,
-        locality_smoothing: float = 1e-3,
-        z_loss_coef: float = 0.0,
-        delta_quantile: float = 0.05,
-    ) -> None:
-        super().__init__(
-            d_model,
-            num_experts,
-            capacity_factor=capacity_factor,
-            temperature=temperature,
-            aux_coef=aux_coef,
-            locality_coef=locality_coef,
-            locality_smoothing=locality_smoothing,
-            z_loss_coef=z_loss_coef,
-            delta_quantile=delta_quantile,
-        )
+    Options = ECROptions
 
     def route(self, x: torch.Tensor, context: RoutingContext) -> RoutingPlan:
         scores = self.score(x)
         num_tokens = x.shape[0]
-        capacity = min(capacity_from_factor(self.capacity_factor, num_tokens, self.num_experts), num_tokens)
+        capacity = min(capacity_from_factor(self.options.capacity_factor, num_tokens, self.num_experts), num_tokens)
         expert_ids, _ = expert_choice_selection(scores.affinity, capacity)
         proposed = tcr_proposals(scores.affinity, 1)
         return self.assemble_plan(x, scores, expert_ids, proposed, capacity, context)

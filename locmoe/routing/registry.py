@@ -1,22 +1,24 @@
-"""Router registry: name -> router class, and the one factory the layer uses."""
+"""Router registry: name -> router class (and its options class), and the one factory the layer uses."""
 
 from __future__ import annotations
 
-import importlib
-import inspect
+from typing import Any
 
-from locmoe.routing.base import ROUTER_DEFAULT, Router
+from locmoe.routing.base import Router
+from locmoe.routing.expert_choice import ExpertChoiceRouter
+from locmoe.routing.hash import HashRouter
+from locmoe.routing.locmoe import LocMoERouter
+from locmoe.routing.locmoe_plus import ECRRouter, LocMoEPlusRouter, TCRRouter
+from locmoe.routing.options import RouterOptions
+from locmoe.routing.switch import SwitchRouter
+from locmoe.routing.topk import TopKRouter
+from locmoe.validation import check_integer
 
-# name -> "module:Class"; imported on first use so a router's dependencies load only when it is used.
-_ROUTERS: dict[str, str] = {
-    "switch": "locmoe.routing.switch:SwitchRouter",
-    "topk": "locmoe.routing.topk:TopKRouter",
-    "expert_choice": "locmoe.routing.expert_choice:ExpertChoiceRouter",
-    "hash": "locmoe.routing.hash:HashRouter",
-    "locmoe": "locmoe.routing.locmoe:LocMoERouter",
-    "locmoe_plus": "locmoe.routing.locmoe_plus:LocMoEPlusRouter",
-    "tcr": "locmoe.routing.locmoe_plus:TCRRouter",
-    "ecr": "locmoe.routing.locmoe_plus:ECRRouter",
+_ROUTERS: dict[str, type[Router]] = {
+    cls.name: cls
+    for cls in (
+        SwitchRouter, TopKRouter, ExpertChoiceRouter, HashRouter, LocMoERouter, LocMoEPlusRouter, TCRRouter, ECRRouter
+    )
 }
 
 
@@ -29,57 +31,51 @@ def router_class(name: str) -> type[Router]:
     """The class registered under ``name``; ``ValueError`` listing the valid names otherwise."""
     if not isinstance(name, str) or name not in _ROUTERS:
         raise ValueError(f"unknown router {name!r}; available routers: {', '.join(available_routers())}")
-    module_name, class_name = _ROUTERS[name].split(":")
-    return getattr(importlib.import_module(module_name), class_name)
+    return _ROUTERS[name]
+
+
+def options_class(name: str) -> type[RouterOptions]:
+    """The typed options of router ``name`` (:mod:`locmoe.routing.options`)."""
+    return router_class(name).Options
 
 
 def router_options(name: str) -> dict[str, object]:
-    """The keyword options ``name`` accepts, with their defaults (for CLIs and reports)."""
-    signature = inspect.signature(router_class(name).__init__)
-    return {
-        param.name: param.default
-        for param in list(signature.parameters.values())[1:]
-        if param.name not in ("d_model", "num_experts") and param.kind is inspect.Parameter.KEYWORD_ONLY
-    }
+    """The options ``name`` accepts with their defaults (for CLIs and reports); ``None`` marks a
+    default that depends on the layer's sizes (see :meth:`RouterOptions.for_layer`)."""
+    return options_class(name)().as_dict()
 
 
-def build_router(
-    name: str,
-    d_model: int,
-    num_experts: int,
-    *,
-    top_k: int | None = None,
-    capacity_factor: object = ROUTER_DEFAULT,
-    **options: object,
-) -> Router:
-    """Instantiate router ``name``.
+def make_options(name: str, num_experts: int, top_k: int | None = None, **options: Any) -> RouterOptions:
+    """Router ``name``'s typed options from keyword values (unset ones keep their defaults).
 
-    ``top_k`` is passed to routers that take it (``topk``); ``None`` means the router's own default
-    (2 for ``topk``); for routers that send each token to one expert it must be ``None`` or 1.
-    ``capacity_factor`` defaults to each router's own default (design §1). Unknown options raise
+    ``top_k`` goes to routers that take it (``topk``); ``None`` means the router's own default;
+    for routers that send each token to one expert it must be ``None`` or 1. Unknown options raise
     ``ValueError`` naming the option and listing the ones this router accepts.
     """
-    cls = router_class(name)
-    accepted = router_options(name)
-    unknown = sorted(set(options) - set(accepted))
-    if unknown:
+    cls = options_class(name)
+    accepted = cls.names()
+    unknown = sorted(set(options) - set(accepted) - {"top_k"})
+    if unknown or ("top_k" in options and "top_k" not in accepted):
+        unknown = unknown or ["top_k"]
         raise ValueError(
             f"router {name!r} does not take option(s) {', '.join(unknown)}; "
             f"its options are: {', '.join(sorted(accepted)) or '(none)'}"
         )
     if top_k is not None:
-        if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1:
-            raise ValueError(f"top_k must be a positive integer, got {top_k!r}")
+        check_integer("top_k", top_k, low=1)
         if top_k > num_experts:
             raise ValueError(f"top_k={top_k} exceeds num_experts={num_experts}; top_k must be in [1, {num_experts}]")
-    kwargs: dict[str, object] = dict(options)
-    if "top_k" in accepted:
-        if top_k is not None:
-            kwargs["top_k"] = top_k
-    elif top_k not in (None, 1):
-        raise ValueError(f"router {name!r} sends each token to one expert by design; top_k must be 1, got {top_k}")
-    if "capacity_factor" in accepted:
-        kwargs["capacity_factor"] = capacity_factor
-    elif capacity_factor is not ROUTER_DEFAULT:
-        raise ValueError(f"router {name!r} sets its capacity itself and takes no capacity_factor")
-    return cls(d_model, num_experts, **kwargs)
+        if "top_k" in accepted:
+            options["top_k"] = top_k
+        elif top_k != 1:
+            raise ValueError(
+                f"router {name!r} sends each token to one expert by design; top_k must be 1, got {top_k}"
+            )
+    return cls(**options)
+
+
+def build_router(
+    name: str, d_model: int, num_experts: int, *, top_k: int | None = None, **options: Any
+) -> Router:
+    """Instantiate router ``name`` with the given options (:func:`make_options`)."""
+    return router_class(name)(d_model, num_experts, make_options(name, num_experts, top_k, **options))

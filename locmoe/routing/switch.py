@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from locmoe.routing.base import ROUTER_DEFAULT
+from locmoe.routing.options import SwitchOptions
 from locmoe.routing.topk import TopKRouter
 
 
@@ -10,30 +10,12 @@ class SwitchRouter(TopKRouter):
     """``switch``: learned linear gate, top-1 of softmax, capacity ``ceil(cf · S / n)`` served by
     position, gate value = the chosen expert's softmax probability (LocMoE eqs. 2–3).
 
-    Options:
-        capacity_factor: default 1.1 (the papers' baseline).
-        aux_coef: ``α`` of the load-balance loss (LocMoE eq. 5), default 0.01.
-        z_loss_coef: router z-loss, default 0 (off).
+    Options: :class:`locmoe.routing.options.SwitchOptions` (``capacity_factor`` 1.1, the papers'
+    baseline; ``aux_coef`` 0.01; ``z_loss_coef`` 0).
     """
 
     name = "switch"
-    default_capacity_factor = 1.1
-
-    def __init__(
-        self,
-        d_model: int,
-        num_experts: int,
-        *,
-        capacity_factor: object = ROUTER_DEFAULT,
-        aux_coef: float = 0.01,
-        z_loss_coef: float = 0.0,
-    ) -> None:
-        super().__init__(
-            d_model,
-            num_experts,
-            top_k=1,
-            capacity_factor=capacity_factor,
-            renormalize=False,
-            aux_coef=aux_coef,
-            z_loss_coef=z_loss_coef,
-        )
+    Options = SwitchOptions
+    options: SwitchOptions  # type: ignore[assignment]
+    top_k = 1  # type: ignore[assignment]
+    renormalize = False  # type: ignore[assignment]

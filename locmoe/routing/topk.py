@@ -12,23 +12,12 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from locmoe.losses import load_balance_loss, z_loss
-from locmoe.routing.base import (
-    ROUTER_DEFAULT,
-    Router,
-    RoutingContext,
-    capacity_from_factor,
-    gate_logits,
-    resolve_capacity_factor,
-)
+from locmoe.routing.base import Router, RoutingContext, gate_logits
+from locmoe.routing.capacity import capacity_from_factor
+from locmoe.routing.losses import load_balance_loss, z_loss
+from locmoe.routing.options import SwitchOptions, TopKOptions
 from locmoe.routing.plan import RoutingPlan
 from locmoe.routing.selection import count_per_expert, keep_within_capacity, mask_dropped, positional_priority
-
-
-def _check_coef(name: str, value: float) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0 or value == float("inf"):
-        raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
-    return float(value)
 
 
 def token_choice_plan(
@@ -73,54 +62,35 @@ def token_choice_plan(
 class TopKRouter(Router):
     """``topk``: learned linear gate ``d -> n`` (no bias), top-k of softmax (design §1).
 
-    Options:
-        top_k: experts per token (default 2).
-        capacity_factor: ``cf`` of ``C = ceil(cf · k · S / n)``; ``None`` = dropless. Default 1.1.
-        renormalize: rescale the k gate values to sum to 1 (Mixtral semantics). Default False.
-        aux_coef: ``α`` of the Switch load-balance loss (design §4). Default 0.01.
-        z_loss_coef: router z-loss coefficient (ST-MoE); 0 = off (default).
+    Options: :class:`locmoe.routing.options.TopKOptions` (``top_k`` 2, ``capacity_factor`` 1.1 or
+    ``None`` = dropless, ``renormalize`` False, ``aux_coef`` 0.01, ``z_loss_coef`` 0).
     """
 
     name = "topk"
-    default_capacity_factor = 1.1
+    Options = TopKOptions
+    options: TopKOptions
 
-    def __init__(
-        self,
-        d_model: int,
-        num_experts: int,
-        *,
-        top_k: int = 2,
-        capacity_factor: object = ROUTER_DEFAULT,
-        renormalize: bool = False,
-        aux_coef: float = 0.01,
-        z_loss_coef: float = 0.0,
-    ) -> None:
-        super().__init__(d_model, num_experts)
-        if isinstance(top_k, bool) or not isinstance(top_k, int) or not 1 <= top_k <= num_experts:
-            raise ValueError(f"top_k must be an integer in [1, {num_experts}], got {top_k!r}")
-        if not isinstance(renormalize, bool):
-            raise ValueError(f"renormalize must be True or False, got {renormalize!r}")
-        self.top_k = top_k
-        self.capacity_factor = resolve_capacity_factor(
-            capacity_factor, self.default_capacity_factor, allow_none=self.name == "topk"
-        )
-        self.renormalize = renormalize
-        self.aux_coef = _check_coef("aux_coef", aux_coef)
-        self.z_loss_coef = _check_coef("z_loss_coef", z_loss_coef)
+    def __init__(self, d_model: int, num_experts: int, options: SwitchOptions | None = None) -> None:
+        super().__init__(d_model, num_experts, options)
         self.gate = nn.Linear(d_model, num_experts, bias=False)
+
+    @property
+    def top_k(self) -> int:
+        return self.options.top_k
+
+    @property
+    def renormalize(self) -> bool:
+        return self.options.renormalize
 
     def route(self, x: torch.Tensor, context: RoutingContext) -> RoutingPlan:
         capacity = None
-        if self.capacity_factor is not None:
-            capacity = capacity_from_factor(self.capacity_factor, x.shape[0], self.num_experts, self.top_k)
+        if self.options.capacity_factor is not None:
+            capacity = capacity_from_factor(self.options.capacity_factor, x.shape[0], self.num_experts, self.top_k)
         return token_choice_plan(
             gate_logits(self.gate, x),
             self.top_k,
             capacity,
             renormalize=self.renormalize,
-            aux_coef=self.aux_coef,
-            z_loss_coef=self.z_loss_coef,
+            aux_coef=self.options.aux_coef,
+            z_loss_coef=self.options.z_loss_coef,
         )
-
-    def extra_repr(self) -> str:
-        return f"top_k={self.top_k}, capacity_factor={self.capacity_factor}, renormalize={self.renormalize}"

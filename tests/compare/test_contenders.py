@@ -25,7 +25,7 @@ from locmoe.compare.runner import (
     run_config_for,
 )
 from locmoe.config import DataConfig, ModelConfig, RunConfig, TrainConfig
-from locmoe.routing.base import capacity_from_factor
+from locmoe.routing.capacity import capacity_from_factor
 
 # ---------------------------------------------------------------------------------------------------
 # Grammar

@@ -62,6 +62,17 @@ def test_expert_parallel_matches_one_process(outcomes, case):
         assert result["expert_ids"] == [2 * rank, 2 * rank + 1]
 
 
+@pytest.mark.parametrize("case", CASES, ids=[case["name"] for case in CASES])
+def test_expert_parallel_computes_the_one_process_slots(outcomes, case):
+    """Summed over ranks, the slots the experts compute equal the one-process layers' on the same
+    routing groups: n·C per group for pad, the kept assignments for pack (a dropless pad plan pads
+    each rank to its own largest load, so it is left out)."""
+    if case.get("dispatch", "pad") == "pad" and case.get("options", {}).get("capacity_factor", 1) is None:
+        pytest.skip("dropless pad pads to each rank's largest load")
+    computed = sum(results[case["name"]]["processed_slots"] for results in outcomes)
+    assert {results[case["name"]]["reference_slots"] for results in outcomes} == {computed}
+
+
 def test_comparisons_cover_router_and_expert_gradients(outcomes):
     names = set(outcomes[0]["switch-flat-pad"]["errors"])
     assert {"output", "input_grad", "aux_loss", "grad_norm", "router.gate.weight.grad", "experts.w_in.grad",

@@ -1,4 +1,5 @@
-"""``ExpertParallelMoELayer`` in one process (no process group): it is a drop-in ``MoELayer``."""
+"""A ``MoELayer`` sharded by ``shard_layer`` in one process (no process group): the all-to-all dispatcher
+is a drop-in for the local one."""
 
 from __future__ import annotations
 
@@ -12,12 +13,14 @@ from locmoe.config import ModelConfig
 from locmoe.layer import MoELayer
 from locmoe.model import GPT
 from locmoe.parallel import (
+    AllToAllDispatcher,
     ExpertParallelGroups,
-    ExpertParallelMoELayer,
     Topology,
     expert_parallel_layers,
+    is_sharded,
     plan_rows,
     shard_experts,
+    shard_layer,
 )
 
 
@@ -26,11 +29,12 @@ def _inputs(seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.randn(3, 10, 16, generator=generator), torch.randint(0, 40, (3, 10), generator=generator)
 
 
+@pytest.mark.parametrize("dispatch", ["pad", "pack"])
 @pytest.mark.parametrize("router", available_routers())
-def test_one_process_matches_moe_layer(router):
+def test_one_process_matches_moe_layer(router, dispatch):
     torch.manual_seed(0)
-    reference = MoELayer(16, 24, 4, router=router)
-    layer = ExpertParallelMoELayer(copy.deepcopy(reference), None)
+    reference = MoELayer(16, 24, 4, router=router, dispatch=dispatch)
+    layer = shard_layer(copy.deepcopy(reference), None)
     x, ids = _inputs()
     x_reference, x_parallel = x.clone().requires_grad_(), x.clone().requires_grad_()
     expected = reference(x_reference, token_ids=ids, token_nodes=torch.zeros_like(ids))
@@ -42,6 +46,8 @@ def test_one_process_matches_moe_layer(router):
     torch.testing.assert_close(layer.experts.w_in.grad, reference.experts.w_in.grad)
     assert layer.last_metrics["received_tokens"] == layer.last_metrics["tokens_kept"]
     assert layer.last_metrics["inter_node_share"] == 0.0
+    # The same compute is counted: n·C padded slots (or the kept assignments for pack).
+    assert layer.last_metrics["processed_slots"] == reference.last_metrics["processed_slots"]
 
 
 def test_sharding_keeps_the_initial_weights_and_the_random_stream():
@@ -49,7 +55,7 @@ def test_sharding_keeps_the_initial_weights_and_the_random_stream():
     reference = MoELayer(16, 24, 4)
     after_reference = torch.rand(3)
     torch.manual_seed(0)
-    layer = ExpertParallelMoELayer.build(16, 24, 4)
+    layer = shard_layer(MoELayer(16, 24, 4))
     assert torch.equal(torch.rand(3), after_reference)  # building the shard drew nothing more
     assert torch.equal(layer.experts.w_out, reference.experts.w_out)
     assert torch.equal(layer.router.gate.weight, reference.router.gate.weight)
@@ -58,21 +64,25 @@ def test_sharding_keeps_the_initial_weights_and_the_random_stream():
     assert not any(getattr(p, "expert_parallel", False) for p in layer.router.parameters())
 
 
-def test_locmoe_plus_global_scope_becomes_the_layer_routing_scope():
-    layer = ExpertParallelMoELayer.build(16, 24, 4, "locmoe_plus", scope="global")
-    assert layer.routing_scope == "global" and layer.router.scope == "batch"
-    with pytest.raises(ValueError, match="contradicts"):
-        ExpertParallelMoELayer.build(16, 24, 4, "locmoe_plus", scope="global", routing_scope="local")
+def test_global_routing_scope_is_the_layer_property_the_shard_keeps():
+    layer = shard_layer(MoELayer(16, 24, 4, "locmoe_plus", routing_scope="global"))
+    assert layer.routing_scope == "global" and layer.router.options.scope == "batch"
+    assert isinstance(layer.dispatcher, AllToAllDispatcher) and is_sharded(layer)
+    assert shard_layer(MoELayer(16, 24, 4), routing_scope="global").routing_scope == "global"
+    with pytest.raises(ValueError, match="scope='global'.*property of the layer.*routing_scope='global'"):
+        MoELayer(16, 24, 4, "locmoe_plus", scope="global")
+    with pytest.raises(ValueError, match="scope='sequence' contradicts it"):
+        MoELayer(16, 24, 4, "locmoe_plus", routing_scope="global", scope="sequence")
 
 
 def test_invalid_parallel_options_are_refused():
     with pytest.raises(ValueError, match="routing_scope must be one of local, global"):
-        ExpertParallelMoELayer(MoELayer(16, 24, 4), None, routing_scope="world")
+        shard_layer(MoELayer(16, 24, 4), None, routing_scope="world")
     with pytest.raises(ValueError, match="single-process MoELayer"):
-        ExpertParallelMoELayer(ExpertParallelMoELayer.build(16, 24, 4), None)
+        shard_layer(shard_layer(MoELayer(16, 24, 4)), None)
     uneven = ExpertParallelGroups(Topology((0, 1, 2), 2), 0, 3, None, None, None, None, None)
     with pytest.raises(ValueError, match="hierarchical all-to-all needs the same number"):
-        ExpertParallelMoELayer(MoELayer(16, 24, 6), uneven, hierarchical=True)
+        shard_layer(MoELayer(16, 24, 6), uneven, hierarchical=True)
 
 
 def test_plan_rows_keeps_the_rows_and_recounts_their_load():
@@ -96,7 +106,7 @@ def test_shard_experts_turns_a_gpt_into_an_expert_parallel_gpt_with_the_same_los
     expected = model.loss(ids, ids)
     names = shard_experts(model, None)
     assert names == ["blocks.0.ffn", "blocks.1.ffn"] == list(expert_parallel_layers(model))
-    assert [layer.name for layer in expert_parallel_layers(model).values()] == names
+    assert [layer.dispatcher.name for layer in expert_parallel_layers(model).values()] == names
     actual = model.loss(ids, ids)
     torch.testing.assert_close(actual, expected)
     assert set(model.routing_metrics()) == {"layer0", "layer1"}

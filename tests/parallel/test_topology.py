@@ -16,7 +16,10 @@ def test_ranks_per_node_explicit_then_environment_then_one_node(monkeypatch):
     assert resolve_ranks_per_node(8, 2) == 2  # explicit wins over the environment
 
 
-@pytest.mark.parametrize(("world_size", "ranks_per_node", "match"), [(6, 4, "does not divide"), (4, 0, "positive")])
+@pytest.mark.parametrize(
+    ("world_size", "ranks_per_node", "match"),
+    [(6, 4, "does not divide"), (4, 0, "ranks_per_node must be an integer >= 1, got 0")],
+)
 def test_ranks_per_node_rejects_uneven_nodes(world_size, ranks_per_node, match):
     with pytest.raises(ValueError, match=match):
         resolve_ranks_per_node(world_size, ranks_per_node)

@@ -1,7 +1,7 @@
 """``locmoe train`` with expert parallelism (issue 5; SPEC §7), through the command line on spawned
 gloo ranks as ``torchrun`` would start it, against the one-process run of the same global batches.
 
-The runs route with ``locmoe_plus`` and ``scope=global``: every expert-parallel group routes all of
+The runs route with ``locmoe_plus`` and ``routing_scope=global``: every expert-parallel group routes all of
 its tokens as one group, so the routing groups (and so capacities and drops) do not depend on the
 number of ranks. The one-process reference simulates the same two nodes (``--simulated-nodes 2``,
 rows split in blocks like the ranks' rows), so even the locality loss sees the same topology.
@@ -29,7 +29,7 @@ STEPS = 4
 
 def _argv(cache_dir, out, *extra: str) -> list[str]:  # noqa: F811
     return ["train", "--out", str(out), *tiny_flags(cache_dir), "--router", "locmoe_plus",
-            "--router-options", "scope=global", "--eval-every", "2", *extra]
+            "--routing-scope", "global", "--eval-every", "2", *extra]
 
 
 def _run_ranks(tmp_path, world_size: int, argv: list[str], name: str) -> list[dict]:
@@ -109,7 +109,7 @@ def test_a_run_stopped_on_four_ranks_resumes_on_two_ranks_and_in_one_process(cac
     """4 ranks (2 nodes × 2, hierarchical all-to-all) of a 6-step run; after step 3 only rank 3 gets
     SIGTERM, and every rank stops there with one checkpoint. It resumes on 2 ranks (2 nodes × 1)
     and in one process (2 simulated nodes), and both continue the run that never stopped."""
-    overrides = {"router": "locmoe_plus", "router_options": {"scope": "global"}, "eval_every": 2, "steps": 6}
+    overrides = {"router": "locmoe_plus", "routing_scope": "global", "eval_every": 2, "steps": 6}
     straight = tmp_path / "straight"
     train(tiny_config(cache_dir, straight, simulated_nodes=2, **overrides))
     reference = read_metrics(straight)

@@ -51,10 +51,10 @@ def evaluate_models(runtime) -> dict[str, dict]:  # noqa: ANN001
     from locmoe.train import evaluate
 
     results = {}
-    for name, router, options in (("global", "locmoe_plus", {"scope": "global"}), ("local", "switch", {})):
+    for name, router, scope in (("global", "locmoe_plus", "global"), ("local", "switch", "local")):
         torch.manual_seed(0)
         config = ModelConfig(d_model=32, n_layers=2, n_heads=2, d_ff=64, seq_len=8, num_experts=4, router=router,
-                             router_options=options)
+                             routing_scope=scope)
         model = runtime.build_model(build_model, config, 50)
         tokens = np.random.default_rng(0).integers(0, 50, 4 * 8 + 1)
         results[name] = evaluate(model, tokens, 3, 0, runtime)

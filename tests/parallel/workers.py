@@ -17,13 +17,14 @@ from locmoe.layer import MoELayer
 from locmoe.parallel import (
     CollectiveContext,
     CollectiveTimeoutError,
-    ExpertParallelMoELayer,
     TrafficCounter,
     all_to_all,
     build_groups,
     clip_grad_norm,
+    expert_parallel_layers,
     gather_counts,
     hierarchical_all_to_all,
+    shard_layer,
     synchronize_gradients,
 )
 
@@ -63,7 +64,7 @@ def _equivalence_case(rank: int, world_size: int, groups, case: dict[str, Any]) 
     start, stop = sum(sizes[:rank]), sum(sizes[: rank + 1])
 
     # Expert parallel: this rank's tokens only.
-    layer = ExpertParallelMoELayer(
+    layer = shard_layer(
         copy.deepcopy(reference), groups, hierarchical=case.get("hierarchical", False),
         routing_scope=case.get("routing_scope", "local"),
     )
@@ -115,6 +116,8 @@ def _equivalence_case(rank: int, world_size: int, groups, case: dict[str, Any]) 
         "errors": errors,
         "scale": scale,
         "received_tokens": metrics["received_tokens"],
+        "processed_slots": metrics["processed_slots"],
+        "reference_slots": sum(c.last_metrics["processed_slots"] for c in copies),
         "tokens_per_expert": metrics["tokens_per_expert"],
         "expert_ids": layer.expert_ids.tolist(),
     }
@@ -231,9 +234,7 @@ def layer_traffic_worker(rank: int, world_size: int, out_dir: str) -> None:
     results = {}
     for hierarchical in (False, True):
         torch.manual_seed(3)
-        layer = ExpertParallelMoELayer.build(
-            D_MODEL, D_FF, NUM_EXPERTS, "topk", groups=groups, hierarchical=hierarchical
-        )
+        layer = shard_layer(MoELayer(D_MODEL, D_FF, NUM_EXPERTS, "topk"), groups, hierarchical=hierarchical)
         x = torch.randn(20 + 3 * rank, D_MODEL, generator=torch.Generator().manual_seed(rank)).requires_grad_()
         with RecordingCollectives(groups.topology.node_of) as recorder:
             out = layer(x)
@@ -253,8 +254,10 @@ def layer_traffic_worker(rank: int, world_size: int, out_dir: str) -> None:
                 kind: sum(metrics.get(f"{phase}_bytes_{kind}", 0) for phase in forward_phases)
                 for kind in ("self", "intra_node", "inter_node")
             },
-            "counted_all": {kind: layer.traffic.total(kind) for kind in ("self", "intra_node", "inter_node")},
-            "phases": sorted(layer.traffic.bytes),
+            "counted_all": {
+                kind: layer.dispatcher.traffic.total(kind) for kind in ("self", "intra_node", "inter_node")
+            },
+            "phases": sorted(layer.dispatcher.traffic.bytes),
             "dispatch_bytes_inter_node": metrics["dispatch_bytes_inter_node"],
             "dispatch_bytes_intra_node": metrics["dispatch_bytes_intra_node"],
             "combine_bytes_inter_node": metrics["combine_bytes_inter_node"],
@@ -280,16 +283,16 @@ def stall_worker(rank: int, world_size: int, out_dir: str, stall_rank: int, stal
     (``where`` = ``"before_forward"`` or ``"in_experts"``, between dispatch and combine)."""
     groups = build_groups(ranks_per_node=2, timeout_s=timeout_s)
     torch.manual_seed(0)
-    layer = ExpertParallelMoELayer.build(D_MODEL, D_FF, NUM_EXPERTS, "switch", groups=groups, name="blocks.1.ffn")
+    layer = shard_layer(MoELayer(D_MODEL, D_FF, NUM_EXPERTS, "switch"), groups, name="blocks.1.ffn")
     if where == "in_experts" and rank == stall_rank:
-        original = layer.experts.forward_padded
+        original = layer.experts.forward_grouped
 
-        def slow_experts(tokens: torch.Tensor) -> torch.Tensor:
-            if layer.step == 2:
+        def slow_experts(*args: Any) -> torch.Tensor:
+            if layer.dispatcher.step == 2:
                 time.sleep(stall_s)
-            return original(tokens)
+            return original(*args)
 
-        layer.experts.forward_padded = slow_experts
+        layer.experts.forward_grouped = slow_experts
     started = time.monotonic()
     outcome: dict[str, Any] = {"error": None}
     try:
@@ -314,7 +317,7 @@ def killed_rank_worker(rank: int, world_size: int, out_dir: str, dead_rank: int,
     others must fail with an error (the peer's closed connection, or the collective timeout), not hang."""
     groups = build_groups(ranks_per_node=2, timeout_s=timeout_s)
     torch.manual_seed(0)
-    layer = ExpertParallelMoELayer.build(D_MODEL, D_FF, NUM_EXPERTS, "switch", groups=groups, name="blocks.1.ffn")
+    layer = shard_layer(MoELayer(D_MODEL, D_FF, NUM_EXPERTS, "switch"), groups, name="blocks.1.ffn")
     started = time.monotonic()
     outcome: dict[str, Any] = {"error": None}
     try:
@@ -465,7 +468,7 @@ def locality_worker(rank: int, world_size: int, out_dir: str, router: str, local
         loss.backward()
         synchronize_gradients(model, groups)
         optimizer.step()
-        sent = dict(layer.traffic.bytes["dispatch"])
+        sent = dict(layer.dispatcher.traffic.bytes["dispatch"])
         history.append({
             "loss": float(loss.detach()),
             "aux_loss": float(layer.aux_loss.detach()),
@@ -481,7 +484,7 @@ def locality_worker(rank: int, world_size: int, out_dir: str, router: str, local
 
 
 def train_gpt_with_runtime(runtime, steps: int = 3) -> dict[str, Any]:  # noqa: ANN001
-    """A few AdamW steps of a tiny GPT (2 MoE blocks, ``locmoe_plus`` with ``scope="global"``) on a
+    """A few AdamW steps of a tiny GPT (2 MoE blocks, ``locmoe_plus`` with ``routing_scope="global"``) on a
     fixed sequence of global batches, through :class:`ExpertParallelRuntime` only."""
     from locmoe.config import ModelConfig
     from locmoe.model import build_model
@@ -489,7 +492,7 @@ def train_gpt_with_runtime(runtime, steps: int = 3) -> dict[str, Any]:  # noqa: 
     config = ModelConfig(
         d_model=32, n_layers=2, n_heads=4, d_ff=48, seq_len=12, num_experts=4, moe_every=1,
         # No locality loss: it depends on the topology (two nodes here, one in the single process).
-        router="locmoe_plus", router_options={"scope": "global", "locality_coef": 0.0},
+        router="locmoe_plus", routing_scope="global", router_options={"locality_coef": 0.0},
     )
     torch.manual_seed(0)
     model = runtime.build_model(build_model, config, 50)
@@ -508,7 +511,7 @@ def train_gpt_with_runtime(runtime, steps: int = 3) -> dict[str, Any]:  # noqa: 
         losses.append(logged.tolist())
         norms.append(float(norm))
         traffic.append(runtime.traffic(model, step))
-    steps_seen = [layer.step for layer in model.modules() if hasattr(layer, "routing_scope")]
+    steps_seen = [layer.dispatcher.step for layer in expert_parallel_layers(model).values()]
     return {"losses": losses, "norms": norms, "traffic": traffic, "layer_steps": steps_seen}
 
 

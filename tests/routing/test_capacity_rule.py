@@ -73,7 +73,7 @@ def _kept_by_expert(plan, n):
 def test_default_router_cuts_busy_experts_to_their_capacity_most_affine_first(seed, scope, num_sequences):
     d, n, num_tokens = 64, 8, 768
     router = build_router("locmoe_plus", d, n, scope=scope)  # otherwise the defaults: rule "mean"
-    assert router.capacity_rule == "mean"
+    assert router.options.capacity_rule == "mean"
     x = _skewed_input(seed, num_tokens, d, n)
     length = num_tokens // num_sequences
     plan = router(x, RoutingContext(sequence_length=length))

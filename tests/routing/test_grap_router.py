@@ -8,9 +8,9 @@ import pytest
 import torch
 
 from locmoe import MoELayer, RoutingContext, build_router
-from locmoe.capacity import delta_statistic, ec_min
-from locmoe.losses import load_balance_loss, locality_loss
+from locmoe.routing.capacity import delta_statistic, ec_min
 from locmoe.routing.grap import grap_affinity
+from locmoe.routing.losses import load_balance_loss, locality_loss
 from locmoe.routing.registry import router_options
 
 GRAP_ROUTERS = ["locmoe", "locmoe_plus", "tcr", "ecr"]
@@ -133,25 +133,26 @@ def test_options_reach_the_router_from_the_layer_with_spec_defaults():
     assert defaults["aux_coef"] == 0.01 and defaults["locality_coef"] == 0.01 and defaults["z_loss_coef"] == 0.0
     # select_temperature None resolves to 3.2/sqrt(d): 0.4 at d = 64, 0.05 at the paper's d = 4096.
     for d in (64, 128, 4096):
-        assert build_router("locmoe_plus", d, 8).select_temperature == pytest.approx(3.2 / math.sqrt(d))
-    assert build_router("locmoe_plus", 4096, 8).select_temperature == pytest.approx(0.05)
-    assert build_router("locmoe_plus", 64, 8, select_temperature=None).select_temperature == pytest.approx(0.4)
-    assert build_router("locmoe_plus", 64, 8).capacity_rule == "mean"
+        assert build_router("locmoe_plus", d, 8).options.select_temperature == pytest.approx(3.2 / math.sqrt(d))
+    assert build_router("locmoe_plus", 4096, 8).options.select_temperature == pytest.approx(0.05)
+    assert build_router("locmoe_plus", 64, 8, select_temperature=None).options.select_temperature == pytest.approx(0.4)
+    assert build_router("locmoe_plus", 64, 8).options.capacity_rule == "mean"
     layer = MoELayer(
         64, 128, 8, router="locmoe_plus", tau=0.7, top_l=2, capacity_floor=6, margin=0.2, capacity_ema=0.3,
         temperature=0.5, select_temperature=0.1, aux_coef=0.02, locality_coef=0.03, scope="sequence",
         selection_score="relu", capacity_factor=1.5, capacity_rule="max",
     )
     router = layer.router
-    assert (router.tau, router.top_l, router.capacity_floor) == (0.7, 2, 6)
-    assert (router.margin, router.capacity_ema, router.temperature) == (0.2, 0.3, 0.5)
-    assert (router.select_temperature, router.aux_coef, router.locality_coef) == (0.1, 0.02, 0.03)
-    assert (router.scope, router.selection_score, router.capacity_factor) == ("sequence", "relu", 1.5)
-    assert router.capacity_rule == "max"
+    options = router.options
+    assert (options.tau, options.top_l, options.capacity_floor) == (0.7, 2, 6)
+    assert (options.margin, options.capacity_ema, options.temperature) == (0.2, 0.3, 0.5)
+    assert (options.select_temperature, options.aux_coef, options.locality_coef) == (0.1, 0.02, 0.03)
+    assert (options.scope, options.selection_score, options.capacity_factor) == ("sequence", "relu", 1.5)
+    assert options.capacity_rule == "max"
     assert "capacity_rule=max" in repr(router) and "select_temperature=0.1" in repr(router)
-    assert build_router("ecr", 64, 8).capacity_factor == 1.0
-    assert build_router("tcr", 64, 8).capacity_factor == 1.1
-    assert build_router("locmoe", 64, 8).capacity_factor == 1.1
+    assert build_router("ecr", 64, 8).options.capacity_factor == 1.0
+    assert build_router("tcr", 64, 8).options.capacity_factor == 1.1
+    assert build_router("locmoe", 64, 8).options.capacity_factor == 1.1
     with pytest.raises(ValueError, match="does not take option"):
         MoELayer(64, 128, 8, router="tcr", tau=0.5)
     with pytest.raises(ValueError, match="does not take option"):

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from locmoe import MoELayer, build_router
-from locmoe.capacity import delta_statistic, locmoe_capacity
+from locmoe.routing.capacity import delta_statistic, locmoe_capacity
 from locmoe.routing.grap import grap_affinity
 
 

@@ -120,9 +120,9 @@ def test_router_equals_reference_with_dynamic_capacity(seed, rule, top_l, scope)
     batch, length, d, n = 3, 40, 48, 6
     options = {} if rule == "mean" else {"capacity_rule": rule}  # "mean" is the default
     router = build_router("locmoe_plus", d, n, top_l=top_l, scope=scope, **options)
-    assert router.capacity_rule == rule
+    assert router.options.capacity_rule == rule
     # The router's resolved default T_sel = 3.2 / sqrt(d).
-    select_temperature = router.select_temperature
+    select_temperature = router.options.select_temperature
     assert select_temperature == pytest.approx(3.2 / math.sqrt(d))
     generator = torch.Generator().manual_seed(seed)
     x = torch.randn(batch * length, d, generator=generator)
@@ -213,8 +213,8 @@ def test_routing_group_size():
     assert routing_group_size(96, "sequence", None) == 96
     with pytest.raises(ValueError, match="96 tokens to split into sequences of length 40"):
         routing_group_size(96, "sequence", 40)
-    with pytest.raises(ValueError, match="needs expert parallelism"):
-        routing_group_size(96, "global", 32)
+    with pytest.raises(ValueError, match="scope must be one of sequence, batch; got 'global'"):
+        routing_group_size(96, "global", 32)  # all tokens of an expert-parallel group: the layer's routing_scope
 
 
 def test_sequence_scope_routes_each_sequence_on_its_own():

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from locmoe import build_router
-from locmoe.capacity import default_select_temperature
+from locmoe.routing.capacity import default_select_temperature
 from locmoe.routing.grap import grap_affinity
 from locmoe.routing.locmoe_plus import keep_candidates, rank_candidates
 

@@ -1,40 +1,29 @@
-"""Stacked expert FFN weights and their batched compute (design §5).
+"""The fused experts backend: the CPU default (design §5).
 
-All experts live in three stacked tensors so the drop-and-pad path is one ``bmm`` per projection
-and the packed path slices contiguous per-expert token blocks:
+Dispatch, expert FFN and combine run in one autograd function with a hand-written backward (ours;
+the maths is the ordinary chain rule), one expert at a time over contiguous blocks of its rows:
 
-* ``gelu``   (the papers' form, LocMoE eq. 1): ``y = GeLU(x · W_in) · W_out``
-* ``swiglu`` (Mixtral): ``y = (SiLU(x · W_gate) ⊙ (x · W_in)) · W_out``
+* each projection writes into a preallocated output (``mm(out=...)`` on contiguous slices), and the
+  weight gradients are written per expert straight into their stacked ``(n, d, f)`` tensors, where
+  generic autograd through ``w_in[e]`` would allocate and zero-fill a full-size gradient per expert;
+* the backward of the activation reuses the saved activations' memory instead of allocating a
+  fresh ``(rows, f)`` tensor per elementwise step (on CPU, first touches of fresh memory are page
+  faults);
+* :meth:`FusedBackend.routed` gathers, computes, gates and scatters expert by expert, so no ``(A, d)``
+  tensor of all assignments (gathered tokens, outputs, gated outputs, their gradients) is allocated.
 
-with ``w_in (n, d, f)``, ``w_gate (n, d, f)`` (swiglu only) and ``w_out (n, f, d)``; no biases.
-
-Both layouts run through one autograd function with a hand-written backward (ours; the maths is
-the ordinary chain rule). Why: on CPU, generic autograd through the same ops spends a large share
-of the layer's time outside the matmuls: indexing one expert's weights (``w_in[e]``) or one block
-of tokens makes its backward allocate and zero-fill a full-size gradient per expert, and every
-elementwise step of the activation allocates a fresh ``(tokens, f)`` tensor whose first touch costs
-page faults. Here each projection writes into one preallocated output (per-expert ``mm(out=...)``
-on contiguous slices, or one ``bmm``), weight gradients are written per expert straight into their
-``(n, d, f)`` tensors, and the backward of the activation reuses the saved activations' memory.
-The price of that reuse: the same forward can be back-propagated only once (``retain_graph=True``
-followed by a second backward raises).
-
-:meth:`GroupedExperts.forward_routed` goes one step further for the single-process layer: it takes the
-layer input and the sorted assignments and gathers, computes, gates and scatters expert by expert,
-so no ``(A, d)`` tensor of all assignments (gathered tokens, expert outputs, gated outputs and their
-gradients) is ever allocated: at d=512, S=8192, top-2 that removed about 50,000 page faults (200 MB
-first touched) per forward+backward on our CPU.
+The prices, stated where they bite: a forward can be back-propagated only once (``retain_graph=True``
+then a second backward raises) and there is no double backward; the expert loop needs the per-expert
+counts on the host (one ``.tolist()`` per call). The reference backend (:mod:`locmoe.experts.reference`)
+has neither limitation. Measured costs are in ``benchmarks/`` results, not here.
 """
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
-from torch import nn
 
-ACTIVATIONS = ("gelu", "swiglu")
+from locmoe.experts.backend import ExpertWeights
 
 
 def _segments(counts: list[int]) -> list[tuple[int, int, int]]:
@@ -54,7 +43,7 @@ def _expert_forward(
     """One expert on its ``(R, d)`` rows, written into ``out (R, d)``; returns what backward needs:
     for gelu the pre-activation ``up`` and the hidden activation; for swiglu ``up``, ``gate`` and
     ``SiLU(gate)``, whose product the backward recomputes (one multiply) instead of recomputing the
-    SiLU (an exponential per element: about 1 % of the layer's time at d=512)."""
+    SiLU (an exponential per element)."""
     up = torch.mm(rows, w_in)
     if w_gate is None:
         gate = None
@@ -129,13 +118,15 @@ def _expert_weights(weights, expert: int) -> tuple[torch.Tensor | None, ...]:
 
 _REUSED = (
     "GroupedExperts reuses its saved activations in backward, so a forward can be back-propagated "
-    "only once; run the forward again instead of retain_graph=True"
+    "only once; run the forward again instead of retain_graph=True, or build the experts with "
+    "backend='reference'"
 )
 
 
 _HIGHER_ORDER = (
     "GroupedExperts computes its backward by hand and has no double backward: higher-order gradients "
-    "(create_graph=True, e.g. a gradient penalty) through the experts are not supported"
+    "(create_graph=True, e.g. a gradient penalty) through the fused experts are not supported; build the "
+    "experts with backend='reference'"
 )
 
 
@@ -150,63 +141,6 @@ def _take_activations(ctx) -> list:
         raise RuntimeError(_REUSED)
     activations, ctx.activations = ctx.activations, None
     return activations
-
-
-class _ExpertFFN(torch.autograd.Function):
-    """``rows -> W_out(act(rows · W_in [, rows · W_gate]))`` for ``(R, d)`` rows grouped by expert
-    (``counts[e]`` consecutive rows each), one expert at a time.
-
-    Each expert's intermediate ``(rows, f)`` tensors are computed, used and (in backward) reused while
-    they are still in cache, and are small enough to be recycled by the allocator; outputs and
-    gradients are written straight into their slice of one preallocated tensor (``mm(out=...)``).
-    Saved for backward per expert: the pre-activations and the hidden activation for gelu, the two
-    pre-activations and ``SiLU(gate)`` for swiglu (what generic autograd keeps, minus one
-    ``(rows, f)`` tensor for swiglu).
-    """
-
-    @staticmethod
-    def forward(
-        ctx,
-        tokens: torch.Tensor,
-        counts: list[int],
-        w_in: torch.Tensor,
-        w_gate: torch.Tensor | None,
-        w_out: torch.Tensor,
-    ) -> torch.Tensor:
-        out = tokens.new_empty(tokens.shape)
-        segments = _segments(counts)
-        weights = (w_in, w_gate, w_out)
-        activations = [
-            _expert_forward(tokens[start:stop], *_expert_weights(weights, expert), out=out[start:stop])
-            for expert, start, stop in segments
-        ]
-        ctx.save_for_backward(tokens, w_in, w_gate, w_out)
-        ctx.activations = activations
-        ctx.segments = segments
-        return out
-
-    @staticmethod
-    def backward(ctx, grad_out: torch.Tensor):
-        activations = _take_activations(ctx)
-        tokens, w_in, w_gate, w_out = ctx.saved_tensors
-        weights = (w_in, w_gate, w_out)
-        segments = ctx.segments
-        grad_out = grad_out.contiguous()
-        grad_tokens = None
-        if ctx.needs_input_grad[0]:
-            grad_tokens = tokens.new_empty(tokens.shape) if segments else tokens.new_zeros(tokens.shape)
-        grads = _weight_grads(ctx, weights, {expert for expert, _, _ in segments})
-        for index, (expert, start, stop) in enumerate(segments):
-            saved, activations[index] = activations[index], None
-            _expert_backward(
-                saved,
-                tokens[start:stop],
-                grad_out[start:stop],
-                _expert_weights(weights, expert),
-                _expert_slices(grads, expert),
-                None if grad_tokens is None else grad_tokens[start:stop],
-            )
-        return grad_tokens, None, *grads
 
 
 class _RoutedExpertFFN(torch.autograd.Function):
@@ -316,85 +250,26 @@ def _weight_grad_buffer(weight: torch.Tensor, present: set[int]) -> torch.Tensor
     return grad
 
 
-class GroupedExperts(nn.Module):
-    """``n`` independent FFN experts with stacked weights."""
+class FusedBackend:
+    """Experts as :class:`_RoutedExpertFFN` computes them (module docstring)."""
 
-    def __init__(self, num_experts: int, d_model: int, d_ff: int, activation: str = "gelu") -> None:
-        super().__init__()
-        if activation not in ACTIVATIONS:
-            raise ValueError(f"activation must be one of {', '.join(ACTIVATIONS)}; got {activation!r}")
-        if d_ff < 1:
-            raise ValueError(f"d_ff must be a positive integer, got {d_ff!r}")
-        self.num_experts = num_experts
-        self.d_model = d_model
-        self.d_ff = d_ff
-        self.activation = activation
-        self.w_in = nn.Parameter(torch.empty(num_experts, d_model, d_ff))
-        self.w_out = nn.Parameter(torch.empty(num_experts, d_ff, d_model))
-        self.w_gate = nn.Parameter(torch.empty(num_experts, d_model, d_ff)) if activation == "swiglu" else None
-        self.reset_parameters()
+    name = "fused"
 
-    def reset_parameters(self) -> None:
-        """``nn.Linear``'s default: uniform in ``±1/sqrt(fan_in)`` for every expert."""
-        for weight, fan_in in ((self.w_in, self.d_model), (self.w_gate, self.d_model), (self.w_out, self.d_ff)):
-            if weight is not None:
-                bound = 1.0 / math.sqrt(fan_in)
-                nn.init.uniform_(weight, -bound, bound)
-
-    def _weights(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
-        """The three weights in the compute dtype (autocast's, else the tokens'), so the fused
-        function sees one dtype; a no-op in the usual case where they already match."""
-        device_type = tokens.device.type
-        dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else tokens.dtype
-        weights = tuple(None if w is None else w.to(dtype) for w in (self.w_in, self.w_gate, self.w_out))
-        return weights  # type: ignore[return-value]
-
-    def forward_padded(self, tokens: torch.Tensor) -> torch.Tensor:
-        """``(n, C, d) -> (n, C, d)``: every expert on its own capacity buffer (batched matmul)."""
-        num_experts, capacity, d_model = tokens.shape
-        w_in, w_gate, w_out = self._weights(tokens)
-        rows = tokens.to(w_in.dtype).reshape(num_experts * capacity, d_model)
-        out = _ExpertFFN.apply(rows, [capacity] * num_experts, w_in, w_gate, w_out)
-        return out.view(num_experts, capacity, d_model)
-
-    def forward_packed(self, tokens: torch.Tensor, tokens_per_expert: list[int]) -> torch.Tensor:
-        """``(A, d) -> (A, d)`` for tokens sorted by expert, ``tokens_per_expert[i]`` rows each.
-
-        Empty experts are skipped; the loop is over experts (n), never over tokens.
-        """
-        if len(tokens_per_expert) != self.num_experts or sum(tokens_per_expert) != tokens.shape[0]:
-            raise ValueError(
-                f"tokens_per_expert must give {self.num_experts} counts summing to {tokens.shape[0]} rows, "
-                f"got {tokens_per_expert}"
-            )
-        w_in, w_gate, w_out = self._weights(tokens)
-        return _ExpertFFN.apply(tokens.to(w_in.dtype).contiguous(), list(tokens_per_expert), w_in, w_gate, w_out)
-
-    def forward_routed(
+    def routed(
         self,
+        weights: ExpertWeights,
         x: torch.Tensor,
         token_index: torch.Tensor,
         gates: torch.Tensor,
-        tokens_per_expert: list[int],
-        padded_rows: int | None = None,
+        counts: list[int],
+        padded_rows: int | None,
     ) -> torch.Tensor:
-        """``(S, d) -> (S, d)``: ``y_t = Σ_a [t_a = t] · g_a · E_{e_a}(x_{t_a})`` (LocMoE eq. 1) for
-        assignments ``a`` sorted by expert (``token_index (A,)``, ``gates (A,)``, ``tokens_per_expert[i]``
-        consecutive assignments each). ``padded_rows = C``: every expert computes ``C`` rows
-        (drop-and-pad); ``None``: exactly its assignments. Tokens with no assignment get 0.
-        """
-        if len(tokens_per_expert) != self.num_experts or sum(tokens_per_expert) != token_index.shape[0]:
-            raise ValueError(
-                f"tokens_per_expert must give {self.num_experts} counts summing to {token_index.shape[0]} "
-                f"assignments, got {tokens_per_expert}"
-            )
-        if padded_rows is not None and max(tokens_per_expert, default=0) > padded_rows:
-            raise ValueError(f"an expert has {max(tokens_per_expert)} assignments > padded_rows={padded_rows}")
-        w_in, w_gate, w_out = self._weights(x)
-        rows = x.to(w_in.dtype)
-        return _RoutedExpertFFN.apply(
-            rows, gates.to(w_in.dtype), token_index, list(tokens_per_expert), padded_rows, w_in, w_gate, w_out
-        )
+        return _RoutedExpertFFN.apply(x, gates, token_index, counts, padded_rows, *weights)
 
-    def extra_repr(self) -> str:
-        return f"num_experts={self.num_experts}, d_model={self.d_model}, d_ff={self.d_ff}, activation={self.activation}"
+    def grouped(
+        self, weights: ExpertWeights, rows: torch.Tensor, counts: list[int], padded_rows: int | None
+    ) -> torch.Tensor:
+        """Rows already grouped by expert: the routed computation with each row its own token and a
+        unit gate (one code path, one hand-written backward)."""
+        identity = torch.arange(rows.shape[0], device=rows.device)
+        return self.routed(weights, rows, identity, rows.new_ones(rows.shape[0]), counts, padded_rows)

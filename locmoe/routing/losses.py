@@ -12,7 +12,8 @@ import math
 
 import torch
 
-from locmoe.routing.plan import DROPPED
+from locmoe.routing.selection import count_per_expert
+from locmoe.validation import check_number
 
 
 def load_balance_loss(
@@ -36,10 +37,7 @@ def load_balance_loss(
         num_experts: ``n``.
         coef: ``α`` (default 0.01).
     """
-    flat = proposed_expert_ids.reshape(-1)
-    # DROPPED entries go to an extra bin that is discarded (no boolean indexing, no host sync).
-    bins = torch.where(flat == DROPPED, torch.full_like(flat, num_experts), flat)
-    counts = torch.bincount(bins, minlength=num_experts + 1)[:num_experts].to(router_probs.dtype)
+    counts = count_per_expert(proposed_expert_ids, num_experts).to(router_probs.dtype)
     fraction_routed = counts / max(1, proposed_expert_ids.numel())
     mean_prob = router_probs.mean(dim=0)
     return coef * num_experts * torch.sum(fraction_routed * mean_prob)
@@ -82,8 +80,7 @@ def locality_loss(
         coef: ``μ`` (default 0.01).
         smoothing: ``ε`` (default 1e-3), in ``[0, 1)``.
     """
-    if not 0.0 <= smoothing < 1.0:
-        raise ValueError(f"locality smoothing must be in [0, 1), got {smoothing!r}")
+    check_number("locality smoothing", smoothing, low=0.0, high=1.0, high_open=True)
     num_tokens, num_experts = router_probs.shape
     if num_tokens == 0:
         # No tokens, no routing distribution: a zero that still back-propagates (into nothing).

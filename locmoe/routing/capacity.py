@@ -21,11 +21,33 @@ import math
 
 import torch
 
-from locmoe.routing.base import capacity_from_factor, ceil_tolerant
 from locmoe.routing.plan import DROPPED
 from locmoe.routing.selection import count_per_expert, rank_within_expert
+from locmoe.validation import check_choice, check_integer, check_number
 
 EC_MIN_FORMS = ("exact", "erfc", "exp")
+
+
+# Slack on ceil(): 1.1 · 1600 / 8 is 220.00000000000003 in binary floating point and must give 220.
+_CEIL_SLACK = 1e-9
+
+
+def ceil_tolerant(value: float) -> int:
+    """``ceil(value)``, except that a value within ``1e-9`` above an integer counts as that integer
+    (float rounding of a product such as ``cf · S / n``, not a real excess). Shared by every capacity."""
+    return math.ceil(value - _CEIL_SLACK)
+
+
+def capacity_from_factor(capacity_factor: float, num_tokens: int, num_experts: int, top_k: int = 1) -> int:
+    """Conventional capacity ``C_cf = ceil(cf * k * S / n)`` (design §3; GShard/Switch, with ``k``
+    slots per token for top-k routing), at most ``S``: an expert meets each token at most once, so
+    more slots would only be padding (a huge ``cf`` must not allocate a huge buffer, nor overflow).
+    Never below 1. A product within ``1e-9`` above an integer counts as that integer (float rounding,
+    not a real excess)."""
+    slots = capacity_factor * top_k * num_tokens / num_experts
+    if not slots < num_tokens:  # also inf, from a finite but huge cf
+        return max(1, num_tokens)
+    return max(1, ceil_tolerant(slots))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -104,8 +126,7 @@ def _betainc_pair(
 
 def _check_shape_parameters(a: float, b: float) -> None:
     for name, value in (("a", a), ("b", b)):
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < math.inf:
-            raise ValueError(f"betainc needs a positive finite {name}, got {name}={value!r}")
+        check_number(f"betainc's {name}", value, low=0.0, low_open=True)
 
 
 def _as_float64(value: float | torch.Tensor) -> tuple[torch.Tensor, bool]:
@@ -139,13 +160,11 @@ def betainc(a: float, b: float, x: float | torch.Tensor) -> float | torch.Tensor
 
 
 def _check_dimension(d: int) -> None:
-    if isinstance(d, bool) or not isinstance(d, int) or d < 2:
-        raise ValueError(f"hidden size d must be an integer >= 2, got d={d!r}")
+    check_integer("hidden size d", d, low=2)
 
 
 def _check_num_experts(n: int) -> None:
-    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-        raise ValueError(f"number of experts n must be a positive integer, got n={n!r}")
+    check_integer("number of experts n", n, low=1)
 
 
 def p_delta(delta: float | torch.Tensor, d: int) -> float | torch.Tensor:
@@ -175,8 +194,7 @@ def ec_min(delta: float | torch.Tensor, d: int, n: int, form: str = "exact") -> 
     ``δ`` (clamped to ``[0, 1]``) is a number (returns a float) or a tensor (float64, no sync).
     ``inf`` when ``p_δ`` underflows.
     """
-    if form not in EC_MIN_FORMS:
-        raise ValueError(f"ec_min form must be one of {', '.join(EC_MIN_FORMS)}; got {form!r}")
+    check_choice("ec_min form", form, EC_MIN_FORMS)
     _check_dimension(d)
     _check_num_experts(n)
     deltas, was_number = _as_float64(delta)
@@ -216,8 +234,7 @@ def delta_statistic(
     Returns:
         ``(delta_stat, delta_min)``: 0-d float64 tensors, NaN when nothing is kept. No host sync.
     """
-    if not 0.0 <= quantile <= 1.0:
-        raise ValueError(f"delta quantile must be in [0, 1], got {quantile!r}")
+    check_number("delta quantile", quantile, low=0.0, high=1.0)
     num_experts = affinity.shape[1]
     affinity = affinity.detach().to(torch.float64)
     kept = expert_ids != DROPPED
@@ -283,13 +300,9 @@ def locmoe_capacity(
     One host sync if ``δ`` is a tensor (the result sizes a buffer; done once per run).
     """
     _check_num_experts(n)
-    if isinstance(num_tokens, bool) or not isinstance(num_tokens, int) or num_tokens < 1:
-        raise ValueError(f"num_tokens must be a positive integer, got {num_tokens!r}")
-    if not kappa > 0:
-        raise ValueError(f"kappa must be > 0, got {kappa!r}")
-    floor = math.ceil(num_tokens / n) if floor is None else floor
-    if isinstance(floor, bool) or not isinstance(floor, int) or floor < 1:
-        raise ValueError(f"capacity floor must be an integer >= 1, got {floor!r}")
+    check_integer("num_tokens", num_tokens, low=1)
+    check_number("kappa", kappa, low=0.0, low_open=True)
+    floor = check_integer("capacity floor", math.ceil(num_tokens / n) if floor is None else floor, low=1)
     bound = float(ec_min(delta, d, n))
     return _clamp_capacity(kappa * bound, floor, capacity_from_factor(capacity_factor, num_tokens, n))
 
@@ -305,8 +318,7 @@ def default_select_temperature(d_model: int) -> float:
     then puts the score mass on a few candidates and ``k^τ`` is far below ``τ·|T_i|``). Scaling with
     ``1/√d`` keeps ``softmax(δ/T_sel)`` equally peaked at every width.
     """
-    if isinstance(d_model, bool) or not isinstance(d_model, int) or d_model < 1:
-        raise ValueError(f"d_model must be a positive integer, got {d_model!r}")
+    check_integer("d_model", d_model, low=1)
     return 3.2 / math.sqrt(d_model)
 
 
@@ -345,12 +357,9 @@ def dynamic_capacity(
         ``C_t`` sizes the dispatch buffer — and the new state ``s_t`` (0-d float64) for the caller to
         store. Pure: the input state is not modified.
     """
-    if not margin >= 0:
-        raise ValueError(f"margin must be >= 0, got {margin!r}")
-    if not 0.0 <= ema < 1.0:
-        raise ValueError(f"capacity_ema must be in [0, 1), got {ema!r}")
-    if rule not in CAPACITY_RULES:
-        raise ValueError(f"capacity_rule must be one of {', '.join(CAPACITY_RULES)}; got {rule!r}")
+    check_number("margin", margin, low=0.0)
+    check_number("capacity_ema", ema, low=0.0, high=1.0, high_open=True)
+    check_choice("capacity_rule", rule, CAPACITY_RULES)
     counts = k_tau.detach().to(torch.float64)
     aggregate = counts.mean() if rule == "mean" else counts.max()
     target = aggregate * (1.0 + margin)

@@ -1,0 +1,127 @@
+"""``GroupedExperts``: the stacked weights of ``n`` FFN experts and the backend that computes them."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from locmoe.experts.backend import ACTIVATIONS, ExpertsBackend, ExpertWeights
+from locmoe.experts.fused import FusedBackend
+from locmoe.experts.reference import ReferenceBackend
+from locmoe.validation import check_choice, check_integer
+
+BACKENDS: dict[str, type[ExpertsBackend]] = {"fused": FusedBackend, "reference": ReferenceBackend}
+
+
+def available_backends() -> list[str]:
+    """Names accepted by ``GroupedExperts(backend=...)`` and ``MoELayer(experts_backend=...)``."""
+    return list(BACKENDS)
+
+
+class GroupedExperts(nn.Module):
+    """``n`` independent FFN experts with stacked weights ``w_in (n, d, f)``, ``w_gate (n, d, f)``
+    (swiglu only) and ``w_out (n, f, d)``, no biases; computed by an experts backend
+    (:mod:`locmoe.experts.backend`): ``"fused"`` (default) or ``"reference"``.
+
+    Args:
+        num_experts, d_model, d_ff: ``n``, ``d``, ``f``.
+        activation: ``"gelu"`` (the papers' expert, LocMoE eq. 1) or ``"swiglu"`` (Mixtral).
+        backend: a name from :func:`available_backends`.
+        initialise: draw the initial weights (``nn.Linear``'s default: uniform in ``±1/sqrt(fan_in)``);
+            ``False`` leaves them uninitialised and the global RNG untouched (for copies).
+    """
+
+    def __init__(
+        self,
+        num_experts: int,
+        d_model: int,
+        d_ff: int,
+        activation: str = "gelu",
+        backend: str = "fused",
+        *,
+        initialise: bool = True,
+    ) -> None:
+        super().__init__()
+        check_choice("activation", activation, ACTIVATIONS)
+        check_integer("d_ff", d_ff, low=1)
+        check_choice("experts backend", backend, available_backends())
+        self.num_experts = num_experts
+        self.d_model = d_model
+        self.d_ff = d_ff
+        self.activation = activation
+        self.backend: ExpertsBackend = BACKENDS[backend]()
+        self.w_in = nn.Parameter(torch.empty(num_experts, d_model, d_ff))
+        self.w_out = nn.Parameter(torch.empty(num_experts, d_ff, d_model))
+        self.w_gate = nn.Parameter(torch.empty(num_experts, d_model, d_ff)) if activation == "swiglu" else None
+        if initialise:
+            self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """``nn.Linear``'s default: uniform in ``±1/sqrt(fan_in)`` for every expert."""
+        for weight, fan_in in ((self.w_in, self.d_model), (self.w_gate, self.d_model), (self.w_out, self.d_ff)):
+            if weight is not None:
+                bound = 1.0 / math.sqrt(fan_in)
+                nn.init.uniform_(weight, -bound, bound)
+
+    def shard(self, block: range) -> GroupedExperts:
+        """A new ``GroupedExperts`` holding copies of experts ``block`` (same backend and device),
+        built without drawing from the global RNG."""
+        shard = GroupedExperts(
+            len(block), self.d_model, self.d_ff, self.activation, self.backend.name, initialise=False
+        ).to(self.w_in.device)
+        with torch.no_grad():
+            for name, parameter in shard.named_parameters():
+                parameter.copy_(getattr(self, name)[block.start : block.stop])
+        return shard
+
+    def weights(self, like: torch.Tensor) -> ExpertWeights:
+        """The weights in the compute dtype (autocast's on ``like``'s device, else ``like``'s), so a
+        backend sees one dtype; a no-op in the usual case where they already match."""
+        device_type = like.device.type
+        dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else like.dtype
+        return ExpertWeights(*(None if w is None else w.to(dtype) for w in (self.w_in, self.w_gate, self.w_out)))
+
+    def _check_counts(self, counts: list[int], rows: int, what: str, padded_rows: int | None) -> None:
+        if len(counts) != self.num_experts or sum(counts) != rows:
+            raise ValueError(
+                f"tokens_per_expert must give {self.num_experts} counts summing to {rows} {what}, got {counts}"
+            )
+        if padded_rows is not None and max(counts, default=0) > padded_rows:
+            raise ValueError(f"an expert has {max(counts)} assignments > padded_rows={padded_rows}")
+
+    def forward_routed(
+        self,
+        x: torch.Tensor,
+        token_index: torch.Tensor,
+        gates: torch.Tensor,
+        tokens_per_expert: list[int],
+        padded_rows: int | None = None,
+    ) -> torch.Tensor:
+        """``(S, d) -> (S, d)``: ``y_t = Σ_a [t_a = t] · g_a · E_{e_a}(x_{t_a})`` (LocMoE eq. 1) for
+        assignments ``a`` sorted by expert (``token_index (A,)``, ``gates (A,)``, ``tokens_per_expert[i]``
+        consecutive assignments each). ``padded_rows = C``: every expert computes ``C`` rows
+        (drop-and-pad); ``None``: exactly its assignments. Tokens with no assignment get 0.
+        """
+        counts = list(tokens_per_expert)
+        self._check_counts(counts, token_index.shape[0], "assignments", padded_rows)
+        weights = self.weights(x)
+        dtype = weights.w_in.dtype
+        return self.backend.routed(weights, x.to(dtype), token_index, gates.to(dtype), counts, padded_rows)
+
+    def forward_grouped(
+        self, rows: torch.Tensor, tokens_per_expert: list[int], padded_rows: int | None = None
+    ) -> torch.Tensor:
+        """``(A, d) -> (A, d)`` for rows grouped by expert, ``tokens_per_expert[i]`` consecutive rows each
+        (``padded_rows`` as in :meth:`forward_routed`)."""
+        counts = list(tokens_per_expert)
+        self._check_counts(counts, rows.shape[0], "rows", padded_rows)
+        weights = self.weights(rows)
+        return self.backend.grouped(weights, rows.to(weights.w_in.dtype).contiguous(), counts, padded_rows)
+
+    def extra_repr(self) -> str:
+        return (
+            f"num_experts={self.num_experts}, d_model={self.d_model}, d_ff={self.d_ff}, "
+            f"activation={self.activation}, backend={self.backend.name}"
+        )
