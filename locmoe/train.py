@@ -442,7 +442,7 @@ def _loop(parts: RunParts, state: RunState, callbacks: list[StepCallback]) -> No
     progress = _progress_bar(parts.config, state.step, writer)
     metrics_path = parts.config.run_dir / _METRICS
     metrics_output = metrics_path.open("a", encoding="utf-8") if writer else contextlib.nullcontext()
-    with stop_on_signals() as stop, metrics_output as metrics_file:
+    with progress, stop_on_signals() as stop, metrics_output as metrics_file:
         while state.step < last_stop and not state.stop_signal:
             record = _train_step(parts, state)
             finishing = state.step == last_stop
@@ -457,7 +457,6 @@ def _loop(parts: RunParts, state: RunState, callbacks: list[StepCallback]) -> No
             state.stop_signal = parts.runtime.max_over_ranks(stop.signal_number or 0, state.step)
         if state.checkpoint_step != state.step:  # stopped by a signal between checkpoints
             _checkpoint(parts, state)
-    progress.close()
 
 
 def _due(every: int, step: int) -> bool:
