@@ -35,6 +35,8 @@ from locmoe.config import (
     ACTIVATIONS,
     DISPATCH_MODES,
     POSITIONS,
+    PRECISIONS,
+    ROUTING_SCOPES,
     SIMULATED_PLACEMENTS,
     RunConfig,
     field_owners,
@@ -47,7 +49,7 @@ from locmoe.data.tokenizer import BPETokenizer
 from locmoe.demo import run_demo
 from locmoe.model import build_model
 from locmoe.parallel.runtime import ExpertParallelRuntime
-from locmoe.routing.registry import available_routers
+from locmoe.routing.registry import available_routers, options_class
 from locmoe.run_summary import format_summary
 from locmoe.train import evaluate, train
 
@@ -88,7 +90,7 @@ def _add_train_arguments(parser: argparse.ArgumentParser) -> None:
     choices = {
         "router": available_routers(), "positions": POSITIONS, "activation": ACTIVATIONS, "dispatch": DISPATCH_MODES,
         "corpus": ("python-docs", "linux-docs", "linux-docs-networking", "PATH"),
-        "simulated_placement": SIMULATED_PLACEMENTS,
+        "simulated_placement": SIMULATED_PLACEMENTS, "routing_scope": ROUTING_SCOPES, "precision": PRECISIONS,
     }
     for name, kind in field_types().items():
         flags = [f"--{name.replace('_', '-')}"] + ([f"--{name}"] if "_" in name else [])
@@ -96,6 +98,12 @@ def _add_train_arguments(parser: argparse.ArgumentParser) -> None:
         section = owners.get(name)
         label = f"{section}.{name}" if section else name
         allowed = f"; one of {', '.join(choices[name])}" if name in choices else ""
+        if name == "router_options":
+            own_fields = ("capacity_factor", "top_k")  # flags of their own
+            allowed = "; by router: " + "; ".join(
+                f"{router}: {', '.join(n for n in options_class(router).names() if n not in own_fields) or '-'}"
+                for router in available_routers()
+            )
         switch = {"nargs": "?", "const": "true"} if kind == "bool" else {}
         parser.add_argument(
             *flags, dest=name, default=argparse.SUPPRESS, metavar=_METAVARS.get(kind, "VALUE"),
