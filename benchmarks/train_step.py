@@ -46,8 +46,9 @@ from common import (  # noqa: E402
 
 from locmoe import available_routers  # noqa: E402
 from locmoe.config import PRECISIONS, RunConfig  # noqa: E402
+from locmoe.device import forward_precision  # noqa: E402
 from locmoe.model import build_model  # noqa: E402
-from locmoe.train import build_optimizer, forward_precision, lr_factor  # noqa: E402
+from locmoe.train import build_optimizer, lr_factor  # noqa: E402
 
 
 class TrainStep:

@@ -139,7 +139,6 @@ def _is_first_rank() -> bool:
 
 
 def _run_train(args: argparse.Namespace) -> int:
-
     config = _resolve_train_config(args)
     speaks = _is_first_rank()  # before train(), which may end the process group
     summary = train(config, resume=args.resume)
@@ -165,7 +164,6 @@ def _add_checkpoint_argument(parser: argparse.ArgumentParser) -> None:
 
 
 def _load_for_inference(path: str):
-
     checkpoint_path, state = resolve_checkpoint(path)
     try:
         config = RunConfig.from_dict(state["config"])
@@ -199,7 +197,6 @@ def _non_negative_int(name: str, text: str) -> int:
 
 
 def _run_eval(args: argparse.Namespace) -> int:
-
     batches = _non_negative_int("--batches", args.batches)
     path, state, config, model = _load_for_inference(args.checkpoint)
     data = prepare_data(config.data)
@@ -251,7 +248,6 @@ def _run_sample(args: argparse.Namespace) -> int:
 
 
 def _run_demo(args: argparse.Namespace) -> int:
-
     print(run_demo())
     return 0
 

@@ -15,8 +15,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from locmoe.device import PRECISIONS, check_device_text
 from locmoe.dispatch import DISPATCH_MODES, ROUTING_SCOPES
-from locmoe.experts import ACTIVATIONS
+from locmoe.experts import ACTIVATIONS, available_backends
 from locmoe.routing import RouterOptions, available_routers, make_options
 from locmoe.validation import config_choice, config_integer, config_number, invalid, is_finite_number, is_integer
 
@@ -28,7 +29,6 @@ else:  # pragma: no cover - exercised only on Python 3.10
 POSITIONS = ("rotary", "learned")
 CAPACITY_WORDS = ("default", "dropless")
 SIMULATED_PLACEMENTS = ("rows", "corpus")
-PRECISIONS = ("float32", "bfloat16")
 
 
 @dataclass(frozen=True)
@@ -42,6 +42,8 @@ class ModelConfig:
     are checked here; ``top_k = None`` is the router's own default. ``routing_scope`` is
     ``"local"`` (each rank routes its own tokens) or ``"global"`` (all tokens of the expert-parallel
     group form one routing group, design §2 step 6; in one process both are the whole batch).
+    ``experts_backend`` computes the experts (:mod:`locmoe.experts`): ``"auto"`` picks the grouped-GEMM
+    backend on CUDA where it can run, else ``"fused"``.
     """
 
     d_model: int = 192
@@ -62,6 +64,7 @@ class ModelConfig:
     activation: str = "gelu"
     dispatch: str = "pad"
     routing_scope: str = "local"
+    experts_backend: str = "auto"
     ch_interval: int = 0
     router_options: dict[str, Any] = field(default_factory=dict)
 
@@ -100,6 +103,7 @@ class ModelConfig:
                 invalid(f"model.router_options.{own}", self.router_options[own],
                       f"nothing: {own} is a field of its own (model.{own}, --{own.replace('_', '-')})")
         config_choice("model.routing_scope", self.routing_scope, ROUTING_SCOPES)
+        config_choice("model.experts_backend", self.experts_backend, ("auto", *available_backends()))
         # A private copy: the frozen config must not change when the caller's dict does.
         object.__setattr__(self, "router_options", dict(self.router_options))
         try:
@@ -179,12 +183,19 @@ class TrainConfig:
     = 0 evaluates the whole validation split. ``grad_clip`` = 0 disables clipping. ``threads`` = 0
     leaves torch's thread count alone.
 
-    ``precision``: ``"float32"`` (default) or ``"bfloat16"``, mixed precision by ``torch.autocast``
-    for the forward passes of training and evaluation: matrix products (linear layers, attention,
-    the experts) run in bf16, while the weights, their gradients, the optimiser state, norms,
-    softmax, the loss and the routers' logits (``routing.base.gate_logits``) stay float32. It pays
-    on hardware with native bf16 (GPUs; CPUs with AVX512-BF16 or AMX); elsewhere bf16 is emulated
-    and slower, hence the float32 default (measurements: the README and ``benchmarks/results/``).
+    ``device`` (:mod:`locmoe.device`): ``"auto"`` (default: CUDA when available, else the CPU),
+    ``"cpu"``, ``"cuda"`` (under ``torchrun`` the GPU of ``LOCAL_RANK``) or ``"cuda:N"``.
+
+    ``precision``: ``"auto"`` (default: bf16 on CUDA, float32 on the CPU), ``"float32"`` or
+    ``"bfloat16"``, mixed precision by ``torch.autocast`` for the forward passes of training and
+    evaluation: matrix products (linear layers, attention, the experts) run in bf16, while the
+    weights, their gradients, the optimiser state, norms, softmax, the loss and the routers' logits
+    (``routing.base.gate_logits``) stay float32. It pays on hardware with native bf16 (GPUs; CPUs
+    with AVX512-BF16 or AMX); elsewhere bf16 is emulated and slower, hence float32 on the CPU.
+
+    ``compile``: wrap every transformer block in ``torch.compile``. ``deterministic``: deterministic
+    kernels (``torch.use_deterministic_algorithms``) so a resumed CUDA run repeats an uninterrupted
+    one bit for bit (CPU runs are deterministic without it).
     """
 
     steps: int = 1000
@@ -205,7 +216,10 @@ class TrainConfig:
     keep_checkpoints: int = 2
     threads: int = 0
     progress: bool = True
-    precision: str = "float32"
+    device: str = "auto"
+    precision: str = "auto"
+    compile: bool = False
+    deterministic: bool = False
 
     def __post_init__(self) -> None:
         config_integer("train.steps", self.steps, 1)
@@ -225,9 +239,11 @@ class TrainConfig:
         config_integer("train.checkpoint_every", self.checkpoint_every, 0)
         config_integer("train.keep_checkpoints", self.keep_checkpoints, 1)
         config_integer("train.threads", self.threads, 0)
-        if not isinstance(self.progress, bool):
-            invalid("train.progress", self.progress, "true or false")
+        check_device_text(self.device)
         config_choice("train.precision", self.precision, PRECISIONS)
+        for name in ("progress", "compile", "deterministic"):
+            if not isinstance(getattr(self, name), bool):
+                invalid(f"train.{name}", getattr(self, name), "true or false")
 
 
 @dataclass(frozen=True)

@@ -24,7 +24,14 @@ from torch import nn
 
 from locmoe.dispatch import Dispatcher, LocalDispatcher
 from locmoe.experts import GroupedExperts
-from locmoe.metrics import ClusterStatistics, calinski_harabasz, routing_metrics, specialisation_labels, to_python
+from locmoe.metrics import (
+    ClusterStatistics,
+    calinski_harabasz,
+    resolve_deferred,
+    routing_metrics,
+    specialisation_labels,
+    to_python,
+)
 from locmoe.routing import Router, RoutingContext, RoutingPlan, build_router
 from locmoe.validation import check_integer
 
@@ -39,7 +46,7 @@ def _layer_parts(
     activation: str = "gelu",
     dispatch: str = "pad",
     routing_scope: str = "local",
-    experts_backend: str = "fused",
+    experts_backend: str = "auto",
     **router_options: Any,
 ) -> tuple[Router, LocalDispatcher, GroupedExperts]:
     """The three parts of the convenience constructor, built in the order that fixes the RNG draws
@@ -71,7 +78,8 @@ class MoELayer(nn.Module):
         (exactly the kept tokens); identical results;
       - ``routing_scope``: ``"local"`` (default) or ``"global"``: what the routing group is once the
         experts are sharded over an expert-parallel group (:func:`locmoe.parallel.shard_layer`);
-      - ``experts_backend``: ``"fused"`` (default) or ``"reference"`` (:mod:`locmoe.experts`);
+      - ``experts_backend``: ``"auto"`` (default: ``"grouped"`` on CUDA where it runs, else ``"fused"``),
+        ``"fused"``, ``"reference"`` or ``"grouped"`` (:mod:`locmoe.experts`);
       - every other keyword is a router option (e.g. ``capacity_factor``, ``aux_coef``, ``tau``):
         :mod:`locmoe.routing.options` lists them per router; an omitted one keeps the router's
         default, ``capacity_factor=None`` is dropless (``topk`` only).
@@ -145,7 +153,7 @@ class MoELayer(nn.Module):
 
     def set_expert_nodes(self, expert_nodes: torch.Tensor | list[int]) -> None:
         """Declare which node each expert lives on (``(n,)`` non-negative ints)."""
-        nodes = torch.as_tensor(expert_nodes, dtype=torch.long)
+        nodes = torch.as_tensor(expert_nodes, dtype=torch.long).to(self.expert_ids.device)
         if nodes.shape != (self.num_experts,) or (nodes < 0).any():
             raise ValueError(
                 f"expert_nodes must be {self.num_experts} non-negative node ids, got {nodes.tolist()}"
@@ -260,10 +268,24 @@ class MoELayer(nn.Module):
 
     @property
     def last_metrics(self) -> dict[str, float | int | list]:
-        """design §5 metrics of the last forward as plain Python values (one device sync, cached)."""
-        if self._metrics_cache is None:
-            self._metrics_cache = to_python(self._metric_tensors)  # type: ignore[arg-type]
-        return self._metrics_cache
+        """design §5 metrics of the last forward as plain Python values (one device sync, cached;
+        :func:`read_metrics` reads several layers with one sync)."""
+        return read_metrics({"layer": self})["layer"]
 
     def extra_repr(self) -> str:
         return f"d_model={self.d_model}, num_experts={self.num_experts}, ch_interval={self.ch_interval}"
+
+
+def read_metrics(layers: dict[str, MoELayer]) -> dict[str, dict[str, float | int | list]]:
+    """Each layer's ``last_metrics``, read together: deferred metrics computed, then every layer's
+    tensors copied to the host at once (one device synchronisation for all the layers)."""
+    pending = {name: layer for name, layer in layers.items() if layer._metrics_cache is None}
+    combined: dict[str, object] = {}
+    for name, layer in pending.items():
+        for key, value in resolve_deferred(layer._metric_tensors).items():
+            combined[f"{name}\0{key}"] = value
+    values = to_python(combined)  # type: ignore[arg-type]
+    for name, layer in pending.items():
+        layer._metrics_cache = {key: values[f"{name}\0{key}"] for key in layer._metric_tensors}
+    return {name: layer._metrics_cache for name, layer in layers.items()}  # type: ignore[misc]
+

@@ -53,8 +53,17 @@ def routing_metrics(
         remote = kept & (expert_node != token_nodes[:, None])
         metrics["remote_share"] = remote.sum().to(torch.float64) / kept.sum().clamp_min(1)
     for name, value in plan.metrics.items():
-        metrics[name] = value.detach() if isinstance(value, torch.Tensor) else torch.as_tensor(value)
+        if callable(value):  # a deferred metric: computed when read (resolve_deferred)
+            metrics[name] = value  # type: ignore[assignment]
+        else:
+            metrics[name] = value.detach() if isinstance(value, torch.Tensor) else torch.as_tensor(value)
     return metrics
+
+
+def resolve_deferred(metrics: dict[str, object]) -> dict[str, object]:
+    """``metrics`` with every deferred metric (a function, :data:`locmoe.routing.plan.DeferredMetric`)
+    replaced by its value."""
+    return {name: value() if callable(value) else value for name, value in metrics.items()}
 
 
 def load_statistics(tokens_per_expert: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -89,7 +98,7 @@ def calinski_harabasz(features: torch.Tensor, labels: torch.Tensor) -> float:
     if num_clusters < 2 or num_points <= num_clusters:
         return 0.0
     sizes = torch.bincount(labels, minlength=num_clusters).to(torch.float64)
-    sums = torch.zeros(num_clusters, features.shape[1], dtype=torch.float64).index_add_(0, labels, features)
+    sums = features.new_zeros(num_clusters, features.shape[1]).index_add_(0, labels, features)
     centroids = sums / sizes[:, None]
     overall = features.mean(0)
     between = (sizes * ((centroids - overall) ** 2).sum(1)).sum()
@@ -160,11 +169,26 @@ class ClusterStatistics:
 
 
 def to_python(metrics: dict[str, torch.Tensor | float | int]) -> dict[str, float | int | list]:
-    """Tensors -> Python numbers (0-d) or lists; integers stay integers. One sync per call."""
-    converted: dict[str, float | int | list] = {}
+    """Tensors -> Python numbers (0-d) or lists; integers stay integers, other values pass through.
+
+    All tensors on one device travel to the host in one copy (one device synchronisation per device,
+    not one per metric): they are flattened into one float64 vector, which holds every count exactly
+    (below 2**53)."""
+    converted: dict[str, float | int | list] = dict(metrics)  # type: ignore[arg-type]
+    by_device: dict[torch.device, list[str]] = {}
     for name, value in metrics.items():
         if isinstance(value, torch.Tensor):
-            value = value.detach().cpu()
-            value = value.tolist() if value.dim() > 0 else value.item()
-        converted[name] = value
+            by_device.setdefault(value.device, []).append(name)
+    for names in by_device.values():
+        tensors = [metrics[name].detach() for name in names]  # type: ignore[union-attr]
+        flat = torch.cat([t.reshape(-1).to(torch.float64) for t in tensors]).cpu()
+        offset = 0
+        for name, tensor in zip(names, tensors, strict=True):
+            piece = flat[offset : offset + tensor.numel()].view(tensor.shape)
+            offset += tensor.numel()
+            if tensor.dtype == torch.bool:
+                piece = piece.bool()
+            elif not tensor.dtype.is_floating_point:
+                piece = piece.long()
+            converted[name] = piece.tolist() if tensor.dim() > 0 else piece.item()
     return converted

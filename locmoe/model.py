@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from locmoe.config import ModelConfig
-from locmoe.layer import MoELayer
+from locmoe.layer import MoELayer, read_metrics
 
 LOSS_CHUNK_TOKENS = 512  # rows of the output projection per softmax chunk in GPT.loss (speed only)
 
@@ -110,6 +110,7 @@ class Block(nn.Module):
                 activation=config.activation,
                 dispatch=config.dispatch,
                 routing_scope=config.routing_scope,
+                experts_backend=config.experts_backend,
                 ch_interval=config.ch_interval,
                 **config.router_keywords(),
             )
@@ -220,8 +221,9 @@ class GPT(nn.Module):
         return total / targets.numel(), aux_loss
 
     def routing_metrics(self) -> dict[str, dict]:
-        """Each MoE layer's ``last_metrics`` (plain floats/lists) from the last forward."""
-        return {name: layer.last_metrics for name, layer in self.moe_layers.items()}
+        """Each MoE layer's ``last_metrics`` (plain floats/lists) from the last forward, read with one
+        device synchronisation for all layers."""
+        return read_metrics(self.moe_layers)
 
     def parameter_counts(self) -> dict[str, int]:
         """``total`` parameters (tied weights once) and ``active`` per token: each MoE layer counts
@@ -267,3 +269,17 @@ def build_model(config: ModelConfig, vocab_size: int) -> GPT:
     """The default model builder (the trainer takes any callable with this signature, e.g. one that
     also shards experts over a process group)."""
     return GPT(config, vocab_size)
+
+
+def compile_blocks(model: nn.Module) -> None:
+    """``train.compile``: compile every transformer block in place (``nn.Module.compile``), or the
+    whole model if it has no ``blocks``. Per block rather than the whole model: the blocks are
+    alike, so one compiled graph serves them all, and the MoE layer's data-dependent shapes (the
+    kept tokens per expert) break the graph inside a block instead of across the model."""
+    blocks = getattr(model, "blocks", None)
+    if isinstance(blocks, nn.ModuleList):
+        for block in blocks:
+            block.compile()
+    else:
+        model.compile()
+

@@ -3,8 +3,10 @@
 One run = one ``RunConfig``. The trainer prepares the data (corpus -> tokenizer -> token ids), builds
 the model with a builder function (the default :func:`locmoe.model.build_model`), and optimises
 ``LM loss + router aux losses`` with AdamW (no weight decay on vectors: norms), a linear warm-up then
-cosine learning rate, and gradient clipping; ``train.precision = "bfloat16"`` runs the forward passes
-under bf16 autocast (:func:`forward_precision`).
+cosine learning rate, and gradient clipping, on ``train.device`` (CUDA when available); bf16 mixed
+precision runs the forward passes under autocast (:func:`locmoe.device.forward_precision`; the
+default on CUDA), ``train.compile`` compiles every block, ``train.deterministic`` asks for
+deterministic kernels.
 
 Expert parallelism (design §5): started by ``torchrun`` (``WORLD_SIZE`` set), every rank runs this
 same loop through an :class:`~locmoe.parallel.ExpertParallelRuntime` (``config.parallel``): the MoE
@@ -72,8 +74,9 @@ from locmoe.checkpoint import (
 from locmoe.config import ModelConfig, RunConfig, TrainConfig, to_toml
 from locmoe.data.dataset import PreparedData, prepare_data
 from locmoe.data.loader import BatchLoader, validation_batches
+from locmoe.device import forward_precision, local_rank, resolve_device, to_device, use_deterministic_algorithms
 from locmoe.metrics import ClusterStatistics
-from locmoe.model import GPT, build_model
+from locmoe.model import GPT, build_model, compile_blocks
 from locmoe.parallel.runtime import ExpertParallelRuntime
 from locmoe.run_summary import read_metrics, summarize
 
@@ -101,15 +104,6 @@ def build_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.AdamW:
     return torch.optim.AdamW(groups, lr=config.lr, betas=(config.beta1, config.beta2), eps=config.adam_eps)
 
 
-def forward_precision(precision: str) -> contextlib.AbstractContextManager:
-    """The context of a forward pass at ``train.precision`` (:class:`locmoe.config.TrainConfig`):
-    nothing for float32, CPU ``torch.autocast`` to bf16 for bfloat16 (the trainer keeps the model on
-    the CPU). Backward runs outside it, as autocast wants (its ops follow the dtypes the forward chose)."""
-    if precision == "float32":
-        return contextlib.nullcontext()
-    return torch.autocast("cpu", dtype=getattr(torch, precision))
-
-
 @torch.no_grad()
 def evaluate(
     model: GPT,
@@ -117,7 +111,7 @@ def evaluate(
     batch_size: int,
     max_batches: int = 0,
     runtime: ExpertParallelRuntime | None = None,
-    precision: str = "float32",
+    precision: str = "auto",
     specialisation: bool = False,
 ) -> dict[str, Any]:
     """Validation loss (mean next-token cross-entropy, nats) and perplexity over the fixed
@@ -135,6 +129,7 @@ def evaluate(
     rank routes some tokens (the padding then shares that batch's routing groups) **(ours)**."""
     was_training = model.training
     model.eval()
+    device = next(model.parameters()).device
     total, count = 0.0, 0
     split = runtime is not None and runtime.world_size > 1
     layers = model.moe_layers if specialisation and not split else {}
@@ -148,7 +143,8 @@ def evaluate(
                     inputs = torch.cat([inputs, inputs[-1:].expand(missing, -1)])
                     targets = torch.cat([targets, targets.new_full((missing, targets.shape[1]), IGNORED_TARGET)])
                 inputs, targets = runtime.local_rows(inputs, targets, even=False)
-            with forward_precision(precision):
+            inputs, targets = to_device(inputs, device), to_device(targets, device)
+            with forward_precision(precision, device):
                 lm_loss, _ = model.loss(inputs, targets)
             # The loss is a mean over all targets; ignored ones add nothing to its sum.
             total += float(lm_loss) * targets.numel()
@@ -170,11 +166,18 @@ def evaluate(
 
 def start_runtime(config: RunConfig) -> ExpertParallelRuntime:
     """The run's runtime: join the job ``torchrun`` started (``WORLD_SIZE`` set, or a process group
-    already initialised), else one process, with ``parallel.simulated_nodes`` if asked.
+    already initialised), else one process, with ``parallel.simulated_nodes`` if asked; on the
+    device ``train.device`` names (:func:`locmoe.device.resolve_device`).
 
-    Each rank uses ``train.threads`` CPU threads, else what ``OMP_NUM_THREADS`` says, else one. The
-    trainer keeps the model on the CPU, so the backend is gloo (NCCL needs the model on GPUs)."""
+    Each rank uses ``train.threads`` CPU threads, else what ``OMP_NUM_THREADS`` says, else one. On
+    CUDA each rank takes the GPU of its ``LOCAL_RANK`` and the process group is
+    ``cpu:gloo,cuda:nccl``: GPU tensors (the all-to-alls of the MoE layers) travel over NCCL, the
+    few CPU tensors of the training loop over gloo. On the CPU the backend is gloo."""
     parallel = config.parallel
+    use_deterministic_algorithms(config.train.deterministic)  # before CUDA starts (cuBLAS workspace)
+    device = resolve_device(config.train.device, local_rank())
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
     if "WORLD_SIZE" not in os.environ and not dist.is_initialized():
         if parallel.expert_parallel > 1:
             raise ValueError(
@@ -182,15 +185,18 @@ def start_runtime(config: RunConfig) -> ExpertParallelRuntime:
                 f"torchrun --nproc_per_node={parallel.expert_parallel} -m locmoe train ..., or pass "
                 "--expert-parallel 0 to train in one process"
             )
-        return ExpertParallelRuntime.single_process(parallel.simulated_nodes)
+        runtime = ExpertParallelRuntime.single_process(parallel.simulated_nodes)
+        runtime.device = device
+        return runtime
     runtime = ExpertParallelRuntime.start(
         parallel.expert_parallel or None,
         ranks_per_node=parallel.ranks_per_node or None,
         hierarchical=parallel.hierarchical,
         timeout_s=parallel.collective_timeout,
         threads=config.train.threads,
-        backend="gloo",
+        backend="cpu:gloo,cuda:nccl" if device.type == "cuda" else "gloo",
     )
+    runtime.device = device
     if parallel.simulated_nodes and runtime.world_size > 1:
         runtime.close()
         raise ValueError(
@@ -390,6 +396,8 @@ def _build(
     np.random.seed(train_config.seed)
     torch.manual_seed(train_config.seed)
     model = runtime.build_model(model_builder, config.model, config.data.vocab_size)
+    if train_config.compile:
+        compile_blocks(model)
     optimizer = build_optimizer(model, train_config)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, train_config))
     loader = BatchLoader(data.train_ids, config.model.seq_len, train_config.batch_size, config.data.data_seed)
@@ -515,7 +523,9 @@ def _next_batch(parts: RunParts) -> tuple[torch.Tensor, torch.Tensor, dict[str, 
     inputs, targets = loader.next_batch()
     token_nodes = runtime.token_nodes(inputs, fraction)
     inputs, targets = runtime.local_rows(inputs, targets)
-    return inputs, targets, ({} if token_nodes is None else {"token_nodes": token_nodes})
+    device = runtime.device
+    topology = {} if token_nodes is None else {"token_nodes": to_device(token_nodes, device)}
+    return to_device(inputs, device), to_device(targets, device), topology
 
 
 def _optimise(
@@ -525,7 +535,7 @@ def _optimise(
     loss and aux loss (means over the ranks) and the gradient norm before clipping (global)."""
     train_config, runtime, model = parts.config.train, parts.runtime, parts.model
     runtime.set_step(model, step)
-    with forward_precision(train_config.precision):
+    with forward_precision(train_config.precision, runtime.device):
         lm_loss, aux_loss = model.loss(inputs, targets, **topology)
     loss = lm_loss + aux_loss
     parts.optimizer.zero_grad(set_to_none=True)

@@ -16,7 +16,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "locmoe"
 
 # Lowest first. A part may import only parts of lower tiers (and itself).
 TIERS: list[set[str]] = [
-    {"locmoe.validation", "locmoe.atomic_file", "locmoe.provenance"},
+    {"locmoe.validation", "locmoe.device", "locmoe.atomic_file", "locmoe.provenance"},
     {"locmoe.routing"},
     {"locmoe.experts"},
     {"locmoe.dispatch", "locmoe.metrics"},

@@ -164,3 +164,11 @@ def test_layer_from_its_three_parts_equals_the_convenience_constructor():
     assert composed.dispatch == "pack" and composed.router.options.tau == 0.8
     with pytest.raises(ValueError, match="the router routes to 4 experts but the experts hold 2"):
         MoELayer(router, LocalDispatcher(), GroupedExperts(2, 16, 24))
+
+
+def test_auto_backend_is_resolved_for_the_device_the_weights_are_on():
+    layer = MoELayer(16, 24, 4)
+    assert layer.experts.backend_name == "auto"
+    assert layer.experts.backend.name == ("fused" if layer.experts.w_in.device.type == "cpu" else "grouped")
+    shard = layer.experts.shard(range(0, 2))
+    assert shard.backend_name == "auto" and shard.num_experts == 2

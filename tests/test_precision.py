@@ -30,7 +30,7 @@ def runs(cache_dir, tmp_path_factory):  # noqa: F811
 
 
 def test_bad_precision_names_the_allowed_values():
-    with pytest.raises(ValueError, match=r"train.precision='fp16' is invalid; allowed: float32, bfloat16"):
+    with pytest.raises(ValueError, match=r"train.precision='fp16' is invalid; allowed: auto, float32, bfloat16"):
         TrainConfig(precision="fp16")
 
 

@@ -9,26 +9,53 @@ from torch import nn
 
 from locmoe.experts.backend import ACTIVATIONS, ExpertsBackend, ExpertWeights
 from locmoe.experts.fused import FusedBackend
+from locmoe.experts.grouped import GroupedGemmBackend, grouped_gemm_supported
 from locmoe.experts.reference import ReferenceBackend
 from locmoe.validation import check_choice, check_integer
 
-BACKENDS: dict[str, type[ExpertsBackend]] = {"fused": FusedBackend, "reference": ReferenceBackend}
+BACKENDS: dict[str, type[ExpertsBackend]] = {
+    "fused": FusedBackend,
+    "reference": ReferenceBackend,
+    "grouped": GroupedGemmBackend,
+}
 
 
 def available_backends() -> list[str]:
-    """Names accepted by ``GroupedExperts(backend=...)`` and ``MoELayer(experts_backend=...)``."""
+    """Names accepted by ``GroupedExperts(backend=...)`` and ``MoELayer(experts_backend=...)``: the
+    concrete backends (``"auto"`` is not one; :func:`resolve_backend` turns it into one)."""
     return list(BACKENDS)
+
+
+def resolve_backend(name: str, device: torch.device | str, d_model: int, d_ff: int, dtype: torch.dtype) -> str:
+    """The concrete backend for ``name``: a name from :func:`available_backends` is returned as is;
+    ``"auto"`` means ``"grouped"`` on CUDA where :func:`~locmoe.experts.grouped.grouped_gemm_supported`
+    says it can run (``d_model``, ``d_ff``, ``dtype`` on ``device``), else ``"fused"``.
+
+    Why: the grouped-GEMM backend computes all experts with one grouped matrix multiply per
+    projection and no host round trip, the GPU path; the fused backend, a per-expert loop with a
+    hand-written backward that saves memory, is the CPU default.
+    """
+    check_choice("experts backend", name, ("auto", *available_backends()))
+    if name != "auto":
+        return name
+    if torch.device(device).type == "cuda" and grouped_gemm_supported(d_model, d_ff, dtype, device)[0]:
+        return "grouped"
+    return "fused"
 
 
 class GroupedExperts(nn.Module):
     """``n`` independent FFN experts with stacked weights ``w_in (n, d, f)``, ``w_gate (n, d, f)``
     (swiglu only) and ``w_out (n, f, d)``, no biases; computed by an experts backend
-    (:mod:`locmoe.experts.backend`): ``"fused"`` (default) or ``"reference"``.
+    (:mod:`locmoe.experts.backend`): ``"fused"`` (default), ``"reference"`` or ``"grouped"`` (one grouped
+    matrix multiply per projection, :mod:`locmoe.experts.grouped`; refused with the reason where it
+    cannot run: see :func:`~locmoe.experts.grouped.grouped_gemm_supported`).
 
     Args:
         num_experts, d_model, d_ff: ``n``, ``d``, ``f``.
         activation: ``"gelu"`` (the papers' expert, LocMoE eq. 1) or ``"swiglu"`` (Mixtral).
-        backend: a name from :func:`available_backends`.
+        backend: a name from :func:`available_backends`, or ``"auto"``: :func:`resolve_backend` at every
+            call, for the device and dtype the weights compute in then (so a model built on the CPU
+            and moved to a GPU computes there with the grouped-GEMM backend).
         initialise: draw the initial weights (``nn.Linear``'s default: uniform in ``±1/sqrt(fan_in)``);
             ``False`` leaves them uninitialised and the global RNG untouched (for copies).
     """
@@ -46,15 +73,20 @@ class GroupedExperts(nn.Module):
         super().__init__()
         check_choice("activation", activation, ACTIVATIONS)
         check_integer("d_ff", d_ff, low=1)
-        check_choice("experts backend", backend, available_backends())
+        check_choice("experts backend", backend, ("auto", *available_backends()))
         self.num_experts = num_experts
         self.d_model = d_model
         self.d_ff = d_ff
         self.activation = activation
-        self.backend: ExpertsBackend = BACKENDS[backend]()
+        self.backend_name = backend
+        self._backends: dict[str, ExpertsBackend] = {}
         self.w_in = nn.Parameter(torch.empty(num_experts, d_model, d_ff))
         self.w_out = nn.Parameter(torch.empty(num_experts, d_ff, d_model))
         self.w_gate = nn.Parameter(torch.empty(num_experts, d_model, d_ff)) if activation == "swiglu" else None
+        if backend == "grouped":
+            supported, reason = grouped_gemm_supported(d_model, d_ff, self.w_in.dtype, self.w_in.device)
+            if not supported:
+                raise ValueError(f"experts backend 'grouped' cannot run these experts: {reason}; use 'fused'")
         if initialise:
             self.reset_parameters()
 
@@ -69,12 +101,24 @@ class GroupedExperts(nn.Module):
         """A new ``GroupedExperts`` holding copies of experts ``block`` (same backend and device),
         built without drawing from the global RNG."""
         shard = GroupedExperts(
-            len(block), self.d_model, self.d_ff, self.activation, self.backend.name, initialise=False
+            len(block), self.d_model, self.d_ff, self.activation, self.backend_name, initialise=False
         ).to(self.w_in.device)
         with torch.no_grad():
             for name, parameter in shard.named_parameters():
                 parameter.copy_(getattr(self, name)[block.start : block.stop])
         return shard
+
+    def backend_for(self, weight: torch.Tensor) -> ExpertsBackend:
+        """The backend that computes with weights like ``weight`` (its device and compute dtype)."""
+        name = resolve_backend(self.backend_name, weight.device, self.d_model, self.d_ff, weight.dtype)
+        if name not in self._backends:
+            self._backends[name] = BACKENDS[name]()
+        return self._backends[name]
+
+    @property
+    def backend(self) -> ExpertsBackend:
+        """The backend for the weights as they are now (``"auto"`` resolved for their device and dtype)."""
+        return self.backend_for(self.w_in)
 
     def weights(self, like: torch.Tensor) -> ExpertWeights:
         """The weights in the compute dtype (autocast's on ``like``'s device, else ``like``'s), so a
@@ -108,7 +152,8 @@ class GroupedExperts(nn.Module):
         self._check_counts(counts, token_index.shape[0], "assignments", padded_rows)
         weights = self.weights(x)
         dtype = weights.w_in.dtype
-        return self.backend.routed(weights, x.to(dtype), token_index, gates.to(dtype), counts, padded_rows)
+        backend = self.backend_for(weights.w_in)
+        return backend.routed(weights, x.to(dtype), token_index, gates.to(dtype), counts, padded_rows)
 
     def forward_grouped(
         self, rows: torch.Tensor, tokens_per_expert: list[int], padded_rows: int | None = None
@@ -118,10 +163,11 @@ class GroupedExperts(nn.Module):
         counts = list(tokens_per_expert)
         self._check_counts(counts, rows.shape[0], "rows", padded_rows)
         weights = self.weights(rows)
-        return self.backend.grouped(weights, rows.to(weights.w_in.dtype).contiguous(), counts, padded_rows)
+        backend = self.backend_for(weights.w_in)
+        return backend.grouped(weights, rows.to(weights.w_in.dtype).contiguous(), counts, padded_rows)
 
     def extra_repr(self) -> str:
         return (
             f"num_experts={self.num_experts}, d_model={self.d_model}, d_ff={self.d_ff}, "
-            f"activation={self.activation}, backend={self.backend.name}"
+            f"activation={self.activation}, backend={self.backend_name}"
         )

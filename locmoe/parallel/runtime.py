@@ -33,7 +33,7 @@ from __future__ import annotations
 import math
 import os
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 import torch
@@ -69,12 +69,14 @@ class ExpertParallelRuntime:
         simulated_nodes: ``N`` > 0 simulates ``N`` nodes in one process (module docstring).
         owns_process_group: :meth:`start` initialised the default process group, so :meth:`close`
             destroys it.
+        device: where the model computes (:meth:`build_model` moves it there before sharding).
     """
 
     groups: ExpertParallelGroups
     hierarchical: bool = False
     simulated_nodes: int = 0
     owns_process_group: bool = False
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
 
     @classmethod
     def single_process(cls, simulated_nodes: int = 0) -> ExpertParallelRuntime:
@@ -128,7 +130,7 @@ class ExpertParallelRuntime:
         Each layer keeps its ``routing_scope`` (``model.routing_scope``); in one process the batch is
         the whole group. One process keeps the plain layers; with simulated nodes they learn where
         their experts live."""
-        model = builder(config, vocab_size)
+        model = builder(config, vocab_size).to(self.device)  # built on the CPU: the same init everywhere
         if self.world_size > 1:
             shard_experts(model, self.groups, hierarchical=self.hierarchical)
             broadcast_parameters(model, self.groups)

@@ -6,6 +6,11 @@ step and the operation; the stalled rank, once it reaches the collective, finds 
 waits out the same deadline) and raises the same error. So every rank fails with one clear message
 instead of hanging forever. The process group's own timeout (set to the same value by
 :func:`locmoe.parallel.init_expert_parallel`) is the backstop for collectives issued elsewhere.
+
+On CUDA tensors (the ``cpu:gloo,cuda:nccl`` group of a GPU run) ``work.wait`` only orders the CUDA
+streams and returns at once: there the guard is the process group's timeout, whose NCCL watchdog
+aborts the communicator and ends the process with an error naming the collective, so a dead or
+stalled rank still fails every rank rather than hanging (not verified here: this machine has no GPU).
 """
 
 from __future__ import annotations

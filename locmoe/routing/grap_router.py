@@ -7,6 +7,7 @@ the gate value that scales the expert output, the router losses and the δ / ``e
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -40,7 +41,8 @@ class GrAPRouter(Router):
 
     Options: :class:`locmoe.routing.options.GrAPOptions` (or a subclass). A loss whose coefficient
     is 0 is absent from ``plan.losses``. ``plan.metrics`` always holds ``delta_stat``, ``delta_min``
-    (design §3, over the kept assignments) and ``ec_min`` (eq. 9, exact form, at ``delta_stat``).
+    (design §3, over the kept assignments) and ``ec_min`` (eq. 9, exact form, at ``delta_stat``; a
+    deferred metric, :data:`locmoe.routing.plan.DeferredMetric`).
     """
 
     Options = GrAPOptions
@@ -85,7 +87,9 @@ class GrAPRouter(Router):
         all_metrics = {
             "delta_stat": delta_stat,
             "delta_min": delta_min,
-            "ec_min": ec_min(delta_stat, self.d_model, self.num_experts),
+            # LocMoE eq. 9 costs a float64 continued fraction: computed when the metrics are read
+            # (once per logged step), not in every forward.
+            "ec_min": functools.partial(ec_min, delta_stat, self.d_model, self.num_experts),
         }
         all_metrics.update(metrics or {})
         return RoutingPlan(

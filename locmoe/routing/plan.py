@@ -12,12 +12,17 @@ chosen, or never proposed). Its gate weight is exactly zero.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
 
 DROPPED = -1
 """Expert id of an empty assignment slot."""
+
+DeferredMetric = Callable[[], torch.Tensor]
+"""A metric too costly to compute in every forward: a function of tensors the plan already holds,
+called when the metrics are read (:func:`locmoe.metrics.resolve_deferred`)."""
 
 
 @dataclass
@@ -41,8 +46,9 @@ class RoutingPlan:
             argmax), used by the balance metrics. ``None`` if undefined.
         losses: named scalar router losses (already multiplied by their coefficients). The layer
             sums them into ``aux_loss``.
-        metrics: router-specific diagnostic tensors (e.g. ``k_tau``, ``delta_stat``,
-            ``ec_min``); converted to Python numbers once per step by the layer, never here.
+        metrics: router-specific diagnostic tensors (e.g. ``k_tau``, ``delta_stat``), or deferred
+            metrics (:data:`DeferredMetric`, e.g. ``ec_min``) computed only when read; converted to
+            Python numbers once per step by the layer, never here.
     """
 
     expert_ids: torch.Tensor
@@ -54,7 +60,7 @@ class RoutingPlan:
     router_probs: torch.Tensor | None = None
     top1_expert: torch.Tensor | None = None
     losses: dict[str, torch.Tensor] = field(default_factory=dict)
-    metrics: dict[str, torch.Tensor] = field(default_factory=dict)
+    metrics: dict[str, torch.Tensor | DeferredMetric] = field(default_factory=dict)
 
     def detached(self) -> RoutingPlan:
         """The same plan with every tensor detached from the autograd graph (for keeping it after
