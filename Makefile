@@ -37,13 +37,13 @@ compare-standard: $(STAMP)
 compare-frontier: $(STAMP)
 	$(PY) -m locmoe compare --preset frontier --out runs/frontier
 
-## On a machine with a CUDA GPU and torch already installed (no .venv needed): the CUDA tests and
-## the routing, layer and comparison suites under that torch.
+## On a machine with a CUDA GPU and torch already installed (no .venv needed), under 8 minutes: the CUDA
+## tests and the layer suites, a training smoke (eager, compiled, exact resume) and the layer benchmark
+## against HF Mixtral and the grouped-GEMM floor; one summary, JSON to $OUT (see benchmarks/gpu_check.py).
+## GPU_CHECK_ARGS adds flags (e.g. GPU_CHECK_ARGS="--only layer"; "--cpu-smoke" runs it all on a CPU).
 GPU_PYTHON ?= python3
 gpu-check:
-	PYTHONPATH=. $(GPU_PYTHON) -m pytest -q -p no:cacheprovider -m "not slow" tests/gpu tests/routing \
-		tests/test_capacity.py tests/test_metrics.py tests/test_layer_invariants.py tests/test_layer_reference.py \
-		tests/compare
+	PYTHONPATH=. $(GPU_PYTHON) benchmarks/gpu_check.py $(GPU_CHECK_ARGS)
 
 lint: $(STAMP)
 	$(PY) -m ruff check locmoe tests benchmarks

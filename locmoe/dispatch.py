@@ -52,21 +52,23 @@ class DispatchOrder:
         return self.slot_index.shape[0]
 
 
-def sort_by_expert(expert_ids: torch.Tensor, num_experts: int) -> DispatchOrder:
-    """Sort the kept slots of ``expert_ids (S, K)`` by expert with one stable sort.
+def sort_by_expert(expert_ids: torch.Tensor, num_experts: int, *, keep_dropped: bool = False) -> DispatchOrder:
+    """Sort the slots of ``expert_ids (S, K)`` by expert with one stable sort.
 
-    One host synchronisation (the number of kept assignments sizes the outputs).
+    By default only the kept slots, which sizes the outputs by their number: one host
+    synchronisation. ``keep_dropped=True`` keeps every slot, the dropped ones last (their
+    ``expert_index`` is ``n``, their ``position`` meaningless): fixed-size outputs and no
+    synchronisation, for backends that take the counts as a device tensor.
     """
     slots_per_token = expert_ids.shape[1]
     flat = expert_ids.reshape(-1)
     sort_key = torch.where(flat == DROPPED, torch.full_like(flat, num_experts), flat)
     order = torch.argsort(sort_key, stable=True)
     counts = count_per_expert(expert_ids, num_experts)
-    num_kept = int(counts.sum())
-    slot_index = order[:num_kept]
+    slot_index = order if keep_dropped else order[: int(counts.sum())]
     expert_index = sort_key[slot_index]
     starts = torch.cumsum(counts, dim=0) - counts
-    position = torch.arange(num_kept, device=flat.device) - starts[expert_index]
+    position = torch.arange(slot_index.shape[0], device=flat.device) - starts[expert_index.clamp(max=num_experts - 1)]
     return DispatchOrder(
         slot_index=slot_index,
         token_index=torch.div(slot_index, slots_per_token, rounding_mode="floor"),
@@ -94,12 +96,16 @@ def combine(expert_out: torch.Tensor, order: DispatchOrder, plan: RoutingPlan, n
     return expert_out.new_zeros(num_tokens, expert_out.shape[1]).index_add(0, order.token_index, weighted)
 
 
-def padded_rows(mode: str, capacity: int | None, counts: list[int]) -> int | None:
+def padded_rows(mode: str, capacity: int | None, counts: torch.Tensor | list[int]) -> int | None:
     """Rows each expert computes: ``None`` (exactly its own) for pack; for pad the capacity ``C``, or,
-    without one (dropless), the largest expert load; at least 1."""
+    without one (dropless), the largest expert load (a host synchronisation when ``counts`` is a
+    tensor); at least 1."""
     if mode == "pack":
         return None
-    return max(int(capacity if capacity is not None else max(counts, default=0)), 1)
+    if capacity is not None:
+        return max(int(capacity), 1)
+    largest = int(counts.max()) if isinstance(counts, torch.Tensor) else max(counts, default=0)
+    return max(largest, 1)
 
 
 @dataclass
@@ -140,8 +146,9 @@ class Dispatcher(Protocol):
 
 
 class LocalDispatcher(nn.Module):
-    """Every expert in this process: the plan's kept assignments are sorted by expert and handed to
-    the experts backend's routed path (gather, FFN, gate, scatter in one pass, no ``(A, d)`` buffer).
+    """Every expert in this process: the plan's slots are sorted by expert and handed to the experts
+    backend's routed path (gather, FFN, gate, scatter), without a host synchronisation of its own
+    (design §5: what synchronises is the router's capacity, if data dependent, and the backend).
 
     Args:
         mode: ``"pad"`` or ``"pack"`` (module docstring).
@@ -158,11 +165,12 @@ class LocalDispatcher(nn.Module):
         return router(x, context), context
 
     def dispatch(self, x: torch.Tensor, plan: RoutingPlan, experts: GroupedExperts) -> DispatchResult:
-        order = sort_by_expert(plan.expert_ids, plan.num_experts)
-        counts = order.tokens_per_expert.tolist()  # the host sync that sizes the per-expert blocks
+        # Every slot, dropped ones last with gate 0, and the counts as a tensor: no host
+        # synchronisation here; a backend that loops over experts on the host reads the counts itself.
+        order = sort_by_expert(plan.expert_ids, plan.num_experts, keep_dropped=True)
         gates = plan.gate_weights.reshape(-1).index_select(0, order.slot_index)
-        rows = padded_rows(self.mode, plan.capacity, counts)
-        output = experts.forward_routed(x, order.token_index, gates, counts, rows)
+        rows = padded_rows(self.mode, plan.capacity, order.tokens_per_expert)
+        output = experts.forward_routed(x, order.token_index, gates, order.tokens_per_expert, rows)
         return DispatchResult(output, processed_slots(order, self.mode, plan.capacity))
 
     def extra_repr(self) -> str:

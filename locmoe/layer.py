@@ -171,7 +171,10 @@ class MoELayer(nn.Module):
         if weights.device != x.device:
             raise ValueError(f"input is on {x.device} but the layer's weights are on {weights.device}; "
                              "move one of them (a layer on 'meta' has no weights to compute with)")
-        if not bool(torch.isfinite(x).all()):
+        if x.device.type != "cpu":
+            # No host round trip on an accelerator: the check runs on the device and fails the run there.
+            torch._assert_async(torch.isfinite(x).all(), "MoELayer input contains non-finite values (NaN or inf)")
+        elif not bool(torch.isfinite(x).all()):
             bad = int((~torch.isfinite(x)).sum())
             raise ValueError(f"input contains {bad} non-finite values (NaN or inf); MoELayer needs finite inputs")
         for name, value in (("token_ids", token_ids), ("token_nodes", token_nodes)):

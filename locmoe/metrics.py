@@ -168,6 +168,16 @@ class ClusterStatistics:
         return float(between * (num_points - num_clusters) / (within * (num_clusters - 1)))
 
 
+def _nest(values: list, shape: tuple[int, ...]) -> object:
+    """The flat ``values`` as nested lists of ``shape`` (a scalar for ``()``)."""
+    if not shape:
+        return values[0]
+    if len(shape) == 1:
+        return values
+    step = len(values) // shape[0] if shape[0] else 0
+    return [_nest(values[i * step : (i + 1) * step], shape[1:]) for i in range(shape[0])]
+
+
 def to_python(metrics: dict[str, torch.Tensor | float | int]) -> dict[str, float | int | list]:
     """Tensors -> Python numbers (0-d) or lists; integers stay integers, other values pass through.
 
@@ -181,14 +191,14 @@ def to_python(metrics: dict[str, torch.Tensor | float | int]) -> dict[str, float
             by_device.setdefault(value.device, []).append(name)
     for names in by_device.values():
         tensors = [metrics[name].detach() for name in names]  # type: ignore[union-attr]
-        flat = torch.cat([t.reshape(-1).to(torch.float64) for t in tensors]).cpu()
+        flat = torch.cat([t.reshape(-1).to(torch.float64) for t in tensors]).tolist()  # the one copy
         offset = 0
         for name, tensor in zip(names, tensors, strict=True):
-            piece = flat[offset : offset + tensor.numel()].view(tensor.shape)
+            values = flat[offset : offset + tensor.numel()]
             offset += tensor.numel()
             if tensor.dtype == torch.bool:
-                piece = piece.bool()
+                values = [bool(v) for v in values]
             elif not tensor.dtype.is_floating_point:
-                piece = piece.long()
-            converted[name] = piece.tolist() if tensor.dim() > 0 else piece.item()
+                values = [int(v) for v in values]
+            converted[name] = _nest(values, tuple(tensor.shape))
     return converted

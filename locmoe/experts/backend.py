@@ -14,7 +14,11 @@ Two entry points, because the single-process layer and expert parallelism see th
 
 ``counts[i]`` consecutive rows belong to expert ``i``. ``padded_rows = C`` runs every expert on ``C``
 rows (its own, then zero rows: the drop-and-pad regime, ``n · C`` rows computed); ``None`` runs
-exactly the assigned rows.
+exactly the assigned rows. ``counts`` is a host list or an ``(n,)`` integer tensor on the device; as
+a tensor, ``routed`` may receive more assignments than ``Σ counts``: the trailing ones are a
+dispatcher's dropped slots (gate 0), sent so that nothing has to wait for the count on the host, and
+must contribute nothing. A backend that loops over experts on the host reads the counts
+(:func:`host_counts`, one synchronisation); the grouped-GEMM backend never does.
 """
 
 from __future__ import annotations
@@ -24,6 +28,14 @@ from typing import NamedTuple, Protocol
 import torch
 
 ACTIVATIONS = ("gelu", "swiglu")
+
+
+Counts = list[int] | torch.Tensor
+
+
+def host_counts(counts: Counts) -> list[int]:
+    """``counts`` as a host list (a device synchronisation for a tensor)."""
+    return counts.tolist() if isinstance(counts, torch.Tensor) else list(counts)
 
 
 class ExpertWeights(NamedTuple):
@@ -47,7 +59,7 @@ class ExpertsBackend(Protocol):
         x: torch.Tensor,
         token_index: torch.Tensor,
         gates: torch.Tensor,
-        counts: list[int],
+        counts: Counts,
         padded_rows: int | None,
     ) -> torch.Tensor:
         """``y (S, d)`` with ``y_t = Σ_a [t_a = t] · g_a · E_{e_a}(x_{t_a})``; 0 for unassigned tokens."""

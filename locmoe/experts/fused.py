@@ -23,7 +23,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from locmoe.experts.backend import ExpertWeights
+from locmoe.experts.backend import Counts, ExpertWeights, host_counts
 
 
 def _segments(counts: list[int]) -> list[tuple[int, int, int]]:
@@ -261,10 +261,12 @@ class FusedBackend:
         x: torch.Tensor,
         token_index: torch.Tensor,
         gates: torch.Tensor,
-        counts: list[int],
+        counts: Counts,
         padded_rows: int | None,
     ) -> torch.Tensor:
-        return _RoutedExpertFFN.apply(x, gates, token_index, counts, padded_rows, *weights)
+        counts = host_counts(counts)  # the expert loop runs on the host: one synchronisation
+        assigned = sum(counts)  # assignments past it are a dispatcher's dropped slots (gate 0)
+        return _RoutedExpertFFN.apply(x, gates[:assigned], token_index[:assigned], counts, padded_rows, *weights)
 
     def grouped(
         self, weights: ExpertWeights, rows: torch.Tensor, counts: list[int], padded_rows: int | None

@@ -46,7 +46,7 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
-from locmoe.experts.backend import ExpertWeights
+from locmoe.experts.backend import Counts, ExpertWeights
 from locmoe.experts.reference import expert_ffn
 
 # The grouped matrix multiply of this torch, or None. Read at call time (tests count its calls).
@@ -163,22 +163,28 @@ def grouped_expert_ffn(rows: torch.Tensor, weights: ExpertWeights, offsets: torc
 
 
 def _padded_slots(counts_tensor: torch.Tensor, padded_rows: int, total_rows: int) -> torch.Tensor:
-    """Slot of each row in the ``(n·C, d)`` padded buffer: row ``j`` of expert ``e`` -> ``e·C + j``
-    (computed on the counts' device; ``output_size`` spares ``repeat_interleave`` a host sync)."""
+    """Slot of each row in the ``(n·C + 1, d)`` padded buffer: row ``j`` of expert ``e`` -> ``e·C + j``;
+    rows past ``Σ counts`` (dropped slots) -> the scratch row ``n·C``, outside every expert's block.
+    Computed on the counts' device, without a host synchronisation."""
     device = counts_tensor.device
-    experts = torch.arange(counts_tensor.shape[0], device=device)
-    expert = torch.repeat_interleave(experts, counts_tensor, output_size=total_rows)
-    starts = torch.cumsum(counts_tensor, dim=0) - counts_tensor
-    return expert * padded_rows + torch.arange(total_rows, device=device) - starts[expert]
+    num_experts = counts_tensor.shape[0]
+    ends = torch.cumsum(counts_tensor, dim=0)
+    row = torch.arange(total_rows, device=device)
+    expert = torch.searchsorted(ends, row, right=True)  # n for rows past the last expert's block
+    starts = ends - counts_tensor
+    inside = expert < num_experts
+    position = row - starts[expert.clamp(max=num_experts - 1)]
+    return torch.where(inside, expert * padded_rows + position, num_experts * padded_rows)
 
 
 def grouped_rows(
     weights: ExpertWeights, rows: torch.Tensor, counts_tensor: torch.Tensor, padded_rows: int | None
 ) -> torch.Tensor:
     """``(A, d)`` expert outputs of ``rows (A, d)`` grouped by expert, ``counts_tensor[i]`` consecutive
-    rows each (an integer tensor on the rows' device, summing to ``A``: not checked here, since that
-    would synchronise; rows past the sum would be garbage). ``padded_rows = C`` computes the padded
-    ``(n·C, d)`` buffer (module docstring); ``None`` exactly the ``A`` rows."""
+    rows each (an integer tensor on the rows' device). Rows past ``Σ counts`` belong to no expert:
+    their outputs are garbage, for the caller to mask (:func:`routed_rows` does); checking the sum
+    here would synchronise. ``padded_rows = C`` computes the padded ``(n·C, d)`` buffer (module
+    docstring); ``None`` exactly the rows of the experts' blocks."""
     num_experts, total = counts_tensor.shape[0], rows.shape[0]
     computed = total if padded_rows is None else num_experts * padded_rows
     if computed > _MAX_ROWS:
@@ -187,7 +193,8 @@ def grouped_rows(
     if padded_rows is None:
         return grouped_expert_ffn(rows, weights, expert_offsets(counts_tensor))
     slots = _padded_slots(counts_tensor, padded_rows, total)
-    buffer = rows.new_zeros(computed, rows.shape[1]).index_copy(0, slots, rows)
+    scratch = 1 if total else 0  # the row dropped slots land in (none without rows)
+    buffer = rows.new_zeros(computed + scratch, rows.shape[1]).index_copy(0, slots, rows)
     offsets = torch.arange(1, num_experts + 1, dtype=torch.int32, device=rows.device) * padded_rows
     return grouped_expert_ffn(buffer, weights, offsets).index_select(0, slots)
 
@@ -201,16 +208,26 @@ def routed_rows(
     padded_rows: int | None,
 ) -> torch.Tensor:
     """``y (S, d)``, ``y_t = Σ_a [t_a = t] · g_a · E_{e_a}(x_{t_a})``: gather the assigned tokens,
-    :func:`grouped_rows`, scale by the gates and add into ``y`` (0 for unassigned tokens)."""
-    expert_out = grouped_rows(weights, x.index_select(0, token_index), counts_tensor, padded_rows)
+    :func:`grouped_rows`, scale by the gates and add into ``y`` (0 for unassigned tokens).
+
+    Assignments past ``Σ counts`` (a dispatcher's dropped slots, kept to avoid a host
+    synchronisation) are masked before and after the experts, so neither they nor the garbage rows
+    of the grouped multiply reach ``y`` or any gradient."""
+    real = torch.arange(token_index.shape[0], device=x.device) < counts_tensor.sum()
+    rows = torch.where(real[:, None], x.index_select(0, token_index), 0.0)
+    expert_out = torch.where(real[:, None], grouped_rows(weights, rows, counts_tensor, padded_rows), 0.0)
     gated = expert_out * gates[:, None].to(expert_out.dtype)
     return x.new_zeros(x.shape).index_add(0, token_index, gated)
 
 
-def _counts_tensor(weights: ExpertWeights, rows: int, counts: list[int], device: torch.device) -> torch.Tensor:
-    """The host counts, checked (one count per expert, summing to the rows: rows past the last
-    offset would come back as garbage), as a tensor on ``device``."""
+def _counts_tensor(weights: ExpertWeights, rows: int, counts: Counts, device: torch.device) -> torch.Tensor:
+    """The counts as a tensor on ``device``; host counts are checked (one per expert, summing to the
+    rows), device counts only by shape (their sum would need a host synchronisation)."""
     num_experts = weights.w_in.shape[0]
+    if isinstance(counts, torch.Tensor):
+        if counts.shape != (num_experts,):
+            raise ValueError(f"expected {num_experts} counts, got a tensor of shape {tuple(counts.shape)}")
+        return counts.to(device=device, dtype=torch.long)
     if len(counts) != num_experts or sum(counts) != rows:
         raise ValueError(f"expected {num_experts} counts summing to {rows}, got {counts}")
     return torch.tensor(counts, dtype=torch.long, device=device)
@@ -227,7 +244,7 @@ class GroupedGemmBackend:
         x: torch.Tensor,
         token_index: torch.Tensor,
         gates: torch.Tensor,
-        counts: list[int],
+        counts: Counts,
         padded_rows: int | None,
     ) -> torch.Tensor:
         _check_supported(weights)

@@ -7,7 +7,7 @@ import math
 import torch
 from torch import nn
 
-from locmoe.experts.backend import ACTIVATIONS, ExpertsBackend, ExpertWeights
+from locmoe.experts.backend import ACTIVATIONS, Counts, ExpertsBackend, ExpertWeights
 from locmoe.experts.fused import FusedBackend
 from locmoe.experts.grouped import GroupedGemmBackend, grouped_gemm_supported
 from locmoe.experts.reference import ReferenceBackend
@@ -127,7 +127,16 @@ class GroupedExperts(nn.Module):
         dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else like.dtype
         return ExpertWeights(*(None if w is None else w.to(dtype) for w in (self.w_in, self.w_gate, self.w_out)))
 
-    def _check_counts(self, counts: list[int], rows: int, what: str, padded_rows: int | None) -> None:
+    def _check_counts(self, counts: Counts, rows: int, what: str, padded_rows: int | None) -> None:
+        """Host counts: one per expert, summing to the rows, none above ``padded_rows``. Device counts:
+        one per expert (the rest would need a host synchronisation; the backends keep to them)."""
+        if isinstance(counts, torch.Tensor):
+            if counts.shape != (self.num_experts,) or counts.dtype.is_floating_point:
+                raise ValueError(
+                    f"tokens_per_expert must be {self.num_experts} integer counts, got a {counts.dtype} tensor "
+                    f"of shape {tuple(counts.shape)}"
+                )
+            return
         if len(counts) != self.num_experts or sum(counts) != rows:
             raise ValueError(
                 f"tokens_per_expert must give {self.num_experts} counts summing to {rows} {what}, got {counts}"
@@ -140,15 +149,20 @@ class GroupedExperts(nn.Module):
         x: torch.Tensor,
         token_index: torch.Tensor,
         gates: torch.Tensor,
-        tokens_per_expert: list[int],
+        tokens_per_expert: Counts,
         padded_rows: int | None = None,
     ) -> torch.Tensor:
         """``(S, d) -> (S, d)``: ``y_t = Σ_a [t_a = t] · g_a · E_{e_a}(x_{t_a})`` (LocMoE eq. 1) for
         assignments ``a`` sorted by expert (``token_index (A,)``, ``gates (A,)``, ``tokens_per_expert[i]``
         consecutive assignments each). ``padded_rows = C``: every expert computes ``C`` rows
         (drop-and-pad); ``None``: exactly its assignments. Tokens with no assignment get 0.
+
+        ``tokens_per_expert`` is a host list (covering all ``A`` assignments) or an ``(n,)`` tensor on
+        the device; then assignments past its sum are dropped slots with gate 0 that contribute
+        nothing (:mod:`locmoe.experts.backend`), and no count has to reach the host unless the
+        backend needs it.
         """
-        counts = list(tokens_per_expert)
+        counts = tokens_per_expert if isinstance(tokens_per_expert, torch.Tensor) else list(tokens_per_expert)
         self._check_counts(counts, token_index.shape[0], "assignments", padded_rows)
         weights = self.weights(x)
         dtype = weights.w_in.dtype

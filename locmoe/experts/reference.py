@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from locmoe.experts.backend import ExpertWeights
+from locmoe.experts.backend import Counts, ExpertWeights, host_counts
 
 
 def expert_ffn(
@@ -62,8 +62,11 @@ class ReferenceBackend:
         x: torch.Tensor,
         token_index: torch.Tensor,
         gates: torch.Tensor,
-        counts: list[int],
+        counts: Counts,
         padded_rows: int | None,
     ) -> torch.Tensor:
+        counts = host_counts(counts)  # the expert loop runs on the host: one synchronisation
+        assigned = sum(counts)  # assignments past it are a dispatcher's dropped slots (gate 0)
+        token_index, gates = token_index[:assigned], gates[:assigned]
         expert_out = self.grouped(weights, x.index_select(0, token_index), counts, padded_rows)
         return x.new_zeros(x.shape).index_add(0, token_index, expert_out * gates[:, None].to(expert_out.dtype))
