@@ -11,6 +11,7 @@ import math
 import torch
 
 from locmoe.routing.plan import RoutingPlan
+from locmoe.routing.selection import count_values
 
 
 def routing_metrics(
@@ -45,7 +46,7 @@ def routing_metrics(
     }
     metrics.update(load_statistics(plan.tokens_per_expert))
     if plan.router_probs is not None and plan.top1_expert is not None:
-        top1_share = torch.bincount(plan.top1_expert, minlength=n).to(torch.float64) / max(1, plan.num_tokens)
+        top1_share = count_values(plan.top1_expert, n).to(torch.float64) / max(1, plan.num_tokens)
         metrics["balance"] = n * (top1_share * plan.router_probs.detach().to(torch.float64).mean(0)).sum()
     if token_nodes is not None and expert_nodes is not None:
         kept = plan.kept

@@ -88,6 +88,7 @@ def _kernel_error(device: str, dtype: torch.dtype) -> str:
     return ""
 
 
+@torch.compiler.disable  # a cached probe that runs kernels: never traced into a compiled graph
 def grouped_gemm_supported(d_model: int, d_ff: int, dtype: torch.dtype, device: torch.device | str) -> tuple[bool, str]:
     """Whether the grouped-GEMM backend can compute experts of width ``d_model``/``d_ff`` in ``dtype``
     on ``device``, and a sentence saying why (not).
@@ -116,7 +117,11 @@ def grouped_gemm_supported(d_model: int, d_ff: int, dtype: torch.dtype, device: 
 
 def _check_supported(weights: ExpertWeights) -> None:
     """Refuse, with the reason, weights the operator cannot take (the compute dtype is only known
-    per call: autocast or ``.to()`` may have changed it since the layer was built)."""
+    per call: autocast or ``.to()`` may have changed it since the layer was built). Not while
+    ``torch.compile`` traces: the probe would break the graph, and an operator the kernel cannot take
+    fails tracing with torch's own message."""
+    if torch.compiler.is_compiling():
+        return
     w_in = weights.w_in
     supported, reason = grouped_gemm_supported(w_in.shape[1], w_in.shape[2], w_in.dtype, w_in.device)
     if not supported:

@@ -28,8 +28,9 @@ def available_backends() -> list[str]:
 
 def resolve_backend(name: str, device: torch.device | str, d_model: int, d_ff: int, dtype: torch.dtype) -> str:
     """The concrete backend for ``name``: a name from :func:`available_backends` is returned as is;
-    ``"auto"`` means ``"grouped"`` on CUDA where :func:`~locmoe.experts.grouped.grouped_gemm_supported`
-    says it can run (``d_model``, ``d_ff``, ``dtype`` on ``device``), else ``"fused"``.
+    ``"auto"`` means ``"grouped"`` on CUDA in bf16 (the dtype torch's grouped multiply is built for,
+    also under ``torch.compile``) where :func:`~locmoe.experts.grouped.grouped_gemm_supported` says it
+    can run (``d_model``, ``d_ff`` on ``device``), else ``"fused"``.
 
     Why: the grouped-GEMM backend computes all experts with one grouped matrix multiply per
     projection and no host round trip, the GPU path; the fused backend, a per-expert loop with a
@@ -38,7 +39,8 @@ def resolve_backend(name: str, device: torch.device | str, d_model: int, d_ff: i
     check_choice("experts backend", name, ("auto", *available_backends()))
     if name != "auto":
         return name
-    if torch.device(device).type == "cuda" and grouped_gemm_supported(d_model, d_ff, dtype, device)[0]:
+    on_cuda = torch.device(device).type == "cuda"
+    if on_cuda and dtype == torch.bfloat16 and grouped_gemm_supported(d_model, d_ff, dtype, device)[0]:
         return "grouped"
     return "fused"
 

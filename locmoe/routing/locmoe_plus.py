@@ -28,7 +28,13 @@ from locmoe.routing.expert_choice import expert_choice_selection
 from locmoe.routing.grap_router import GrAPRouter
 from locmoe.routing.options import SCOPES, SELECTION_SCORES, ECROptions, LocMoEPlusOptions, TCROptions
 from locmoe.routing.plan import DROPPED, RoutingPlan
-from locmoe.routing.selection import count_per_expert, keep_within_capacity, positional_priority, rank_within_expert
+from locmoe.routing.selection import (
+    count_per_expert,
+    count_values,
+    keep_within_capacity,
+    positional_priority,
+    rank_within_expert,
+)
 from locmoe.validation import check_choice
 
 # A prefix whose score mass reaches τ up to this slack counts as reaching it, so that e.g. uniform
@@ -89,7 +95,7 @@ def selection_scores(
     else:
         weights = affinity.clamp_min(0.0)
     totals = zeros.index_add(0, flat_segment, weights)[flat_segment]
-    sizes = torch.bincount(flat_segment, minlength=num_segments).to(torch.float64)[flat_segment]
+    sizes = count_values(flat_segment, num_segments).to(torch.float64)[flat_segment]
     scores = torch.where(totals > 0, weights / totals.clamp_min(1e-300), 1.0 / sizes)
     return scores.view_as(candidate_affinity)
 

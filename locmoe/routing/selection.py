@@ -73,12 +73,23 @@ def keep_within_capacity(
     return torch.where(keep, expert_ids, torch.full_like(expert_ids, DROPPED))
 
 
+def count_values(values: torch.Tensor, size: int) -> torch.Tensor:
+    """``(size,)`` int64 occurrences of each integer in ``[0, size)`` among ``values`` (any shape).
+
+    ``torch.bincount`` with a fixed output size: ``bincount``'s own size depends on the largest value,
+    so ``torch.compile`` cannot trace it (a graph break, and a host synchronisation on a GPU); a
+    scatter-add into ``size`` bins has a static shape.
+    """
+    flat = values.reshape(-1).long()
+    return torch.zeros(size, dtype=torch.long, device=flat.device).scatter_add_(0, flat, torch.ones_like(flat))
+
+
 def count_per_expert(expert_ids: torch.Tensor, num_experts: int) -> torch.Tensor:
     """``(n,)`` int64 number of non-dropped slots per expert."""
     flat = expert_ids.reshape(-1)
     # Route dropped slots to an extra bin, then discard it: avoids boolean indexing (a host sync).
     bins = torch.where(flat == DROPPED, torch.full_like(flat, num_experts), flat)
-    return torch.bincount(bins, minlength=num_experts + 1)[:num_experts]
+    return count_values(bins, num_experts + 1)[:num_experts]
 
 
 def mask_dropped(gate_weights: torch.Tensor, expert_ids: torch.Tensor) -> torch.Tensor:
