@@ -47,6 +47,7 @@ from locmoe.config import (
 from locmoe.data.dataset import prepare_data
 from locmoe.data.tokenizer import BPETokenizer
 from locmoe.demo import run_demo
+from locmoe.experts import available_backends
 from locmoe.model import build_model
 from locmoe.parallel.runtime import ExpertParallelRuntime
 from locmoe.routing.registry import available_routers, options_class
@@ -78,6 +79,12 @@ _METAVARS = {
     "int": "INT", "float": "FLOAT", "str": "TEXT", "bool": "true|false", "int | None": "INT|none",
     "float | str": "CF|default|dropless", "dict[str, Any]": "K=V,...|JSON",
 }
+# What a value means where the choices alone do not say it.
+_NOTES = {
+    "device": "; auto = CUDA when available, else the CPU; cuda = this rank's LOCAL_RANK GPU",
+    "precision": "; auto = bfloat16 mixed precision on CUDA, float32 on the CPU",
+    "experts_backend": "; auto = grouped (one grouped GEMM per projection) on CUDA in bf16, else fused",
+}
 # Extra spellings of a field's flag, besides --field-name and --field_name.
 _FLAG_ALIASES = {"hierarchical": ("--hierarchical-all-to-all",)}
 
@@ -91,6 +98,7 @@ def _add_train_arguments(parser: argparse.ArgumentParser) -> None:
         "router": available_routers(), "positions": POSITIONS, "activation": ACTIVATIONS, "dispatch": DISPATCH_MODES,
         "corpus": ("python-docs", "linux-docs", "linux-docs-networking", "PATH"),
         "simulated_placement": SIMULATED_PLACEMENTS, "routing_scope": ROUTING_SCOPES, "precision": PRECISIONS,
+        "device": ("auto", "cpu", "cuda", "cuda:N"), "experts_backend": ("auto", *available_backends()),
     }
     for name, kind in field_types().items():
         flags = [f"--{name.replace('_', '-')}"] + ([f"--{name}"] if "_" in name else [])
@@ -98,6 +106,7 @@ def _add_train_arguments(parser: argparse.ArgumentParser) -> None:
         section = owners.get(name)
         label = f"{section}.{name}" if section else name
         allowed = f"; one of {', '.join(choices[name])}" if name in choices else ""
+        allowed += _NOTES.get(name, "")
         if name == "router_options":
             own_fields = ("capacity_factor", "top_k")  # flags of their own
             allowed = "; by router: " + "; ".join(

@@ -120,6 +120,7 @@ class MoELayer(nn.Module):
         self.register_buffer("expert_ids", torch.arange(self.num_experts), persistent=False)
         self.expert_nodes: torch.Tensor | None
         self.register_buffer("expert_nodes", None, persistent=False)
+        self.num_nodes: int | None = None
         if expert_nodes is not None:
             self.set_expert_nodes(expert_nodes)
         # Set by an evaluation that measures specialisation (locmoe.train.evaluate): eval-mode forwards
@@ -151,14 +152,20 @@ class MoELayer(nn.Module):
     def router_name(self) -> str:
         return self.router.name
 
-    def set_expert_nodes(self, expert_nodes: torch.Tensor | list[int]) -> None:
-        """Declare which node each expert lives on (``(n,)`` non-negative ints)."""
-        nodes = torch.as_tensor(expert_nodes, dtype=torch.long).to(self.expert_ids.device)
+    def set_expert_nodes(self, expert_nodes: torch.Tensor | list[int], num_nodes: int | None = None) -> None:
+        """Declare which node each expert lives on (``(n,)`` non-negative ints) and how many nodes
+        there are (default: one more than the largest id here; tokens' nodes must lie below it, as
+        they do when every node holds experts). Known on the host, so a forward need not read it."""
+        nodes = torch.as_tensor(expert_nodes, dtype=torch.long).cpu()
         if nodes.shape != (self.num_experts,) or (nodes < 0).any():
             raise ValueError(
                 f"expert_nodes must be {self.num_experts} non-negative node ids, got {nodes.tolist()}"
             )
-        self.expert_nodes = nodes
+        largest = int(nodes.max()) + 1
+        if num_nodes is not None and (not isinstance(num_nodes, int) or num_nodes < largest):
+            raise ValueError(f"num_nodes must be an integer >= {largest} (the expert nodes' ids), got {num_nodes!r}")
+        self.num_nodes = num_nodes or largest
+        self.expert_nodes = nodes.to(self.expert_ids.device)
 
     def _check_inputs(
         self, x: torch.Tensor, token_ids: torch.Tensor | None, token_nodes: torch.Tensor | None
@@ -206,6 +213,7 @@ class MoELayer(nn.Module):
             sequence_length=int(x.shape[-2]) if x.dim() >= 3 else None,
             token_nodes=None if token_nodes is None else token_nodes.reshape(-1).long(),
             expert_nodes=self.expert_nodes,
+            num_nodes=self.num_nodes if self.expert_nodes is not None else None,
         )
         plan, context = self.dispatcher.route(self.router, flat, context)
         result = self.dispatcher.dispatch(flat, plan, self.experts)

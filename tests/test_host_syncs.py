@@ -61,3 +61,17 @@ def test_no_host_sync_in_backward_and_one_metric_read_per_step():
         metrics = model.routing_metrics()
     assert set(metrics) == {"layer0", "layer1"}
     assert dict(reading.sites) == {"locmoe.metrics:to_python": 1}, dict(reading.sites)
+
+
+def test_the_locality_loss_with_a_topology_adds_no_host_sync():
+    """The layer knows its number of nodes on the host (set_expert_nodes), so the locality loss
+    never reads it from the data."""
+    layer = MoELayer(32, 64, 4, router="tcr", dispatch="pack", experts_backend="grouped",
+                     expert_nodes=[0, 0, 1, 1])
+    x = torch.randn(4, 16, 32)
+    nodes = torch.arange(4).repeat_interleave(16).view(4, 16) // 2
+    layer(x, token_nodes=nodes)
+    with count_host_syncs() as syncs:
+        layer(x, token_nodes=nodes)
+    assert "loss_locality" in layer.last_metrics
+    assert dict(syncs.sites) == {INPUT_CHECK: 1}, dict(syncs.sites)

@@ -29,12 +29,15 @@ class RoutingContext:
         token_nodes: ``(S,)`` int64 node of origin of each token, for the locality loss and the
             remote-share metric; ``None`` means one node.
         expert_nodes: ``(n,)`` int64 node each expert lives on; ``None`` means one node.
+        num_nodes: how many nodes the topology has (every node id is below it), known on the host so
+            the locality loss need not read it from the data.
     """
 
     token_ids: torch.Tensor | None = None
     sequence_length: int | None = None
     token_nodes: torch.Tensor | None = None
     expert_nodes: torch.Tensor | None = None
+    num_nodes: int | None = None
 
 
 class Router(nn.Module, metaclass=abc.ABCMeta):

@@ -79,7 +79,7 @@ class GrAPRouter(Router):
         if options.locality_coef > 0:
             losses["locality"] = locality_loss(
                 scores.probs, context.token_nodes, context.expert_nodes, options.locality_coef,
-                options.locality_smoothing,
+                options.locality_smoothing, context.num_nodes,
             )
         if options.z_loss_coef > 0:
             losses["z_loss"] = z_loss(scores.logits, options.z_loss_coef)

@@ -12,7 +12,7 @@ import math
 
 import torch
 
-from locmoe.routing.selection import count_per_expert
+from locmoe.routing.selection import count_per_expert, count_values
 from locmoe.validation import check_number
 
 
@@ -57,6 +57,7 @@ def locality_loss(
     expert_nodes: torch.Tensor | None,
     coef: float,
     smoothing: float = 1e-3,
+    num_nodes: int | None = None,
 ) -> torch.Tensor:
     """LocMoE locality loss, eq. 6, in its smoothed form (ours, design §4).
 
@@ -79,6 +80,8 @@ def locality_loss(
         expert_nodes: ``(n,)`` int64 node of each expert, or ``None``.
         coef: ``μ`` (default 0.01).
         smoothing: ``ε`` (default 1e-3), in ``[0, 1)``.
+        num_nodes: the number of nodes (node ids are below it), when the caller knows it; ``None``
+            finds it from the data, which costs a host synchronisation.
     """
     check_number("locality smoothing", smoothing, low=0.0, high=1.0, high_open=True)
     num_tokens, num_experts = router_probs.shape
@@ -91,18 +94,21 @@ def locality_loss(
         entropy = -(current * torch.log(current.clamp_min(1e-30))).sum()
         return coef * (math.log(num_experts) - entropy).to(router_probs.dtype)
 
-    num_nodes = int(max(int(token_nodes.max()), int(expert_nodes.max()))) + 1
-    tokens_per_node = torch.bincount(token_nodes, minlength=num_nodes).to(probs.dtype)
+    if num_nodes is None:  # the topology's size from the data: a host synchronisation
+        num_nodes = int(max(int(token_nodes.max()), int(expert_nodes.max()))) + 1
+    tokens_per_node = count_values(token_nodes, num_nodes).to(probs.dtype)
     summed = torch.zeros(num_nodes, num_experts, dtype=probs.dtype, device=probs.device)
     summed.index_add_(0, token_nodes, probs)
+    # Nodes without tokens here are masked rather than indexed away (no data-dependent shape).
     present = tokens_per_node > 0
-    current = summed[present] / tokens_per_node[present, None]
+    current = summed / tokens_per_node.clamp_min(1)[:, None]
 
     local = (expert_nodes[None, :] == torch.arange(num_nodes, device=probs.device)[:, None]).to(probs.dtype)
     local_count = local.sum(dim=1, keepdim=True)
     uniform = torch.full_like(local, 1.0 / num_experts)
     local_share = torch.where(local_count > 0, local / local_count.clamp_min(1), uniform)
-    target = ((1 - smoothing) * local_share + smoothing / num_experts)[present]
+    target = (1 - smoothing) * local_share + smoothing / num_experts
 
     kl = (current * (torch.log(current.clamp_min(1e-30)) - torch.log(target))).sum(dim=1)
-    return (coef * kl.mean()).to(router_probs.dtype)
+    mean_kl = torch.where(present, kl, 0.0).sum() / present.sum()
+    return (coef * mean_kl).to(router_probs.dtype)

@@ -1,4 +1,4 @@
-"""Multi-process test harness: ``mp.spawn`` workers on a ``file://`` store (no fixed ports), gloo.
+"""Multi-process test harness: ``mp.spawn`` workers on a ``file://`` store (no fixed ports), gloo (or NCCL).
 
 Workers live in this module (not in the test files) so the spawned interpreters can import them by
 name: ``tests/`` is on ``sys.path`` (pytest's ``pythonpath``) and spawn passes ``sys.path`` on.
@@ -20,11 +20,15 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 
-def _entry(rank: int, worker: Callable[..., Any], world_size: int, store: str, timeout_s: float, args: tuple) -> None:
+def _entry(
+    rank: int, worker: Callable[..., Any], world_size: int, store: str, timeout_s: float, backend: str, args: tuple
+) -> None:
     torch.set_num_threads(1)
     os.environ.pop("LOCAL_WORLD_SIZE", None)
+    if "nccl" in backend:
+        torch.cuda.set_device(rank)  # one GPU per rank, as torchrun's LOCAL_RANK gives the trainer
     dist.init_process_group(
-        "gloo", init_method=f"file://{store}", rank=rank, world_size=world_size, timeout=timedelta(seconds=timeout_s)
+        backend, init_method=f"file://{store}", rank=rank, world_size=world_size, timeout=timedelta(seconds=timeout_s)
     )
     try:
         worker(rank, world_size, *args)
@@ -32,10 +36,14 @@ def _entry(rank: int, worker: Callable[..., Any], world_size: int, store: str, t
         dist.destroy_process_group()
 
 
-def spawn(worker: Callable[..., Any], world_size: int, tmp_path: Path, *args: Any, timeout_s: float = 60.0) -> None:
-    """Run ``worker(rank, world_size, *args)`` on ``world_size`` gloo processes."""
+def spawn(
+    worker: Callable[..., Any], world_size: int, tmp_path: Path, *args: Any, timeout_s: float = 60.0,
+    backend: str = "gloo",
+) -> None:
+    """Run ``worker(rank, world_size, *args)`` on ``world_size`` processes (gloo; or, e.g.,
+    ``backend="cpu:gloo,cuda:nccl"`` with rank ``r`` on GPU ``r``, as a GPU run uses)."""
     store = tmp_path / f"store-{os.getpid()}-{len(list(tmp_path.glob('store-*')))}"
-    mp.spawn(_entry, args=(worker, world_size, str(store), timeout_s, args), nprocs=world_size, join=True)
+    mp.spawn(_entry, args=(worker, world_size, str(store), timeout_s, backend, args), nprocs=world_size, join=True)
 
 
 def write_result(out_dir: str | Path, rank: int, result: Any) -> None:
