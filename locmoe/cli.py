@@ -4,6 +4,7 @@
     locmoe eval --checkpoint PATH            (validation loss / perplexity)
     locmoe sample --checkpoint PATH --prompt TEXT
     locmoe demo
+    locmoe export --checkpoint PATH --out FILE.safetensors [--force]   (weights + metadata, no pickle)
     locmoe compare [--preset quick|standard|frontier|full] [--routers LIST] [--seeds LIST] [--out DIR]
                                                             (see locmoe.compare.cli)
 
@@ -48,6 +49,7 @@ from locmoe.data.dataset import prepare_data
 from locmoe.data.tokenizer import BPETokenizer
 from locmoe.demo import run_demo
 from locmoe.experts import available_backends
+from locmoe.export import EXPORT_FORMATS, export_checkpoint
 from locmoe.model import build_model
 from locmoe.parallel.runtime import ExpertParallelRuntime
 from locmoe.routing.registry import available_routers, options_class
@@ -90,7 +92,10 @@ _FLAG_ALIASES = {"hierarchical": ("--hierarchical-all-to-all",)}
 
 
 def _add_train_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--config", metavar="FILE", help="TOML (or JSON) config file: out, [model], [data], [train]")
+    parser.add_argument(
+        "--config", metavar="FILE",
+        help="TOML (or JSON) config file: out, [model] (with [model.router_options]), [data], [train], [parallel]",
+    )
     parser.add_argument("--resume", action="store_true", help="continue the run in --out from its newest checkpoint")
     owners = field_owners()
     defaults = RunConfig().flat() | {"out": RunConfig().out}
@@ -226,17 +231,37 @@ def _run_eval(args: argparse.Namespace) -> int:
 def _add_sample_arguments(parser: argparse.ArgumentParser) -> None:
     _add_checkpoint_argument(parser)
     parser.add_argument("--prompt", required=True, metavar="TEXT", help="text to continue")
-    parser.add_argument("--tokens", default="200", metavar="N", help="tokens to generate (default 200)")
-    parser.add_argument("--temperature", default="0.8", metavar="T", help="0 = greedy (default 0.8)")
-    parser.add_argument("--top-k", "--top_k", dest="top_k", default="50", metavar="K", help="0 = off (default 50)")
-    parser.add_argument("--seed", default="0", metavar="S", help="sampling seed (default 0)")
+    parser.add_argument(
+        "--max-new-tokens", "--max_new_tokens", "--tokens", dest="max_new_tokens", default="200", metavar="N",
+        help="tokens to generate, an integer >= 0 (default 200; --tokens is the older spelling)",
+    )
+    parser.add_argument("--temperature", default="0.8", metavar="T", help="a number >= 0; 0 = greedy (default 0.8)")
+    parser.add_argument(
+        "--top-k", "--top_k", dest="top_k", default="50", metavar="K",
+        help="sample among the K most likely tokens, an integer >= 0; 0 = off (default 50)",
+    )
+    parser.add_argument(
+        "--top-p", "--top_p", dest="top_p", default="1", metavar="P",
+        help="nucleus: sample among the fewest most likely tokens whose probability reaches P, a number in (0, 1]; "
+             "1 = off (default 1)",
+    )
+    parser.add_argument("--seed", default="0", metavar="S", help="sampling seed, an integer >= 0 (default 0)")
+    parser.add_argument(
+        "--no-cache", "--no_cache", dest="no_cache", action="store_true",
+        help="recompute the whole context for every new token instead of decoding with the KV cache "
+             "(the default wherever the model's router can decode one token at a time; the two can differ "
+             "where the router's capacity drops tokens of the recomputed context; see GPT.generate)",
+    )
 
 
 def _run_sample(args: argparse.Namespace) -> int:
+    """``locmoe sample``: the continuation on stdout; on stderr one line with the decoding speed (new
+    tokens per second of ``generate``, prefill included) and whether the KV cache was used."""
+    import time
+
     import torch
 
-
-    tokens = _non_negative_int("--tokens", args.tokens)
+    tokens = _non_negative_int("--max-new-tokens", args.max_new_tokens)
     top_k = _non_negative_int("--top-k", args.top_k)
     seed = _non_negative_int("--seed", args.seed)
     try:
@@ -244,15 +269,39 @@ def _run_sample(args: argparse.Namespace) -> int:
     except ValueError:
         temperature = -1.0
     if not 0 <= temperature < float("inf"):
-        raise ValueError(f"--temperature={args.temperature!r} is invalid; allowed: a number >= 0")
+        raise ValueError(f"--temperature={args.temperature!r} is invalid; allowed: a number >= 0 (0 = greedy)")
+    try:
+        top_p = float(args.top_p)
+    except ValueError:
+        top_p = -1.0
+    if not 0 < top_p <= 1:
+        raise ValueError(f"--top-p={args.top_p!r} is invalid; allowed: a number in (0, 1] (1 = off)")
     if not args.prompt:
         raise ValueError("--prompt is empty; give some text to continue")
     _, state, _, model = _load_for_inference(args.checkpoint)
     tokenizer = BPETokenizer.from_json(state["tokenizer"])
     prompt = torch.tensor([tokenizer.encode(args.prompt)], dtype=torch.long)
-    generator = torch.Generator().manual_seed(seed)
-    output = model.generate(prompt, tokens, temperature=temperature, top_k=top_k, generator=generator)
-    print(tokenizer.decode(output[0].tolist()))
+    blocker = model.kv_cache_blocker()
+    started = time.perf_counter()
+    output = model.generate(
+        prompt, tokens, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
+        use_cache=False if args.no_cache else None,
+    )
+    elapsed = time.perf_counter() - started
+    print(tokenizer.decode(output[0].tolist()), flush=True)  # before the speed line on stderr
+    if args.no_cache:
+        cache = "KV cache: not used (--no-cache)"
+    elif blocker is not None:
+        cache = f"KV cache: not used ({blocker.split(':')[0]}; see GPT.kv_cache_blocker)"
+    else:
+        window = model.config.seq_len
+        recomputed = max(0, tokens - max(0, window - prompt.shape[1] + 1))  # steps with context past seq_len
+        past = f"; the last {recomputed} by sliding-window recompute (context > seq_len={window})" if recomputed else ""
+        cache = f"KV cache: used{past}"
+        if recomputed and recomputed == tokens:
+            cache = f"KV cache: not used (the prompt exceeds seq_len={window}: every step recomputes the window)"
+    rate = tokens / elapsed if elapsed > 0 else 0.0
+    print(f"{tokens} new tokens in {elapsed:.2f} s: {rate:.1f} tokens/s; {cache}", file=sys.stderr)
     return 0
 
 
@@ -261,11 +310,36 @@ def _run_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_export_arguments(parser: argparse.ArgumentParser) -> None:
+    _add_checkpoint_argument(parser)
+    parser.add_argument(
+        "--format", default="safetensors", metavar="FORMAT",
+        help=f"one of {', '.join(EXPORT_FORMATS)} (default safetensors); see locmoe.export",
+    )
+    parser.add_argument("--out", required=True, metavar="FILE", help="the file to write, e.g. model.safetensors")
+    parser.add_argument("--force", action="store_true", help="overwrite --out if it exists")
+
+
+def _run_export(args: argparse.Namespace) -> int:
+    result = export_checkpoint(args.checkpoint, args.out, format=args.format, force=args.force)
+    sidecar = f", tokenizer in {result.tokenizer_path}" if result.tokenizer_path else ""
+    print(
+        f"wrote {result.path} ({result.tensors} tensors, {result.bytes:,} bytes{sidecar}) "
+        f"from {result.checkpoint} (step {result.step}); load with locmoe.export.load_safetensors_model"
+    )
+    return 0
+
+
 COMMANDS: dict[str, Command] = {
     "train": Command("pre-train a small MoE language model", _add_train_arguments, _run_train),
     "eval": Command("validation loss and perplexity of a checkpoint", _add_eval_arguments, _run_eval),
     "sample": Command("generate text from a checkpoint", _add_sample_arguments, _run_sample),
     "demo": Command("every router on one batch, side by side", lambda parser: None, _run_demo),
+    "export": Command(
+        "write a checkpoint's model as safetensors with its config and tokenizer (loads without pickle)",
+        _add_export_arguments,
+        _run_export,
+    ),
     "compare": Command(
         "train every router with the same data and budget; write report.md, report.json and plots",
         compare_cli.add_compare_arguments,

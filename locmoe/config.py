@@ -183,6 +183,23 @@ class TrainConfig:
     = 0 evaluates the whole validation split. ``grad_clip`` = 0 disables clipping. ``threads`` = 0
     leaves torch's thread count alone.
 
+    ``log_every`` = ``N`` prints a plain line every ``N`` steps (step, loss, lr, tokens/s, mean drop
+    rate, validation loss when evaluated) for logs that a progress bar garbles; 0 (default) = every
+    10 steps when there is no progress bar to watch (``progress`` false, or stderr not a terminal).
+
+    ``tensorboard``: also write the step scalars as TensorBoard events to ``<run>/tensorboard/``
+    (:mod:`locmoe.tensorboard`; when the ``tensorboard`` package is installed; ``metrics.jsonl`` stays
+    the record).
+
+    ``grad_accum`` = ``N`` splits each optimiser step's ``batch_size`` sequences into ``N`` micro-batches
+    that run forward and backward one after the other, their gradients summed with weight ``1/N``:
+    the step's data, schedule and tokens are those of the whole batch, its peak activation memory a
+    micro-batch's. The LM loss gradient is the whole batch's (every micro-batch has as many tokens).
+    An MoE layer routes each micro-batch as its own routing group: capacities, router losses
+    (averaged over the micro-batches) and router state (LocMoE+'s capacity EMA, updated once per
+    micro-batch) follow the micro-batch, as they would on ``N`` ranks with local routing scope; the
+    logged per-layer metrics sum the micro-batches' counts and average the rest.
+
     ``device`` (:mod:`locmoe.device`): ``"auto"`` (default: CUDA when available, else the CPU),
     ``"cpu"``, ``"cuda"`` (under ``torchrun`` the GPU of ``LOCAL_RANK``) or ``"cuda:N"``.
 
@@ -201,6 +218,7 @@ class TrainConfig:
     steps: int = 1000
     stop_after: int = 0
     batch_size: int = 16
+    grad_accum: int = 1
     lr: float = 3e-3
     min_lr_ratio: float = 0.1
     warmup_steps: int = 50
@@ -216,6 +234,8 @@ class TrainConfig:
     keep_checkpoints: int = 2
     threads: int = 0
     progress: bool = True
+    log_every: int = 0
+    tensorboard: bool = True
     device: str = "auto"
     precision: str = "auto"
     compile: bool = False
@@ -225,6 +245,9 @@ class TrainConfig:
         config_integer("train.steps", self.steps, 1)
         config_integer("train.stop_after", self.stop_after, 0)
         config_integer("train.batch_size", self.batch_size, 1)
+        config_integer("train.grad_accum", self.grad_accum, 1)
+        if self.batch_size % self.grad_accum:
+            invalid("train.grad_accum", self.grad_accum, f"a divisor of batch_size={self.batch_size}")
         config_number("train.lr", self.lr, 0.0, 10.0, open_low=True)
         config_number("train.min_lr_ratio", self.min_lr_ratio, 0.0, 1.0)
         config_integer("train.warmup_steps", self.warmup_steps, 0)
@@ -239,9 +262,10 @@ class TrainConfig:
         config_integer("train.checkpoint_every", self.checkpoint_every, 0)
         config_integer("train.keep_checkpoints", self.keep_checkpoints, 1)
         config_integer("train.threads", self.threads, 0)
+        config_integer("train.log_every", self.log_every, 0)
         check_device_text(self.device)
         config_choice("train.precision", self.precision, PRECISIONS)
-        for name in ("progress", "compile", "deterministic"):
+        for name in ("progress", "tensorboard", "compile", "deterministic"):
             if not isinstance(getattr(self, name), bool):
                 invalid(f"train.{name}", getattr(self, name), "true or false")
 

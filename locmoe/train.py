@@ -44,10 +44,13 @@ import math
 import os
 import random
 import signal
+import sys
+import threading
 import time
 import warnings
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -77,8 +80,11 @@ from locmoe.data.loader import BatchLoader, validation_batches
 from locmoe.device import forward_precision, local_rank, resolve_device, to_device, use_deterministic_algorithms
 from locmoe.metrics import ClusterStatistics
 from locmoe.model import GPT, build_model, compile_blocks
+from locmoe.parallel.rank_metrics import merge_rank_metrics
 from locmoe.parallel.runtime import ExpertParallelRuntime
+from locmoe.provenance import session_record
 from locmoe.run_summary import read_metrics, summarize
+from locmoe.tensorboard import TensorBoardLogger, tensorboard_available
 
 ModelBuilder = Callable[[ModelConfig, int], nn.Module]
 StepCallback = Callable[[int, dict[str, Any]], None]
@@ -225,11 +231,16 @@ def train(
     if config.train.threads:
         torch.set_num_threads(config.train.threads)
     runtime = start_runtime(config)
+    views: list[TensorBoardLogger] = []
     try:
         parts, state = _setup(config, runtime, resume, model_builder)
-        _loop(parts, state, list(callbacks))
+        if config.train.tensorboard and runtime.is_writer and tensorboard_available():
+            views.append(TensorBoardLogger(config.run_dir))
+        _loop(parts, state, [*callbacks, *views])
         return _finish(parts, state)
     finally:
+        for view in views:
+            view.close()
         runtime.close()
 
 
@@ -258,7 +269,8 @@ class RunState:
     began, so :meth:`elapsed` is the run's wall time; ``train_time`` and ``steps_this_run`` cover
     this process's steps only (the summary's throughput). ``records`` are the metrics records of the
     whole run, ``checkpoint_path``/``checkpoint_step`` the newest checkpoint (step -1: none), and
-    ``stop_signal`` the signal that stopped the run, agreed by all ranks (0: none)."""
+    ``stop_signal`` the signal that stopped the run, agreed by all ranks (0: none); ``session`` this
+    invocation's provenance entry (:func:`locmoe.provenance.session_record`)."""
 
     step: int
     elapsed_before: float
@@ -269,6 +281,7 @@ class RunState:
     train_time: float = 0.0
     steps_this_run: int = 0
     stop_signal: int = 0
+    session: dict[str, Any] = field(default_factory=dict)
 
     def elapsed(self) -> float:
         """The run's wall time so far, seconds, its earlier processes included."""
@@ -291,11 +304,13 @@ def _setup(
     step, elapsed_before = _restore(parts, *resumed) if resumed else (0, 0.0)
     records = read_metrics(config.run_dir / _METRICS, step)
     runtime.barrier("run directory read")  # no rank reads a file the writer is about to rewrite
+    session = session_record(str(runtime.device), torch.get_num_threads(), runtime.world_size)
     if runtime.is_writer:  # from here on we write (the writer only)
         _write_run_files(config, records)
+        _record_session(config.run_dir, session)
     state = RunState(
         step, elapsed_before, time.perf_counter(), records,
-        checkpoint_path=resumed[0] if resumed else None, checkpoint_step=step if resumed else -1,
+        checkpoint_path=resumed[0] if resumed else None, checkpoint_step=step if resumed else -1, session=session,
     )
     return parts, state
 
@@ -311,6 +326,12 @@ def _check_output_and_resume(
         raise ValueError(
             f"train.batch_size={train_config.batch_size} does not split over {runtime.world_size} ranks; "
             f"allowed: a multiple of {runtime.world_size} (each rank takes the same number of rows)"
+        )
+    rows_per_rank = train_config.batch_size // runtime.world_size
+    if rows_per_rank % train_config.grad_accum:
+        raise ValueError(
+            f"train.grad_accum={train_config.grad_accum} does not divide the {rows_per_rank} sequences of each of "
+            f"{runtime.world_size} ranks; allowed: a divisor of {rows_per_rank}"
         )
     if writer:
         check_output_dir(run_dir)
@@ -373,12 +394,30 @@ def _check_restart_from_step_zero(run_dir: Path, config: RunConfig) -> None:
     warnings.warn(f"{run_dir} stopped before its first checkpoint: starting it again from step 0", stacklevel=4)
 
 
+_PREPARATION_NOTICE_S = 2.0  # data preparation slower than this gets a line saying so
+
+
 def _prepare_data(
     config: RunConfig, runtime: ExpertParallelRuntime, resumed: tuple[Path, dict[str, Any]] | None
 ) -> PreparedData:
     """The run's data; a resumed run's corpus text and tokenizer must be its checkpoint's."""
     # The writer fills the tokenizer and token caches; the other ranks then read them.
-    data = runtime.writer_first(lambda: prepare_data(config.data), "data preparation")
+    # A first use trains the tokenizer and tokenises the corpus (tens of seconds): if it is not done in
+    # a moment, say what is happening rather than sit silent (a quick failure prints only its error).
+    started = time.perf_counter()
+    notice = threading.Timer(_PREPARATION_NOTICE_S, tqdm.write, args=(
+        f"preparing data: corpus {config.data.corpus!r}, a tokenizer of {config.data.vocab_size} symbols and the "
+        "token ids (first use; later runs read them from the cache) ...",
+    ), kwargs={"file": sys.stderr})
+    if runtime.is_writer:
+        notice.start()
+    try:
+        data = runtime.writer_first(lambda: prepare_data(config.data), "data preparation")
+    finally:
+        notice.cancel()
+    if notice.finished.is_set() and time.perf_counter() - started >= _PREPARATION_NOTICE_S:
+        tqdm.write(f"data ready in {time.perf_counter() - started:.1f} s: {len(data.train_ids):,} training and "
+                   f"{len(data.validation_ids):,} validation tokens", file=sys.stderr)
     if resumed and resumed[1]["corpus_sha256"] != data.corpus_sha256:
         raise ValueError(f"cannot resume from {resumed[0]}: the corpus text changed since the checkpoint")
     if resumed and resumed[1]["tokenizer"] != data.tokenizer.to_json():
@@ -448,6 +487,7 @@ def _loop(parts: RunParts, state: RunState, callbacks: list[StepCallback]) -> No
     writer = parts.runtime.is_writer
     parts.model.train()
     progress = _progress_bar(parts.config, state.step, writer)
+    log_every = _log_interval(train_config, writer)
     metrics_path = parts.config.run_dir / _METRICS
     metrics_output = metrics_path.open("a", encoding="utf-8") if writer else contextlib.nullcontext()
     with progress, stop_on_signals() as stop, metrics_output as metrics_file:
@@ -460,7 +500,7 @@ def _loop(parts: RunParts, state: RunState, callbacks: list[StepCallback]) -> No
             _log_record(metrics_file, state, record)
             if _due(train_config.checkpoint_every, state.step) or finishing:
                 _checkpoint(parts, state)
-            _report(progress, callbacks, state.step, record)
+            _report(progress, callbacks, state.step, record, log_every)
             # Every rank must stop at the same step: the largest signal number any rank received.
             state.stop_signal = parts.runtime.max_over_ranks(stop.signal_number or 0, state.step)
         if state.checkpoint_step != state.step:  # stopped by a signal between checkpoints
@@ -487,7 +527,9 @@ def _train_step(parts: RunParts, state: RunState) -> dict[str, Any]:
     step_start = time.perf_counter()
     inputs, targets, topology = _next_batch(parts)
     lr = parts.scheduler.get_last_lr()[0]
-    loss_value, lm_value, aux_value, norm_value = _optimise(parts, state.step + 1, inputs, targets, topology)
+    (loss_value, lm_value, aux_value, norm_value), micro_metrics = _optimise(
+        parts, state.step + 1, inputs, targets, topology
+    )
     state.step += 1
     step = state.step
     step_time = time.perf_counter() - step_start
@@ -504,7 +546,7 @@ def _train_step(parts: RunParts, state: RunState) -> dict[str, Any]:
         "tokens_per_s": tokens_per_step / step_time,
         "elapsed_s": state.elapsed(),
         "epoch": parts.loader.epoch,
-        "moe": parts.runtime.routing_metrics(parts.model, step),
+        "moe": parts.runtime.routing_metrics(parts.model, step, _merge_micro_batches(micro_metrics)),
         "traffic": parts.runtime.traffic(parts.model, step),
     }
     if not math.isfinite(loss_value):
@@ -530,24 +572,60 @@ def _next_batch(parts: RunParts) -> tuple[torch.Tensor, torch.Tensor, dict[str, 
 
 def _optimise(
     parts: RunParts, step: int, inputs: torch.Tensor, targets: torch.Tensor, topology: dict[str, torch.Tensor]
-) -> list[float]:
-    """Forward, backward, clip and update for optimiser step ``step`` (1-based); return the loss, LM
-    loss and aux loss (means over the ranks) and the gradient norm before clipping (global)."""
+) -> tuple[list[float], list[dict[str, dict[str, Any]]]]:
+    """Forward, backward, clip and update for optimiser step ``step`` (1-based), in ``train.grad_accum``
+    micro-batches (:class:`locmoe.config.TrainConfig`); return the loss, LM loss and aux loss (means
+    over the micro-batches and ranks) and the gradient norm before clipping (global), and each
+    micro-batch's MoE metrics (one list entry per micro-batch; empty for a model without MoE layers)."""
     train_config, runtime, model = parts.config.train, parts.runtime, parts.model
-    runtime.set_step(model, step)
-    with forward_precision(train_config.precision, runtime.device):
-        lm_loss, aux_loss = model.loss(inputs, targets, **topology)
-    loss = lm_loss + aux_loss
+    micro_batches = train_config.grad_accum
     parts.optimizer.zero_grad(set_to_none=True)
-    loss.backward()
+    totals = torch.zeros(3, device=inputs.device)
+    per_micro_batch = []
+    for piece in _micro_batches(micro_batches, inputs, targets, topology):
+        runtime.set_step(model, step)
+        with forward_precision(train_config.precision, runtime.device):
+            lm_loss, aux_loss = model.loss(piece["inputs"], piece["targets"], **piece["topology"])
+        loss = lm_loss + aux_loss
+        (loss / micro_batches).backward()
+        totals += torch.stack([loss.detach(), lm_loss.detach(), aux_loss.detach()]).float() / micro_batches
+        if micro_batches > 1 and hasattr(model, "routing_metrics"):
+            per_micro_batch.append(model.routing_metrics())
     max_norm = train_config.grad_clip if train_config.grad_clip > 0 else math.inf
     grad_norm = runtime.finish_backward(model, max_norm, step)
     parts.optimizer.step()
     parts.scheduler.step()
-    logged = runtime.mean_over_ranks(torch.stack([loss.detach(), lm_loss.detach(), aux_loss.detach()]), step)
-    return torch.cat(
-        [logged, grad_norm.detach().reshape(1).to(logged.dtype)]
-    ).tolist()  # the one device sync of the step
+    logged = runtime.mean_over_ranks(totals, step)
+    values = torch.cat([logged, grad_norm.detach().reshape(1).to(logged.dtype)]).tolist()  # the step's one sync
+    return values, per_micro_batch
+
+
+def _merge_micro_batches(per_micro_batch: list[dict[str, dict[str, Any]]]) -> dict[str, dict[str, Any]] | None:
+    """One step's MoE metrics from its micro-batches' (``None`` without accumulation: the model's
+    own last forward is the step): counts summed, load statistics recomputed from the summed load,
+    the rest averaged (:func:`locmoe.parallel.rank_metrics.merge_rank_metrics`, whose rules are the
+    same for micro-batches as for ranks)."""
+    if not per_micro_batch:
+        return None
+    return {layer: merge_rank_metrics([metrics[layer] for metrics in per_micro_batch])
+            for layer in per_micro_batch[0]}
+
+
+def _micro_batches(
+    count: int, inputs: torch.Tensor, targets: torch.Tensor, topology: dict[str, torch.Tensor]
+) -> list[dict[str, Any]]:
+    """This rank's rows cut into ``count`` equal micro-batches (in order)."""
+    if inputs.shape[0] % count:
+        raise ValueError(
+            f"this rank's {inputs.shape[0]} sequences do not split into train.grad_accum={count} micro-batches; "
+            f"allowed: batch_size a multiple of grad_accum × ranks"
+        )
+    pieces = zip(inputs.chunk(count), targets.chunk(count), *(value.chunk(count) for value in topology.values()),
+                 strict=True)
+    return [
+        {"inputs": piece[0], "targets": piece[1], "topology": dict(zip(topology, piece[2:], strict=True))}
+        for piece in pieces
+    ]
 
 
 def _validate(parts: RunParts) -> dict[str, Any]:
@@ -592,18 +670,47 @@ def _checkpoint(parts: RunParts, state: RunState) -> None:
     state.checkpoint_path, state.checkpoint_step = path, state.step
 
 
-def _report(progress: tqdm, callbacks: list[StepCallback], step: int, record: dict[str, Any]) -> None:
-    """Hand the step's record to the callbacks, then advance the progress bar; its postfix shows the
-    LM loss, learning rate and tokens/s as the step logged them, and the validation loss if any."""
+def _report(
+    progress: tqdm, callbacks: list[StepCallback], step: int, record: dict[str, Any], log_every: int
+) -> None:
+    """Hand the step's record to the callbacks, then advance the progress bar (its postfix shows the
+    LM loss, learning rate and tokens/s as the step logged them, and the validation loss if any) and,
+    every ``log_every`` steps, print the plain :func:`log_line`."""
     postfix = {
         "loss": f"{record['lm_loss']:.3f}", "lr": f"{record['lr']:.2e}", "tok/s": f"{record['tokens_per_s']:,.0f}"
     }  # formatted before a callback sees the record
+    line = log_line(record, progress.total)
     for callback in callbacks:
         callback(step, record)
     progress.update(1)
     if "val_loss" in record:
         postfix["val"] = f"{record['val_loss']:.3f}"
     progress.set_postfix(postfix, refresh=False)
+    if log_every and (step % log_every == 0 or "val_loss" in record):
+        tqdm.write(line, file=sys.stderr)
+
+
+def log_line(record: dict[str, Any], total_steps: int | None = None) -> str:
+    """One plain line of a step's record: ``step 120/1000  loss 4.3210  lr 2.90e-03  tok/s 12,345
+    drop 0.012  val 4.2500`` (drop = the mean over MoE layers of the share of tokens no expert kept)."""
+    parts = [f"step {record['step']}" + (f"/{total_steps}" if total_steps else ""), f"loss {record['lm_loss']:.4f}",
+             f"lr {record['lr']:.2e}", f"tok/s {record['tokens_per_s']:,.0f}"]
+    drops = [layer["drop_rate"] for layer in record.get("moe", {}).values() if "drop_rate" in layer]
+    if drops:
+        parts.append(f"drop {sum(drops) / len(drops):.3f}")
+    if "val_loss" in record:
+        parts.append(f"val {record['val_loss']:.4f}")
+    return "  ".join(parts)
+
+
+def _log_interval(config: TrainConfig, writer: bool) -> int:
+    """``train.log_every``, with 0 resolved (:class:`locmoe.config.TrainConfig`); 0 on non-writers."""
+    if not writer:
+        return 0
+    if config.log_every:
+        return config.log_every
+    watched = config.progress and sys.stderr.isatty()
+    return 0 if watched else 10
 
 
 def _finish(parts: RunParts, state: RunState) -> dict[str, Any]:
@@ -627,4 +734,17 @@ def _finish(parts: RunParts, state: RunState) -> dict[str, Any]:
         summary["signal"] = signal.Signals(state.stop_signal).name
     if parts.runtime.is_writer:
         write_atomic(config.run_dir / "summary.json", (json.dumps(summary, indent=2) + "\n").encode())
+        _record_session(config.run_dir, state.session, ended=True)
     return summary
+
+
+def _record_session(run_dir: Path, session: dict[str, Any], *, ended: bool = False) -> None:
+    """Add (or, with ``ended``, close) this invocation's entry of ``provenance.json``: the run folder
+    keeps one entry per invocation, so a resumed run says where each part of it ran."""
+    path = run_dir / "provenance.json"
+    sessions = json.loads(path.read_text())["sessions"] if path.is_file() else []
+    if ended:
+        session["ended"] = datetime.now(timezone.utc).isoformat(timespec="microseconds")
+        sessions = [s for s in sessions if s.get("started") != session["started"]]
+    sessions.append(session)
+    write_atomic(path, (json.dumps({"sessions": sessions}, indent=2) + "\n").encode())

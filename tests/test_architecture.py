@@ -16,14 +16,14 @@ PACKAGE = Path(__file__).resolve().parents[1] / "locmoe"
 
 # Lowest first. A part may import only parts of lower tiers (and itself).
 TIERS: list[set[str]] = [
-    {"locmoe.validation", "locmoe.device", "locmoe.atomic_file", "locmoe.provenance"},
+    {"locmoe.validation", "locmoe.device", "locmoe.atomic_file", "locmoe.provenance", "locmoe.tensorboard"},
     {"locmoe.routing"},
     {"locmoe.experts"},
     {"locmoe.dispatch", "locmoe.metrics"},
     {"locmoe.layer"},
     {"locmoe.parallel", "locmoe.config"},
     {"locmoe.model", "locmoe.data", "locmoe.checkpoint"},
-    {"locmoe.run_summary"},
+    {"locmoe.run_summary", "locmoe.export"},
     {"locmoe.train"},
     {"locmoe.compare", "locmoe.demo"},
     {"locmoe.cli", "locmoe"},

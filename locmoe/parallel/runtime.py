@@ -251,11 +251,13 @@ class ExpertParallelRuntime:
             raise ValueError(f"{what} failed on rank 0: {message[0]}")
         return result if self.is_writer else action()
 
-    def routing_metrics(self, model: nn.Module, step: int = 0) -> dict[str, dict[str, Any]]:
-        """``model.routing_metrics()`` (``{layer: metrics}``) merged over all ranks with
-        :func:`~locmoe.parallel.rank_metrics.merge_rank_metrics` (one all-gather); unchanged in one process. Every
-        rank must report the same layers, keys and shapes (they run the same code)."""
-        metrics = model.routing_metrics()
+    def routing_metrics(
+        self, model: nn.Module, step: int = 0, metrics: dict[str, dict[str, Any]] | None = None
+    ) -> dict[str, dict[str, Any]]:
+        """``metrics`` (default ``model.routing_metrics()``, ``{layer: metrics}``) merged over all ranks
+        with :func:`~locmoe.parallel.rank_metrics.merge_rank_metrics` (one all-gather); unchanged in one
+        process. Every rank must report the same layers, keys and shapes (they run the same code)."""
+        metrics = model.routing_metrics() if metrics is None else metrics
         if self.groups.data_group is None:
             return metrics
         layout, pieces = [], []
