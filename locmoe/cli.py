@@ -2,7 +2,8 @@
 
     locmoe train --router locmoe_plus --steps 300 --out runs/NAME [--config FILE.toml] [--resume] [--FIELD VALUE ...]
     locmoe eval --checkpoint PATH            (validation loss / perplexity)
-    locmoe sample --checkpoint PATH --prompt TEXT
+    locmoe sample --checkpoint PATH --prompt TEXT [--max-new-tokens N] [--temperature T] [--top-k K]
+                  [--top-p P] [--seed S] [--no-cache]     (KV-cached decoding; tokens/s on stderr)
     locmoe demo
     locmoe export --checkpoint PATH --out FILE.safetensors [--force]   (weights + metadata, no pickle)
     locmoe compare [--preset quick|standard|frontier|full] [--routers LIST] [--seeds LIST] [--out DIR]
