@@ -39,6 +39,7 @@ import torch
 
 from locmoe.atomic_file import write_atomic
 from locmoe.config import RunConfig
+from locmoe.device import resolve_device, resolve_precision
 
 FORMAT_VERSION = 2
 CHECKPOINT_DIR = "checkpoints"
@@ -55,7 +56,7 @@ _NAME = re.compile(r"^step-(\d{8})\.pt$")
 RESUMABLE_CHANGES = frozenset(
     {"out", "cache_dir", "stop_after", "eval_every", "eval_batches", "checkpoint_every", "keep_checkpoints",
      "threads", "progress", "expert_parallel", "ranks_per_node", "hierarchical", "collective_timeout",
-     "simulated_nodes", "simulated_placement"}
+     "simulated_nodes", "simulated_placement", "log_every", "tensorboard"}
 )
 
 
@@ -178,12 +179,25 @@ def config_differences(saved: dict[str, Any], config: RunConfig) -> list[str]:
         saved_config = RunConfig.from_dict(saved)
     except (ValueError, TypeError) as error:
         return [f"the checkpoint's config is not valid for this locmoe ({error})"]
-    before, after = saved_config.flat(), config.flat()
+    before, after = _effective(saved_config.flat()), _effective(config.flat())
     return [
         f"{name} (checkpoint: {before[name]!r}, now: {after[name]!r})"
         for name in before
         if name not in RESUMABLE_CHANGES and before[name] != after[name]
     ]
+
+
+def _effective(fields: dict[str, Any]) -> dict[str, Any]:
+    """``fields`` with ``precision="auto"`` replaced by what it means on this machine, so a run saved
+    with the explicit value (a CPU run's ``"float32"``, as configs said before ``"auto"`` existed)
+    matches a config that says ``"auto"``."""
+    if fields.get("precision") != "auto":
+        return fields
+    try:
+        device = resolve_device(fields.get("device", "auto"))
+    except ValueError:  # a device this machine lacks: compare the words as written
+        return fields
+    return {**fields, "precision": resolve_precision("auto", device)}
 
 
 def check_compatible(state: dict[str, Any], config: RunConfig, path: Path) -> None:

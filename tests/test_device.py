@@ -11,8 +11,9 @@ import pytest
 import torch
 from tiny_runs import cache_dir, tiny_config  # noqa: F401 - cache_dir is a fixture
 
+from locmoe.checkpoint import config_differences
 from locmoe.cli import main
-from locmoe.config import TrainConfig
+from locmoe.config import RunConfig, TrainConfig
 from locmoe.device import forward_precision, resolve_device, resolve_precision, to_device
 from locmoe.train import train
 
@@ -88,3 +89,14 @@ def test_compiled_blocks_train_to_the_same_losses(tmp_path, cache_dir):  # noqa:
     torch.testing.assert_close(
         torch.tensor(_losses(tmp_path / "compiled")), torch.tensor(_losses(tmp_path / "eager")), rtol=1e-5, atol=1e-6
     )
+
+
+def test_a_run_saved_with_float32_matches_precision_auto_on_the_cpu(tmp_path):
+    """Configs written before ``precision="auto"`` existed say ``"float32"``; on the CPU that is what
+    ``"auto"`` means, so such a run resumes (and a comparison reuses it); bfloat16 still differs."""
+    if torch.cuda.is_available():
+        pytest.skip("'auto' is bf16 on this machine")
+    saved = RunConfig().with_overrides({"precision": "float32"}).to_dict()
+    assert config_differences(saved, RunConfig()) == []
+    saved = RunConfig().with_overrides({"precision": "bfloat16"}).to_dict()
+    assert config_differences(saved, RunConfig()) == ["precision (checkpoint: 'bfloat16', now: 'float32')"]
