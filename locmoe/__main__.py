@@ -1,5 +1,5 @@
 """``python -m locmoe``: the same as the ``locmoe`` console script."""
 
-from locmoe.cli import main
+from locmoe.cli import run
 
-raise SystemExit(main())
+run()

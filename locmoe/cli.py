@@ -379,3 +379,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("locmoe: interrupted", file=sys.stderr)
         return 130
+
+
+def run() -> NoReturn:
+    """The process entry point (console script, ``python -m locmoe``): :func:`main`, then exit with
+    its code. Once the command is over (its checkpoint and files written), a Ctrl-C that arrives
+    while the interpreter shuts down is ignored: it must not turn a clean exit code (130 for a run
+    stopped by Ctrl-C) into death by SIGINT."""
+    code = main()
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    raise SystemExit(code)
