@@ -156,7 +156,7 @@ def _is_first_rank() -> bool:
 def _run_train(args: argparse.Namespace) -> int:
     config = _resolve_train_config(args)
     speaks = _is_first_rank()  # before train(), which may end the process group
-    summary = train(config, resume=args.resume)
+    summary = train(config, resume=args.resume, command=args.command_line)
     if speaks:
         print(format_summary(summary))
     if summary["status"] == "interrupted":
@@ -368,6 +368,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
         args = build_parser().parse_args(argv)
+        args.command_line = ["locmoe", *argv]  # for the run's provenance
         return COMMANDS[args.command].run(args)
     except (ValueError, FileNotFoundError) as error:  # CommandLineError is a ValueError
         command = next((a for a in argv if a in COMMANDS), None)

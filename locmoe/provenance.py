@@ -10,6 +10,7 @@ import importlib.metadata
 import platform
 import subprocess
 import sys
+from collections.abc import Sequence
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -57,15 +58,18 @@ def package_versions() -> dict[str, str | None]:
     return versions
 
 
-def session_record(device: str, threads: int, world_size: int) -> dict[str, object]:
-    """Where and how one invocation of a run executes: the command line, package versions, git
+def session_record(
+    device: str, threads: int, world_size: int, command: Sequence[str] | None = None
+) -> dict[str, object]:
+    """Where and how one invocation of a run executes: the command line (``command``, default this
+    process's ``sys.argv``), package versions, git
     commit, host, CPU, GPU (if the run uses one), threads, ranks and the start time (UTC, ISO 8601);
     the caller adds ``ended`` when it ends."""
     gpu = None
     if device.startswith("cuda"):
         gpu = torch.cuda.get_device_name(torch.device(device))
     return {
-        "command": [Path(sys.argv[0]).name, *sys.argv[1:]],
+        "command": list(command) if command is not None else [Path(sys.argv[0]).name, *sys.argv[1:]],
         "versions": package_versions(),
         "git": git_commit(),
         "host": platform.node(),

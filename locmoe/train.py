@@ -48,7 +48,7 @@ import sys
 import threading
 import time
 import warnings
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -219,6 +219,7 @@ def train(
     resume: bool = False,
     model_builder: ModelBuilder = build_model,
     callbacks: Iterable[StepCallback] = (),
+    command: Sequence[str] | None = None,
 ) -> dict[str, Any]:
     """Train (or, with ``resume``, continue) the run described by ``config``; return its summary.
 
@@ -226,14 +227,15 @@ def train(
     checkpoint's compatibility) happens before anything is written to the run directory, and fails
     with a ``ValueError``. ``callbacks`` are called as ``callback(step, record)`` after each step.
     SIGINT/SIGTERM stop the run after the current step, with a checkpoint (status ``"interrupted"``).
-    Under ``torchrun`` every rank calls this (module docstring).
+    Under ``torchrun`` every rank calls this (module docstring). ``command``: the command line that
+    started the run, for ``provenance.json`` (default: this process's ``sys.argv``).
     """
     if config.train.threads:
         torch.set_num_threads(config.train.threads)
     runtime = start_runtime(config)
     views: list[TensorBoardLogger] = []
     try:
-        parts, state = _setup(config, runtime, resume, model_builder)
+        parts, state = _setup(config, runtime, resume, model_builder, command)
         if config.train.tensorboard and runtime.is_writer and tensorboard_available():
             views.append(TensorBoardLogger(config.run_dir))
         _loop(parts, state, [*callbacks, *views])
@@ -292,7 +294,8 @@ class RunState:
 
 
 def _setup(
-    config: RunConfig, runtime: ExpertParallelRuntime, resume: bool, model_builder: ModelBuilder
+    config: RunConfig, runtime: ExpertParallelRuntime, resume: bool, model_builder: ModelBuilder,
+    command: Sequence[str] | None = None,
 ) -> tuple[RunParts, RunState]:
     """Everything before the first step, in this order: the checks of the run folder and of the
     checkpoint to resume, the data (and the checks that need it), the seeded objects, the restored
@@ -304,7 +307,7 @@ def _setup(
     step, elapsed_before = _restore(parts, *resumed) if resumed else (0, 0.0)
     records = read_metrics(config.run_dir / _METRICS, step)
     runtime.barrier("run directory read")  # no rank reads a file the writer is about to rewrite
-    session = session_record(str(runtime.device), torch.get_num_threads(), runtime.world_size)
+    session = session_record(str(runtime.device), torch.get_num_threads(), runtime.world_size, command)
     if runtime.is_writer:  # from here on we write (the writer only)
         _write_run_files(config, records)
         _record_session(config.run_dir, session)

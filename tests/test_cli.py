@@ -81,7 +81,7 @@ def captured(monkeypatch):
     """``locmoe train`` with the trainer replaced: the dict receives the RunConfig it would train."""
     seen = {}
 
-    def fake_train(config, resume):
+    def fake_train(config, resume, command=None):
         seen["config"] = config
         return {"status": "completed"}
 

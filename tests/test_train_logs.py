@@ -7,7 +7,7 @@ import json
 
 import pytest
 import torch
-from tiny_runs import cache_dir, tiny_config  # noqa: F401 - cache_dir is a fixture
+from tiny_runs import cache_dir, tiny_config, tiny_flags  # noqa: F401 - cache_dir is a fixture
 
 from locmoe.cli import main
 from locmoe.train import log_line, train
@@ -67,3 +67,15 @@ def test_a_run_writes_tensorboard_events_unless_told_not_to(tmp_path, cache_dir)
     assert "val/loss" in events.Tags()["scalars"] and any(t.startswith("moe/") for t in events.Tags()["scalars"])
     train(tiny_config(cache_dir, tmp_path / "off", steps=1, eval_every=0, tensorboard=False))
     assert not (tmp_path / "off" / "tensorboard").exists()
+
+
+def test_from_the_command_line_a_run_logs_records_provenance_and_tensorboard(tmp_path, cache_dir, capsys):  # noqa: F811
+    pytest.importorskip("tensorboard")
+    out = tmp_path / "run"
+    assert main(["train", *tiny_flags(cache_dir), "--steps", "3", "--eval-every", "0", "--log-every", "1",
+                 "--tensorboard", "true", "--out", str(out)]) == 0
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("step ")]
+    assert [line.split()[1] for line in lines] == ["1/3", "2/3", "3/3"]
+    (session,) = json.loads((out / "provenance.json").read_text())["sessions"]
+    assert "--log-every" in session["command"] and session["ended"]
+    assert list((out / "tensorboard").iterdir())

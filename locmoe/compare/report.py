@@ -18,7 +18,7 @@ from locmoe.compare.claims import BASELINE, MIN_SEEDS, Claim, evaluate_claims, l
 from locmoe.compare.frontier import SLOT_MEASURES, frontier_points, frontier_table, has_frontier
 from locmoe.compare.plots import make_plots
 from locmoe.compare.stats import summarize
-from locmoe.provenance import cpu_model, git_commit
+from locmoe.provenance import cpu_model, git_commit, package_versions
 
 RESULT_COLUMNS = (
     ("final_val_loss", "final val loss"),
@@ -109,7 +109,9 @@ def provenance(command: Sequence[str] | None = None) -> dict[str, str]:
         "command": " ".join(command if command is not None else ["locmoe", *sys.argv[1:]]),
         "date_utc": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M"),
         "machine": f"{cpu_model()}, {os.cpu_count()} logical CPUs, {platform.system()} {platform.release()}",
+        "threads": str(torch.get_num_threads()),
         "torch": torch.__version__,
+        "locmoe": str(package_versions()["locmoe"]),
         "python": platform.python_version(),
         "commit": commit,
     }
