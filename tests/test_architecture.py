@@ -21,6 +21,7 @@ TIERS: list[set[str]] = [
     {"locmoe.experts"},
     {"locmoe.dispatch", "locmoe.metrics"},
     {"locmoe.layer"},
+    {"locmoe.hf"},  # Hugging Face adapters: the layer, routers and experts; never train/compare/cli
     {"locmoe.parallel", "locmoe.config"},
     {"locmoe.model", "locmoe.data", "locmoe.checkpoint"},
     {"locmoe.run_summary", "locmoe.export"},

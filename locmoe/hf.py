@@ -1,0 +1,428 @@
+"""Bring your own model: put :class:`locmoe.MoELayer` into a Hugging Face ``transformers`` MoE model.
+
+Two functions, for ``transformers==5.23`` (the ``hf`` extra):
+
+* :func:`replace_moe_blocks` swaps every sparse MoE block of a Mixtral, Qwen2-MoE, OLMoE or Qwen3-MoE
+  model for a :class:`LocMoEBlock`, which holds a ``MoELayer`` computing with the block's own expert
+  weights and a locmoe router. With ``router="topk"`` and the model's routing (the defaults filled in
+  for ``topk``: the model's ``k``, dropless, the model's renormalisation) the swapped model computes
+  the same logits as the original up to float32 rounding (max |Δ| 3–5e-8 on the tests' tiny models, on
+  the CPU: the experts' products are grouped differently from Hugging Face's loop; not bit-for-bit).
+* :func:`export_hf` turns the wrappers back into the model's own blocks where the router has a
+  Hugging Face equivalent, so ``save_pretrained``/``from_pretrained`` work as before.
+
+How the pieces meet the Hugging Face model:
+
+* **What the decoder layer expects.** The four decoder layers call ``hidden_states = self.mlp(x)`` and
+  take one tensor ``(B, T, d)``; the wrapper returns that. Qwen2-MoE's sigmoid-gated shared expert is
+  kept as it is (the same modules) and added to the routed output as the original block does.
+* **Router logits** (``output_router_logits=True`` and the model's own load-balancing loss). In 5.23
+  the model records them with forward hooks on the router class (``_can_record_outputs`` /
+  ``OutputRecorder(...TopKRouter, index=0)``), installed once, lazily, by class; a swapped block has no
+  such router, so the model collected nothing and ``load_balancing_loss_func`` failed with an
+  ``IndexError``. The wrapper passes its router logits through a small identity module,
+  :class:`RouterLogits`, on which this module installs the same recording hook itself. For learned-gate
+  routers (``topk``, ``switch``, ...) the logits are the gate's ``x · Wᵀ`` (equal to the original
+  model's for a copied gate); for the others (e.g. the GrAP routers ``locmoe_plus``), ``log p`` of the
+  router's probabilities ``p``, whose softmax, all the loss uses, is ``p``.
+* **locmoe's router losses** (``MoELayer.aux_loss``: load balance, locality, z-loss, already scaled by
+  their coefficients) are added to ``outputs.loss`` by a forward hook on the model, in training mode
+  and when the model computed a loss (``labels`` given), just as the model adds its own router loss;
+  ``outputs.aux_loss`` stays the model's own (unscaled) load-balancing loss. :func:`locmoe_aux_loss`
+  returns the sum of the last forward's locmoe losses, for a loop that computes its own loss
+  (``add_aux_loss=False`` then leaves ``outputs.loss`` alone). Only ``return_dict=True`` outputs (the
+  default) are touched.
+
+Weights. ``GroupedExperts`` stores ``w_in``/``w_gate (n, d, f)`` and ``w_out (n, f, d)``; the Hugging Face
+experts store ``gate_up_proj (n, 2f, d)`` (the ``f`` gate rows, then the ``f`` up rows) and
+``down_proj (n, d, f)``, i.e. each matrix transposed. ``GroupedExperts`` cannot compute with the
+transposed layout, so the weights are copied, transposed and contiguous, once per block, and the
+original block is dropped right after its copy, so the peak extra memory is one block's experts.
+For a Mixtral-8x7B layer (``n=8, d=4096, f=14336``) that is ``3·n·d·f = 1.41e9`` weights = 2.82 GB in
+bf16 per layer (90 GB for the 32 layers, the same size as the model: nothing is kept twice after the
+swap); a transposing copy reads and writes them once, 5.6 GB of memory traffic per layer, so about
+2–4 ms per layer on an H200-class GPU (4.8 TB/s peak, transposes at roughly a third to a half of it)
+and 0.3–0.6 s per layer on a CPU moving 10–20 GB/s (9–18 s for the model). These are computed from
+the sizes (:func:`weight_copy_bytes`), not measured. :func:`export_hf` copies back the same way. Build
+the optimizer after the swap: one holding the original parameters would keep them alive.
+
+Not done: a padding mask (the blocks are called with the hidden states only, and locmoe's routers take
+no token mask, so padding tokens are routed and count towards capacity and the locmoe losses);
+Mixtral's ``router_jitter_noise`` (a warning says it is ignored); DeepSeek-V3-style blocks (sigmoid
+scores, a correction bias, group-limited top-k and routed scaling: refused).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import warnings
+from typing import Any
+
+import torch
+from torch import nn
+
+from locmoe.dispatch import LocalDispatcher
+from locmoe.experts import GroupedExperts
+from locmoe.layer import MoELayer
+from locmoe.routing import Router, build_router
+
+try:
+    from transformers import PreTrainedModel
+    from transformers.activations import SiLUActivation
+    from transformers.models.mixtral.modeling_mixtral import MixtralSparseMoeBlock
+    from transformers.models.olmoe.modeling_olmoe import OlmoeSparseMoeBlock
+    from transformers.models.qwen2_moe.modeling_qwen2_moe import Qwen2MoeSparseMoeBlock
+    from transformers.models.qwen3_moe.modeling_qwen3_moe import Qwen3MoeSparseMoeBlock
+    from transformers.utils.output_capturing import install_output_capuring_hook
+except ImportError as error:  # pragma: no cover - exercised only without the extra
+    raise ImportError(
+        "locmoe.hf needs Hugging Face transformers 5.23: pip install 'locmoe[hf]'"
+    ) from error
+
+__all__ = [
+    "LocMoEBlock",
+    "RouterLogits",
+    "export_hf",
+    "locmoe_aux_loss",
+    "locmoe_blocks",
+    "replace_moe_blocks",
+    "weight_copy_bytes",
+]
+
+# The blocks that route like ``topk`` (softmax over a linear gate, top-k, optional renormalisation,
+# dropless) and whose experts are SwiGLU ``gate_up_proj``/``down_proj`` stacks.
+SUPPORTED_BLOCKS: tuple[type[nn.Module], ...] = (
+    MixtralSparseMoeBlock,
+    Qwen2MoeSparseMoeBlock,
+    OlmoeSparseMoeBlock,
+    Qwen3MoeSparseMoeBlock,
+)
+_AUX_HOOK = "_locmoe_aux_loss_hook"
+_ROUTER_LOGITS_KEY = "router_logits"  # the key of the models' OutputRecorder for router logits
+
+
+@dataclasses.dataclass(frozen=True)
+class HFRouting:
+    """How a Hugging Face block routes: ``top_k`` experts of ``num_experts``, renormalised or not."""
+
+    num_experts: int
+    top_k: int
+    renormalize: bool
+
+
+def _routing_of(block: nn.Module) -> HFRouting:
+    gate = block.gate
+    # Mixtral always renormalises and has no flag; the others say it with ``norm_topk_prob``.
+    return HFRouting(int(gate.num_experts), int(gate.top_k), bool(getattr(gate, "norm_topk_prob", True)))
+
+
+class RouterLogits(nn.Module):
+    """Identity on the router logits ``(S, n)``: the module the model's router-logit recording hook
+    sits on (module docstring), since a swapped block has none of the model's router classes."""
+
+    def forward(self, logits: torch.Tensor) -> torch.Tensor:
+        return logits
+
+
+class LocMoEBlock(nn.Module):
+    """A Hugging Face sparse MoE block computed by a :class:`locmoe.MoELayer`.
+
+    ``(B, T, d) -> (B, T, d)``, as the decoder layer expects. Holds ``moe`` (the layer), ``router_logits``
+    (:class:`RouterLogits`), and for Qwen2-MoE the original ``shared_expert`` and ``shared_expert_gate``.
+    ``hf_class`` and ``hf_routing`` remember the block it replaced, for :func:`export_hf`.
+    """
+
+    def __init__(
+        self,
+        moe: MoELayer,
+        hf_class: type[nn.Module],
+        hf_routing: HFRouting,
+        config: Any,
+        shared_expert: nn.Module | None = None,
+        shared_expert_gate: nn.Module | None = None,
+    ) -> None:
+        super().__init__()
+        self.moe = moe
+        self.router_logits = RouterLogits()
+        self.shared_expert = shared_expert
+        self.shared_expert_gate = shared_expert_gate
+        self.hf_class = hf_class
+        self.hf_routing = hf_routing
+        self.config = config
+        self._router_probs: torch.Tensor | None = None
+        moe.router.register_forward_hook(self._keep_router_probs)
+
+    def _keep_router_probs(self, router: nn.Module, args: tuple, plan: Any) -> None:
+        """The router's differentiable probabilities of this forward (``MoELayer.last_plan`` holds
+        them detached), for the recorded logits."""
+        self._router_probs = plan.router_probs
+
+    def _logits(self, flat: torch.Tensor) -> torch.Tensor:
+        """The router logits to record (module docstring): the learned gate's, else ``log p``."""
+        probs, self._router_probs = self._router_probs, None  # hold no graph between forwards (deepcopy)
+        gate = getattr(self.moe.router, "gate", None)
+        if isinstance(gate, nn.Linear):
+            return nn.functional.linear(flat, gate.weight.to(flat.dtype))
+        if probs is None:  # a router without probabilities (``hash``): uniform logits
+            return flat.new_zeros(flat.shape[0], self.moe.num_experts)
+        return torch.log(probs.clamp_min(torch.finfo(probs.dtype).tiny))
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        output = self.moe(hidden_states)
+        flat = hidden_states.reshape(-1, hidden_states.shape[-1])
+        self.router_logits(self._logits(flat))
+        if self.shared_expert is not None:
+            shared = self.shared_expert(flat)
+            if self.shared_expert_gate is not None:
+                shared = torch.sigmoid(self.shared_expert_gate(flat)) * shared
+            output = output + shared.view_as(output)
+        return output
+
+    def extra_repr(self) -> str:
+        return f"replaces={self.hf_class.__name__}, hf_routing={self.hf_routing}"
+
+
+def _refusal(name: str, module: nn.Module) -> str | None:
+    """Why ``module`` (an MoE block: it has ``gate`` and ``experts``) cannot be replaced, or ``None``."""
+    cls = type(module).__name__
+    gate = module.gate
+    if hasattr(gate, "e_score_correction_bias") or hasattr(gate, "routed_scaling_factor"):
+        return (
+            f"{cls} at {name!r} routes DeepSeek-V3-style (sigmoid scores, a score-correction bias, group-limited "
+            f"top-k and a routed scaling factor), which no locmoe router reproduces; it is not supported"
+        )
+    if not isinstance(module, SUPPORTED_BLOCKS):
+        supported = ", ".join(c.__name__ for c in SUPPORTED_BLOCKS)
+        return f"{cls} at {name!r} is not a supported MoE block (supported: {supported})"
+    act = module.experts.act_fn
+    if not isinstance(act, (SiLUActivation, nn.SiLU)):
+        return (
+            f"{cls} at {name!r} uses the activation {type(act).__name__}; locmoe's experts compute SwiGLU "
+            f"(SiLU gate) only"
+        )
+    return None
+
+
+def _moe_blocks(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """Every module that looks like an HF sparse MoE block (a ``gate`` and an ``experts`` child)."""
+    return [
+        (name, module)
+        for name, module in model.named_modules()
+        if isinstance(getattr(module, "gate", None), nn.Module)
+        and isinstance(getattr(module, "experts", None), nn.Module)
+    ]
+
+
+def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent_name) if parent_name else model, child, module)
+
+
+def _hooks_installed(model: nn.Module) -> bool:
+    """Whether the model already installed its output-recording hooks (they are installed once, on the
+    first forward that asks for a recorded output, on the modules present then)."""
+    return any(
+        getattr(module, "_output_capturing_hooks_installed", False)
+        for module in model.modules()
+        if isinstance(module, PreTrainedModel)
+    )
+
+
+def _router_options(router: str, routing: HFRouting, options: dict[str, Any]) -> dict[str, Any]:
+    """``topk`` defaults to the model's routing (so ``router="topk"`` alone reproduces it); other
+    routers take their own defaults."""
+    if router != "topk":
+        return dict(options)
+    filled = {"top_k": routing.top_k, "capacity_factor": None, "renormalize": routing.renormalize}
+    filled.update(options)
+    return filled
+
+
+def _build_layer(block: nn.Module, router: str, options: dict[str, Any], copy_gate: bool) -> MoELayer:
+    """A ``MoELayer`` with ``block``'s experts (copied into the stacked layout) and a new router."""
+    experts_hf = block.experts
+    gate_up, down = experts_hf.gate_up_proj, experts_hf.down_proj
+    num_experts, two_f, d_model = gate_up.shape
+    d_ff = two_f // 2
+    device, dtype = gate_up.device, gate_up.dtype
+    built: Router = build_router(router, d_model, num_experts, **options).to(device=device, dtype=dtype)
+    gate = getattr(built, "gate", None)
+    if copy_gate and isinstance(gate, nn.Linear) and gate.weight.shape == block.gate.weight.shape:
+        with torch.no_grad():
+            gate.weight.copy_(block.gate.weight)
+    with torch.device("meta"):  # no allocation, no RNG draw: the weights are assigned below
+        experts = GroupedExperts(num_experts, d_model, d_ff, "swiglu", "auto", initialise=False)
+    with torch.no_grad():
+        # gate_up_proj[e] = [W_gate[e]ᵀ; W_in[e]ᵀ] (f rows each); down_proj[e] = W_out[e]ᵀ.
+        experts.w_gate = nn.Parameter(gate_up[:, :d_ff].transpose(1, 2).contiguous())
+        experts.w_in = nn.Parameter(gate_up[:, d_ff:].transpose(1, 2).contiguous())
+        experts.w_out = nn.Parameter(down.transpose(1, 2).contiguous())
+    layer = MoELayer(built, LocalDispatcher("pack", "local"), experts)
+    return layer.to(device)
+
+
+def _aux_loss_hook(module: nn.Module, args: tuple, output: Any) -> None:
+    """Add the locmoe router losses to ``outputs.loss`` (training mode, when a loss was computed)."""
+    if not module.training or getattr(output, "loss", None) is None:
+        return
+    output.loss = output.loss + locmoe_aux_loss(module).to(output.loss.device)
+
+
+def replace_moe_blocks(
+    model: nn.Module,
+    router: str = "locmoe_plus",
+    *,
+    copy_gate: bool = True,
+    add_aux_loss: bool = True,
+    **options: Any,
+) -> list[str]:
+    """Replace every sparse MoE block of ``model`` by a :class:`LocMoEBlock`; the replaced blocks' names.
+
+    Args:
+        model: a Mixtral, Qwen2-MoE, OLMoE or Qwen3-MoE model (``...ForCausalLM`` or the bare model).
+        router: a name from :func:`locmoe.available_routers`.
+        copy_gate: start a learned-gate router (``topk``, ``switch``, ...) from the block's trained
+            gate, so it keeps the model's expert preferences; GrAP routers (``locmoe``, ``locmoe_plus``,
+            ``tcr``, ``ecr``) have a fixed gate and do not use it.
+        add_aux_loss: add locmoe's router losses to ``outputs.loss`` in training (module docstring).
+        options: router options (:mod:`locmoe.routing.options`). For ``topk`` the omitted ones among
+            ``top_k``, ``capacity_factor`` and ``renormalize`` default to the model's routing
+            (``num_experts_per_tok``, dropless, ``norm_topk_prob`` or ``True`` for Mixtral). ``topk``'s
+            own load-balance loss (``aux_coef``, default 0.01) then comes on top of the model's
+            ``output_router_logits`` loss in training; ``aux_coef=0`` trains exactly as the model would.
+
+    Every block is checked before any is replaced; a block that cannot be replaced (DeepSeek-V3-style
+    routing, an unknown MoE block, a non-SiLU expert) raises ``ValueError`` naming its class.
+    Mixtral's ``router_jitter_noise`` is not reproduced (a warning says so).
+    """
+    blocks = _moe_blocks(model)
+    for name, block in blocks:
+        reason = _refusal(name, block)
+        if reason is not None:
+            raise ValueError(reason)
+    if not blocks:
+        raise ValueError(
+            f"{type(model).__name__} has no Hugging Face sparse MoE block to replace (already replaced?)"
+        )
+    names = [name for name, _ in blocks]
+    del blocks  # hold each original block only while it is copied
+    replaced = []
+    for name in names:
+        block = model.get_submodule(name)
+        if getattr(block, "jitter_noise", 0.0):
+            warnings.warn(
+                f"{name}: router_jitter_noise={block.jitter_noise} is not reproduced by the locmoe block",
+                stacklevel=2,
+            )
+        routing = _routing_of(block)
+        layer = _build_layer(block, router, _router_options(router, routing, options), copy_gate)
+        wrapper = LocMoEBlock(
+            layer,
+            type(block),
+            routing,
+            getattr(block, "config", None) or getattr(model, "config", None),
+            shared_expert=getattr(block, "shared_expert", None),
+            shared_expert_gate=getattr(block, "shared_expert_gate", None),
+        )
+        # The model's own recording hooks never reach this module (they match router classes): ours.
+        install_output_capuring_hook(wrapper.router_logits, _ROUTER_LOGITS_KEY, 0)
+        _set_submodule(model, name, wrapper)
+        del block  # the original experts are freed here, one block at a time
+        replaced.append(name)
+    if add_aux_loss and not hasattr(model, _AUX_HOOK):
+        setattr(model, _AUX_HOOK, model.register_forward_hook(_aux_loss_hook))
+    return replaced
+
+
+def locmoe_blocks(model: nn.Module) -> list[tuple[str, LocMoEBlock]]:
+    """The :class:`LocMoEBlock` modules of ``model`` with their names."""
+    return [(name, module) for name, module in model.named_modules() if isinstance(module, LocMoEBlock)]
+
+
+def locmoe_aux_loss(model: nn.Module) -> torch.Tensor:
+    """The sum of the locmoe router losses (``MoELayer.aux_loss``) of the last forward, over all
+    swapped blocks; a scalar that back-propagates into the routers."""
+    losses = [block.moe.aux_loss for _, block in locmoe_blocks(model)]
+    if not losses:
+        return torch.zeros(())
+    device = losses[0].device
+    return sum((loss.to(device) for loss in losses), torch.zeros((), device=device))
+
+
+def _export_refusal(name: str, block: LocMoEBlock) -> str | None:
+    """Why ``block``'s router has no equivalent in the block it replaced, or ``None``."""
+    router, routing = block.moe.router, block.hf_routing
+    cls = block.hf_class.__name__
+    if router.name != "topk":
+        return (
+            f"{name!r}: router {router.name!r} has no Hugging Face equivalent ({cls} routes by softmax top-k over "
+            f"a linear gate, dropless); keep the locmoe model (torch.save / state_dict) or retrain with router='topk'"
+        )
+    opts = router.options
+    if opts.capacity_factor is not None:
+        return f"{name!r}: topk with capacity_factor={opts.capacity_factor} drops tokens; {cls} is dropless"
+    if opts.top_k != routing.top_k:
+        return f"{name!r}: topk with top_k={opts.top_k}, but the model's config routes to {routing.top_k} experts"
+    if opts.renormalize != routing.renormalize:
+        return (
+            f"{name!r}: topk with renormalize={opts.renormalize}, but {cls} "
+            f"{'renormalises' if routing.renormalize else 'does not renormalise'} the top-k probabilities"
+        )
+    return None
+
+
+def _hf_block(block: LocMoEBlock) -> nn.Module:
+    """The block of ``block.hf_class`` computing the same function, weights copied back."""
+    experts = block.moe.experts
+    with torch.device("meta"):  # every tensor is assigned below: no allocation, no RNG draw
+        restored = block.hf_class(block.config)
+    with torch.no_grad():
+        restored.gate.weight = nn.Parameter(block.moe.router.gate.weight.detach().clone())
+        n, d, f = experts.w_in.shape
+        gate_up = experts.w_in.new_empty(n, 2 * f, d)  # filled in place: no concatenated temporary
+        gate_up[:, :f].copy_(experts.w_gate.transpose(1, 2))
+        gate_up[:, f:].copy_(experts.w_in.transpose(1, 2))
+        restored.experts.gate_up_proj = nn.Parameter(gate_up)
+        restored.experts.down_proj = nn.Parameter(experts.w_out.transpose(1, 2).contiguous())
+    if block.shared_expert is not None:
+        restored.shared_expert = block.shared_expert
+        restored.shared_expert_gate = block.shared_expert_gate
+    left = [name for name, tensor in (*restored.named_parameters(), *restored.named_buffers()) if tensor.is_meta]
+    if left:
+        raise RuntimeError(f"{block.hf_class.__name__}: no weights to restore {left}")
+    return restored
+
+
+def export_hf(model: nn.Module) -> nn.Module:
+    """Put the model's own blocks back in place of the :class:`LocMoEBlock` wrappers (in place; returns
+    ``model``), so ``save_pretrained`` writes a standard checkpoint that ``from_pretrained`` loads.
+
+    Only a ``topk`` router routing as the original block does (its ``top_k``, dropless, its
+    renormalisation) has an equivalent; any other raises ``ValueError`` saying why, before anything is
+    changed. locmoe's router losses are training-time terms and have no place in the exported model.
+    """
+    blocks = locmoe_blocks(model)
+    if not blocks:
+        raise ValueError(f"{type(model).__name__} has no locmoe block to export")
+    for name, block in blocks:
+        reason = _export_refusal(name, block)
+        if reason is not None:
+            raise ValueError(reason)
+    hooked = _hooks_installed(model)
+    for name, block in blocks:
+        restored = _hf_block(block)
+        if hooked:  # the model hooks its router classes once; a router added afterwards needs its hook
+            install_output_capuring_hook(restored.gate, _ROUTER_LOGITS_KEY, 0)
+        _set_submodule(model, name, restored)
+    handle = getattr(model, _AUX_HOOK, None)
+    if handle is not None:
+        handle.remove()
+        delattr(model, _AUX_HOOK)
+    return model
+
+
+def weight_copy_bytes(num_experts: int, d_model: int, d_ff: int, bytes_per_weight: int) -> int:
+    """Bytes of expert weights one block's copy writes (``3·n·d·f`` weights); the module docstring
+    works this out for Mixtral-8x7B."""
+    return 3 * num_experts * d_model * d_ff * bytes_per_weight
+
