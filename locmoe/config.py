@@ -183,6 +183,12 @@ class TrainConfig:
     = 0 evaluates the whole validation split. ``grad_clip`` = 0 disables clipping. ``threads`` = 0
     leaves torch's thread count alone.
 
+    ``init_from``: a run folder (its newest checkpoint) or checkpoint file whose model weights start
+    this run, all of them except the MoE routers', which this run's ``router`` and options build afresh
+    (continued training with a router swap; the optimiser, schedule and data position start anew).
+    Every other weight must exist with the same shape, and the checkpoint's tokenizer must be this
+    run's (the embeddings index its vocabulary); anything else is refused before training starts.
+
     ``log_every`` = ``N`` prints a plain line every ``N`` steps (step, loss, lr, tokens/s, mean drop
     rate, validation loss when evaluated) for logs that a progress bar garbles; 0 (default) = every
     10 steps when there is no progress bar to watch (``progress`` false, or stderr not a terminal).
@@ -217,6 +223,7 @@ class TrainConfig:
 
     steps: int = 1000
     stop_after: int = 0
+    init_from: str = ""
     batch_size: int = 16
     grad_accum: int = 1
     lr: float = 3e-3
@@ -244,6 +251,8 @@ class TrainConfig:
     def __post_init__(self) -> None:
         config_integer("train.steps", self.steps, 1)
         config_integer("train.stop_after", self.stop_after, 0)
+        if not isinstance(self.init_from, str):
+            invalid("train.init_from", self.init_from, "a run folder or checkpoint file ('' = a new model)")
         config_integer("train.batch_size", self.batch_size, 1)
         config_integer("train.grad_accum", self.grad_accum, 1)
         if self.batch_size % self.grad_accum:

@@ -69,6 +69,7 @@ from locmoe.checkpoint import (
     latest_checkpoint,
     list_checkpoints,
     remove_stale_temporaries,
+    resolve_checkpoint,
     rng_state,
     save_checkpoint,
     set_rng_state,
@@ -78,6 +79,7 @@ from locmoe.config import ModelConfig, RunConfig, TrainConfig, to_toml
 from locmoe.data.dataset import PreparedData, prepare_data
 from locmoe.data.loader import BatchLoader, validation_batches
 from locmoe.device import forward_precision, local_rank, resolve_device, to_device, use_deterministic_algorithms
+from locmoe.layer import MoELayer
 from locmoe.metrics import ClusterStatistics
 from locmoe.model import GPT, build_model, compile_blocks
 from locmoe.parallel.rank_metrics import merge_rank_metrics
@@ -304,7 +306,12 @@ def _setup(
     resumed = _check_output_and_resume(config, runtime, resume)
     data = _prepare_data(config, runtime, resumed)
     parts = _build(config, runtime, data, model_builder)
-    step, elapsed_before = _restore(parts, *resumed) if resumed else (0, 0.0)
+    if resumed:
+        step, elapsed_before = _restore(parts, *resumed)
+    else:
+        step, elapsed_before = 0, 0.0
+        if config.train.init_from:
+            _initialise_from(parts, config.train.init_from)
     records = read_metrics(config.run_dir / _METRICS, step)
     runtime.barrier("run directory read")  # no rank reads a file the writer is about to rewrite
     session = session_record(str(runtime.device), torch.get_num_threads(), runtime.world_size, command)
@@ -460,6 +467,37 @@ def _restore(parts: RunParts, path: Path, saved: dict[str, Any]) -> tuple[int, f
     parts.loader.load_state_dict(saved["data"])
     set_rng_state(saved["rng"])
     return int(saved["step"]), float(saved["elapsed_s"])
+
+
+def _initialise_from(parts: RunParts, source: str) -> None:
+    """``train.init_from``: start from another run's model weights, every one but the routers'
+    (:class:`locmoe.config.TrainConfig`). ``ValueError`` naming what does not fit."""
+    path, saved = resolve_checkpoint(source)
+    if saved["tokenizer"] != parts.data.tokenizer.to_json():
+        raise ValueError(
+            f"cannot initialise from {path}: its tokenizer is not this run's (the embeddings index its vocabulary); "
+            "use the same corpus and vocab_size as that run"
+        )
+    model_keys = set(parts.model.state_dict())
+    router_prefixes = tuple(f"{name}.router." for name in _moe_layer_paths(parts.model))
+
+    def routed(key: str) -> bool:
+        return key.startswith(router_prefixes)
+
+    kept = {key: value for key, value in saved["model"].items() if not routed(key)}
+    missing = sorted(key for key in model_keys if not routed(key) and key not in kept)
+    if missing:
+        raise ValueError(f"cannot initialise from {path}: it has no {', '.join(missing[:5])}"
+                         f"{' …' if len(missing) > 5 else ''} (a model of another shape)")
+    try:
+        parts.runtime.load_model_state(parts.model, kept, strict=False)
+    except (ValueError, RuntimeError) as error:
+        raise ValueError(f"cannot initialise from {path}: {str(error).splitlines()[0]}") from None
+
+
+def _moe_layer_paths(model: nn.Module) -> list[str]:
+    """Module paths of the model's MoE layers (``blocks.1.ffn``, ...)."""
+    return [path for path, module in model.named_modules() if isinstance(module, MoELayer)]
 
 
 def _write_run_files(config: RunConfig, records: list[dict[str, Any]]) -> None:

@@ -321,8 +321,8 @@ class ExpertParallelRuntime:
         """Consolidated optimiser state keyed by parameter name (collective)."""
         return consolidated_optimizer_state(model, optimizer, self.groups)
 
-    def load_model_state(self, model: nn.Module, state: dict[str, Any]) -> None:
-        load_consolidated_state_dict(model, state, self.groups)
+    def load_model_state(self, model: nn.Module, state: dict[str, Any], *, strict: bool = True) -> None:
+        load_consolidated_state_dict(model, state, self.groups, strict=strict)
 
     def load_optimizer_state(self, model: nn.Module, optimizer: torch.optim.Optimizer, state: dict[str, Any]) -> None:
         load_consolidated_optimizer_state(model, optimizer, state)
