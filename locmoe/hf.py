@@ -98,6 +98,7 @@ SUPPORTED_BLOCKS: tuple[type[nn.Module], ...] = (
     Qwen3MoeSparseMoeBlock,
 )
 _AUX_HOOK = "_locmoe_aux_loss_hook"
+_MASK_HOOK = "_locmoe_attention_mask_hook"
 _ROUTER_LOGITS_KEY = "router_logits"  # the key of the models' OutputRecorder for router logits
 
 
@@ -150,6 +151,9 @@ class LocMoEBlock(nn.Module):
         self.hf_routing = hf_routing
         self.config = config
         self._router_probs: torch.Tensor | None = None
+        # The model's attention mask of the current forward ((B, T_total), 1 = a real token), set by
+        # the model's pre-hook (replace_moe_blocks); padding tokens are then left out of routing.
+        self.attention_mask: torch.Tensor | None = None
         moe.router.register_forward_hook(self._keep_router_probs)
 
     def _keep_router_probs(self, router: nn.Module, args: tuple, plan: Any) -> None:
@@ -157,20 +161,36 @@ class LocMoEBlock(nn.Module):
         them detached), for the recorded logits."""
         self._router_probs = plan.router_probs
 
-    def _logits(self, flat: torch.Tensor) -> torch.Tensor:
-        """The router logits to record (module docstring): the learned gate's, else ``log p``."""
+    def _logits(self, flat: torch.Tensor, real: torch.Tensor | None) -> torch.Tensor:
+        """The router logits to record (module docstring): the learned gate's, else ``log p`` (for the
+        ``real`` rows, when a mask left padding out of routing; padding rows get uniform logits)."""
         probs, self._router_probs = self._router_probs, None  # hold no graph between forwards (deepcopy)
         gate = getattr(self.moe.router, "gate", None)
         if isinstance(gate, nn.Linear):
             return nn.functional.linear(flat, gate.weight.to(flat.dtype))
+        logits = flat.new_zeros(flat.shape[0], self.moe.num_experts)
         if probs is None:  # a router without probabilities (``hash``): uniform logits
-            return flat.new_zeros(flat.shape[0], self.moe.num_experts)
-        return torch.log(probs.clamp_min(torch.finfo(probs.dtype).tiny))
+            return logits
+        log_probs = torch.log(probs.clamp_min(torch.finfo(probs.dtype).tiny)).to(flat.dtype)
+        return log_probs if real is None else logits.index_copy(0, real, log_probs)
+
+    def _token_mask(self, hidden_states: torch.Tensor) -> torch.Tensor | None:
+        """This forward's real tokens (``(B, T)`` bool) from the model's attention mask, or ``None``
+        when there is no usable 2-D mask or no padding. With a KV cache the mask covers the past too:
+        its last ``T`` columns are this forward's tokens."""
+        mask = self.attention_mask
+        batch, length = hidden_states.shape[0], hidden_states.shape[1]
+        if mask is None or mask.dim() != 2 or mask.shape[0] != batch or mask.shape[1] < length:
+            return None
+        mask = mask[:, -length:].to(device=hidden_states.device, dtype=torch.bool)
+        return None if bool(mask.all()) else mask
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        output = self.moe(hidden_states)
+        token_mask = self._token_mask(hidden_states) if hidden_states.dim() == 3 else None
+        output = self.moe(hidden_states, token_mask=token_mask)
         flat = hidden_states.reshape(-1, hidden_states.shape[-1])
-        self.router_logits(self._logits(flat))
+        real = None if token_mask is None else token_mask.reshape(-1).nonzero().squeeze(1)
+        self.router_logits(self._logits(flat, real))
         if self.shared_expert is not None:
             shared = self.shared_expert(flat)
             if self.shared_expert_gate is not None:
@@ -268,6 +288,15 @@ def _aux_loss_hook(module: nn.Module, args: tuple, output: Any) -> None:
     output.loss = output.loss + locmoe_aux_loss(module).to(output.loss.device)
 
 
+def _remember_attention_mask(module: nn.Module, args: tuple, kwargs: dict) -> None:
+    """Hand the model's ``attention_mask`` (keyword or second positional argument) to its locmoe
+    blocks, so padding tokens use no capacity and enter no router loss (:meth:`LocMoEBlock.forward`)."""
+    mask = kwargs.get("attention_mask", args[1] if len(args) > 1 else None)
+    mask = mask if isinstance(mask, torch.Tensor) else None
+    for _, block in locmoe_blocks(module):
+        block.attention_mask = mask
+
+
 def replace_moe_blocks(
     model: nn.Module,
     router: str = "locmoe_plus",
@@ -331,6 +360,8 @@ def replace_moe_blocks(
         replaced.append(name)
     if add_aux_loss and not hasattr(model, _AUX_HOOK):
         setattr(model, _AUX_HOOK, model.register_forward_hook(_aux_loss_hook))
+    if not hasattr(model, _MASK_HOOK):
+        setattr(model, _MASK_HOOK, model.register_forward_pre_hook(_remember_attention_mask, with_kwargs=True))
     return replaced
 
 
@@ -418,6 +449,10 @@ def export_hf(model: nn.Module) -> nn.Module:
     if handle is not None:
         handle.remove()
         delattr(model, _AUX_HOOK)
+    handle = getattr(model, _MASK_HOOK, None)
+    if handle is not None:
+        handle.remove()
+        delattr(model, _MASK_HOOK)
     return model
 
 

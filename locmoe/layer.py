@@ -168,7 +168,11 @@ class MoELayer(nn.Module):
         self.expert_nodes = nodes.to(self.expert_ids.device)
 
     def _check_inputs(
-        self, x: torch.Tensor, token_ids: torch.Tensor | None, token_nodes: torch.Tensor | None
+        self,
+        x: torch.Tensor,
+        token_ids: torch.Tensor | None,
+        token_nodes: torch.Tensor | None,
+        token_mask: torch.Tensor | None = None,
     ) -> None:
         if x.dim() < 1 or x.shape[-1] != self.d_model:
             raise ValueError(f"input's last dimension is {tuple(x.shape)[-1:]}, expected d_model={self.d_model}")
@@ -184,7 +188,15 @@ class MoELayer(nn.Module):
         elif not bool(torch.isfinite(x).all()):
             bad = int((~torch.isfinite(x)).sum())
             raise ValueError(f"input contains {bad} non-finite values (NaN or inf); MoELayer needs finite inputs")
-        for name, value in (("token_ids", token_ids), ("token_nodes", token_nodes)):
+        if token_mask is not None:
+            if token_mask.dtype != torch.bool:
+                raise ValueError(
+                    f"token_mask must be a bool tensor (True = a real token), got dtype {token_mask.dtype}"
+                )
+            if getattr(self.router.options, "scope", "batch") == "sequence":
+                raise ValueError("token_mask makes the real tokens of the input one routing group; the router's "
+                                 "scope='sequence' would need equal sequences: use scope='batch'")
+        for name, value in (("token_ids", token_ids), ("token_nodes", token_nodes), ("token_mask", token_mask)):
             if value is not None and tuple(value.shape) != tuple(x.shape[:-1]):
                 raise ValueError(
                     f"{name} has shape {tuple(value.shape)}; expected {tuple(x.shape[:-1])} (x's leading dims)"
@@ -201,17 +213,34 @@ class MoELayer(nn.Module):
         return self.dispatcher.routing_scope
 
     def forward(
-        self, x: torch.Tensor, token_ids: torch.Tensor | None = None, token_nodes: torch.Tensor | None = None
+        self,
+        x: torch.Tensor,
+        token_ids: torch.Tensor | None = None,
+        token_nodes: torch.Tensor | None = None,
+        token_mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """``x (..., d_model)`` -> same shape. ``token_ids (...)`` for ``hash``; ``token_nodes (...)``
-        the node each token comes from (locality loss / remote share)."""
-        self._check_inputs(x, token_ids, token_nodes)
+        the node each token comes from (locality loss / remote share); ``token_mask (...)`` bool, False
+        for padding: padding tokens are left out of routing (they use no capacity and enter no loss
+        or metric) and get a zero output. With a mask the real tokens of the whole input form the
+        routing group (a router's ``scope="sequence"`` is refused: its sequences would be ragged);
+        finding them costs one host synchronisation."""
+        self._check_inputs(x, token_ids, token_nodes, token_mask)
         leading_shape = x.shape[:-1]
         flat = x.reshape(-1, self.d_model)
+        ids = None if token_ids is None else token_ids.reshape(-1)
+        nodes = None if token_nodes is None else token_nodes.reshape(-1).long()
+        sequence_length = int(x.shape[-2]) if x.dim() >= 3 else None
+        real = None
+        if token_mask is not None:
+            real = token_mask.reshape(-1).nonzero().squeeze(1)
+            flat, sequence_length = flat.index_select(0, real), None
+            ids = None if ids is None else ids.index_select(0, real)
+            nodes = None if nodes is None else nodes.index_select(0, real)
         context = RoutingContext(
-            token_ids=None if token_ids is None else token_ids.reshape(-1),
-            sequence_length=int(x.shape[-2]) if x.dim() >= 3 else None,
-            token_nodes=None if token_nodes is None else token_nodes.reshape(-1).long(),
+            token_ids=ids,
+            sequence_length=sequence_length,
+            token_nodes=nodes,
             expert_nodes=self.expert_nodes,
             num_nodes=self.num_nodes if self.expert_nodes is not None else None,
         )
@@ -221,7 +250,10 @@ class MoELayer(nn.Module):
         self.aux_loss = sum(plan.losses.values(), flat.new_zeros(()))
         self.last_plan = plan.detached()  # for inspection; holding the graph would keep it alive
         self._record_metrics(flat, plan, result.processed_slots, context, result.metrics)
-        return result.output.view(*leading_shape, self.d_model)
+        output = result.output
+        if real is not None:  # padding rows: exactly zero (the residual carries them)
+            output = output.new_zeros(leading_shape.numel(), self.d_model).index_copy(0, real, output)
+        return output.view(*leading_shape, self.d_model)
 
     def _record_metrics(
         self,

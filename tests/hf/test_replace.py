@@ -17,7 +17,14 @@ transformers = pytest.importorskip("transformers")
 import torch  # noqa: E402
 from torch.nn import functional as F  # noqa: E402
 
-from locmoe.hf import LocMoEBlock, export_hf, locmoe_aux_loss, replace_moe_blocks, weight_copy_bytes  # noqa: E402
+from locmoe.hf import (  # noqa: E402
+    LocMoEBlock,
+    export_hf,
+    locmoe_aux_loss,
+    locmoe_blocks,
+    replace_moe_blocks,
+    weight_copy_bytes,
+)
 
 VOCAB = 64
 TOLERANCE = {"atol": 1e-5, "rtol": 1e-5}
@@ -212,3 +219,28 @@ def test_export_refuses_routers_without_an_hf_equivalent(router, options, messag
 def test_the_weight_copy_of_a_mixtral_8x7b_layer_is_2_8_gb_in_bf16():
     # n=8, d=4096, f=14336: 3·n·d·f = 1.41e9 weights, 2 bytes each (the figure in locmoe.hf's docstring).
     assert weight_copy_bytes(8, 4096, 14336, 2) == 2_818_572_288
+
+
+@pytest.mark.parametrize("name", ["mixtral", "olmoe"])
+def test_padding_tokens_use_no_capacity_and_do_not_change_the_real_tokens(name):
+    """Right padding, a capacity router: the real tokens' logits do not depend on what the padding
+    holds, and the routing group is exactly the real tokens (the attention mask reaches the blocks)."""
+    model, ids = build(name)
+    replace_moe_blocks(model, "locmoe_plus")
+    model.eval()
+    mask = torch.ones_like(ids)
+    mask[0, -3:] = 0  # the first sequence is 3 tokens shorter
+    other = ids.clone()
+    other[0, -3:] = (ids[0, -3:] + 7) % VOCAB  # different padding content
+    with torch.no_grad():
+        model(input_ids=ids)
+        for _, block in locmoe_blocks(model):
+            assert block.moe.last_plan.num_tokens == ids.numel()  # no mask: every token is routed
+        first = model(input_ids=ids, attention_mask=mask).logits
+        for _, block in locmoe_blocks(model):
+            assert block.moe.last_plan.num_tokens == int(mask.sum())  # the routing group: the real tokens
+        second = model(input_ids=other, attention_mask=mask).logits
+        unmasked = model(input_ids=ids).logits
+    real = mask.bool()
+    assert torch.equal(first[real], second[real])
+    assert not torch.equal(unmasked[real], first[real])  # without the mask the padding shares the routing group
