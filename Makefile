@@ -46,7 +46,7 @@ gpu-check:
 	PYTHONPATH=. $(GPU_PYTHON) benchmarks/gpu_check.py $(GPU_CHECK_ARGS)
 
 lint: $(STAMP)
-	$(PY) -m ruff check locmoe tests benchmarks
+	$(PY) -m ruff check locmoe tests benchmarks examples
 
 BENCH_STAMP := $(VENV)/.bench-installed
 $(BENCH_STAMP): $(STAMP)

@@ -1,0 +1,110 @@
+"""Continue training a Hugging Face MoE model with LocMoE+ routing, in a plain PyTorch loop.
+
+    python examples/hf_router_swap.py --model PATH_OR_HUB_NAME --router locmoe_plus --steps 100
+    python examples/hf_router_swap.py --tiny --steps 20          # a tiny random Mixtral, no download
+
+The model's sparse MoE blocks are swapped for locmoe layers that reuse its expert weights
+(``locmoe.hf.replace_moe_blocks``); the training loss then includes locmoe's router losses, and the
+attention mask keeps padding out of routing. The data is the text of locmoe's embedded corpus
+(the Python documentation) tokenised with the model's own tokenizer, or, with ``--tiny``, random token
+ids. After training, ``--save DIR`` writes the model with ``save_pretrained`` when its router has a
+Hugging Face equivalent (``topk``; ``locmoe.hf.export_hf``), else the locmoe state dict.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+import torch
+import transformers
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from locmoe.data.corpus import load_corpus  # noqa: E402
+from locmoe.hf import export_hf, locmoe_blocks, replace_moe_blocks  # noqa: E402
+
+
+def tiny_mixtral(vocab: int = 64) -> transformers.PreTrainedModel:
+    """A tiny random Mixtral (4 experts, top-2) for trying the swap without a download."""
+    config = transformers.MixtralConfig(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=2, vocab_size=vocab, num_attention_heads=4,
+        num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2, pad_token_id=0,
+    )
+    return transformers.MixtralForCausalLM(config)
+
+
+def batches(args: argparse.Namespace, vocab: int, generator: torch.Generator):  # noqa: ANN201
+    """``(input_ids, attention_mask)`` batches: corpus windows (the model's tokenizer), or random ids
+    with ragged lengths (right padding) for ``--tiny``."""
+    if args.tiny:
+        while True:
+            ids = torch.randint(3, vocab, (args.batch_size, args.seq_len), generator=generator)
+            lengths = torch.randint(args.seq_len // 2, args.seq_len + 1, (args.batch_size,), generator=generator)
+            mask = (torch.arange(args.seq_len)[None, :] < lengths[:, None]).long()
+            yield ids.masked_fill(mask == 0, 0), mask
+    tokenizer = transformers.AutoTokenizer.from_pretrained(args.model)
+    text = load_corpus("python-docs", Path(args.cache_dir), max_chars=args.max_chars).text
+    tokens = torch.tensor(tokenizer(text)["input_ids"])
+    windows = tokens.numel() // args.seq_len
+    while True:
+        starts = torch.randint(0, windows, (args.batch_size,), generator=generator) * args.seq_len
+        ids = torch.stack([tokens[s : s + args.seq_len] for s in starts.tolist()])
+        yield ids, torch.ones_like(ids)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--model", help="a local folder or hub name of a Mixtral / Qwen2-MoE / OLMoE model")
+    source.add_argument("--tiny", action="store_true", help="a tiny random Mixtral instead")
+    parser.add_argument("--router", default="locmoe_plus")
+    parser.add_argument("--router-options", default="{}", help='JSON, e.g. \'{"tau": 0.8}\'')
+    parser.add_argument("--steps", type=int, default=100)
+    parser.add_argument("--batch-size", type=int, default=4)
+    parser.add_argument("--seq-len", type=int, default=128)
+    parser.add_argument("--lr", type=float, default=1e-4)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--cache-dir", default=str(Path.home() / ".cache" / "locmoe"))
+    parser.add_argument("--max-chars", type=int, default=2_000_000)
+    parser.add_argument("--save", help="folder to save the trained model in")
+    args = parser.parse_args(argv)
+
+    torch.manual_seed(args.seed)
+    model = tiny_mixtral() if args.tiny else transformers.AutoModelForCausalLM.from_pretrained(args.model)
+    swapped = replace_moe_blocks(model, args.router, **json.loads(args.router_options))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr)  # after the swap: the new parameters
+    model.train()
+    data = batches(args, model.config.vocab_size, torch.Generator().manual_seed(args.seed))
+    losses, started = [], time.perf_counter()
+    for step in range(1, args.steps + 1):
+        ids, mask = next(data)
+        labels = ids.masked_fill(mask == 0, -100)  # no loss on padding
+        loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss  # includes locmoe's router losses
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        losses.append(float(loss.detach()))
+        if step % max(1, args.steps // 10) == 0 or step == args.steps:
+            kept = [block.moe.last_metrics["drop_rate"] for _, block in locmoe_blocks(model)]
+            print(f"step {step}/{args.steps}  loss {losses[-1]:.4f}  drop {sum(kept) / len(kept):.3f}", flush=True)
+    result = {"swapped_blocks": swapped, "first_loss": losses[0], "last_loss": losses[-1],
+              "seconds": time.perf_counter() - started}
+    if args.save:
+        try:
+            export_hf(model).save_pretrained(args.save)
+            result["saved"] = "save_pretrained"
+        except ValueError as reason:  # a router with no Hugging Face equivalent: keep locmoe's weights
+            Path(args.save).mkdir(parents=True, exist_ok=True)
+            torch.save(model.state_dict(), Path(args.save) / "locmoe_state_dict.pt")
+            result["saved"] = f"locmoe state dict ({reason})"
+    assert all(math.isfinite(loss) for loss in losses), "the loss became non-finite"
+    print(json.dumps(result))
+    return result
+
+
+if __name__ == "__main__":
+    main()
