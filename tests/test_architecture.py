@@ -24,7 +24,7 @@ TIERS: list[set[str]] = [
     {"locmoe.hf"},  # Hugging Face adapters: the layer, routers and experts; never train/compare/cli
     {"locmoe.parallel", "locmoe.config"},
     {"locmoe.model", "locmoe.data", "locmoe.checkpoint"},
-    {"locmoe.run_summary", "locmoe.export"},
+    {"locmoe.run_summary", "locmoe.export", "locmoe.cloze"},
     {"locmoe.train"},
     {"locmoe.compare", "locmoe.demo"},
     {"locmoe.cli", "locmoe"},
