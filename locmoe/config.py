@@ -186,8 +186,10 @@ class TrainConfig:
     ``init_from``: a run folder (its newest checkpoint) or checkpoint file whose model weights start
     this run, all of them except the MoE routers', which this run's ``router`` and options build afresh
     (continued training with a router swap; the optimiser, schedule and data position start anew).
-    Every other weight must exist with the same shape, and the checkpoint's tokenizer must be this
-    run's (the embeddings index its vocabulary); anything else is refused before training starts.
+    Every other weight must exist with the same shape (anything else is refused before training
+    starts), and the run tokenises its corpus with the checkpoint's tokenizer (the embeddings index
+    its vocabulary), so a model pretrained on one corpus continues on another (``data.vocab_size``
+    must be the tokenizer's).
 
     ``log_every`` = ``N`` prints a plain line every ``N`` steps (step, loss, lr, tokens/s, mean drop
     rate, validation loss when evaluated) for logs that a progress bar garbles; 0 (default) = every

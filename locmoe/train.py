@@ -78,6 +78,7 @@ from locmoe.checkpoint import (
 from locmoe.config import ModelConfig, RunConfig, TrainConfig, to_toml
 from locmoe.data.dataset import PreparedData, prepare_data
 from locmoe.data.loader import BatchLoader, validation_batches
+from locmoe.data.tokenizer import BPETokenizer
 from locmoe.device import forward_precision, local_rank, resolve_device, to_device, use_deterministic_algorithms
 from locmoe.layer import MoELayer
 from locmoe.metrics import ClusterStatistics
@@ -407,6 +408,15 @@ def _check_restart_from_step_zero(run_dir: Path, config: RunConfig) -> None:
 _PREPARATION_NOTICE_S = 2.0  # data preparation slower than this gets a line saying so
 
 
+def _say(line: str) -> None:
+    """Print ``line`` to the current stderr (looked up now: a timer may fire after the caller's stream
+    was swapped); a stream already closed drops it rather than failing a thread."""
+    try:
+        tqdm.write(line, file=sys.stderr)
+    except ValueError:  # I/O on a closed file
+        pass
+
+
 def _prepare_data(
     config: RunConfig, runtime: ExpertParallelRuntime, resumed: tuple[Path, dict[str, Any]] | None
 ) -> PreparedData:
@@ -415,14 +425,18 @@ def _prepare_data(
     # A first use trains the tokenizer and tokenises the corpus (tens of seconds): if it is not done in
     # a moment, say what is happening rather than sit silent (a quick failure prints only its error).
     started = time.perf_counter()
-    notice = threading.Timer(_PREPARATION_NOTICE_S, tqdm.write, args=(
+    notice = threading.Timer(_PREPARATION_NOTICE_S, _say, args=(
         f"preparing data: corpus {config.data.corpus!r}, a tokenizer of {config.data.vocab_size} symbols and the "
         "token ids (first use; later runs read them from the cache) ...",
-    ), kwargs={"file": sys.stderr})
+    ))
     if runtime.is_writer:
         notice.start()
+    tokenizer = None
+    if config.train.init_from:  # continuing another run's model: its tokenizer, whatever the corpus
+        saved = resumed[1] if resumed else resolve_checkpoint(config.train.init_from)[1]
+        tokenizer = BPETokenizer.from_json(saved["tokenizer"])
     try:
-        data = runtime.writer_first(lambda: prepare_data(config.data), "data preparation")
+        data = runtime.writer_first(lambda: prepare_data(config.data, tokenizer), "data preparation")
     finally:
         notice.cancel()
     if notice.finished.is_set() and time.perf_counter() - started >= _PREPARATION_NOTICE_S:

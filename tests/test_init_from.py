@@ -37,7 +37,20 @@ def test_incompatible_sources_are_refused_in_one_line(tmp_path, cache_dir, capsy
     assert len(error) == 1 and "cannot initialise from" in error[0] and "experts.w_in" in error[0]
     assert main(["train", *tiny_flags(cache_dir), "--steps", "1", "--vocab-size", "600", "--out", str(tmp_path / "v"),
                  "--init-from", str(tmp_path / "base")]) == 2
-    assert "tokenizer is not this run's" in capsys.readouterr().err
+    assert "data.vocab_size=600 but the given tokenizer has 512 ids; allowed: 512" in capsys.readouterr().err
     assert not (tmp_path / "wide").exists() and not (tmp_path / "v").exists()
     with pytest.raises(ValueError, match="no valid checkpoint"):
         train(tiny_config(cache_dir, tmp_path / "x", steps=1, init_from=str(tmp_path)))
+
+
+def test_a_model_continues_on_another_corpus_with_its_own_tokenizer(tmp_path, cache_dir):  # noqa: F811
+    """Pretrain on the embedded Python docs, continue on another text (a domain corpus) with a router
+    swap: the continued run tokenises the new text with the base's tokenizer."""
+    train(tiny_config(cache_dir, tmp_path / "base", router="topk", steps=2, eval_every=0))
+    lines = [f"interface eth{i % 7} route {i * 13 % 97} via gateway {i % 11} mtu {1500 - i % 40}" for i in range(4000)]
+    (tmp_path / "domain.txt").write_text("\n".join(lines))
+    train(tiny_config(cache_dir, tmp_path / "domain", router="locmoe_plus", steps=2, eval_every=2,
+                      corpus=str(tmp_path / "domain.txt"), init_from=str(tmp_path / "base")))
+    base, domain = (latest_checkpoint(tmp_path / name)[1] for name in ("base", "domain"))
+    assert domain["tokenizer"] == base["tokenizer"]
+    assert domain["corpus_sha256"] != base["corpus_sha256"]

@@ -51,13 +51,22 @@ def _save_ids(path: Path, ids: np.ndarray) -> None:
     write_atomic(path, buffer.getvalue())
 
 
-def prepare_data(config: DataConfig) -> PreparedData:
-    """Load and check the corpus, split it, get the (cached) tokenizer and the (cached) token ids."""
+def prepare_data(config: DataConfig, tokenizer: BPETokenizer | None = None) -> PreparedData:
+    """Load and check the corpus, split it, get the (cached) tokenizer and the (cached) token ids.
+
+    ``tokenizer``: use this one instead of the corpus's own (e.g. the tokenizer of a model trained on
+    another corpus, to continue it on this one: its embeddings index that vocabulary)."""
     cache_dir = resolve_cache_dir(config.cache_dir)
     corpus = load_corpus(config.corpus, cache_dir, config.max_chars)
     train_blocks, validation_blocks = split_text(corpus.text, config.validation_fraction, config.split_block_chars)
     split = _split_label(config)
-    tokenizer = load_or_train(train_blocks, corpus.sha256, config.vocab_size, split, cache_dir)
+    if tokenizer is None:
+        tokenizer = load_or_train(train_blocks, corpus.sha256, config.vocab_size, split, cache_dir)
+    elif tokenizer.vocab_size != config.vocab_size:
+        raise ValueError(
+            f"data.vocab_size={config.vocab_size} but the given tokenizer has {tokenizer.vocab_size} ids; "
+            f"allowed: {tokenizer.vocab_size}"
+        )
     key = hashlib.sha256(f"{tokenizer.fingerprint}:{corpus.sha256}:{split}".encode()).hexdigest()[:16]
     folder = cache_dir / "tokens" / key
     streams = {}
