@@ -31,7 +31,6 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import NoReturn
 
-from locmoe.checkpoint import resolve_checkpoint
 from locmoe.cloze import build_questions, cloze_accuracy
 from locmoe.compare import cli as compare_cli
 from locmoe.config import (
@@ -51,9 +50,7 @@ from locmoe.data.dataset import prepare_data
 from locmoe.data.tokenizer import BPETokenizer
 from locmoe.demo import run_demo
 from locmoe.experts import available_backends
-from locmoe.export import EXPORT_FORMATS, export_checkpoint
-from locmoe.model import build_model
-from locmoe.parallel.runtime import ExpertParallelRuntime
+from locmoe.export import EXPORT_FORMATS, checkpoint_model, export_checkpoint
 from locmoe.routing.registry import available_routers, options_class
 from locmoe.run_summary import format_summary
 from locmoe.train import evaluate, train
@@ -179,23 +176,6 @@ def _add_checkpoint_argument(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def _load_for_inference(path: str):
-    checkpoint_path, state = resolve_checkpoint(path)
-    try:
-        config = RunConfig.from_dict(state["config"])
-    except (ValueError, TypeError) as error:
-        raise ValueError(f"checkpoint {checkpoint_path} has a config this locmoe cannot use: {error}") from None
-    # One process, whatever the run's number of ranks: the checkpoint holds every expert.
-    runtime = ExpertParallelRuntime.single_process()
-    model = runtime.build_model(build_model, config.model, config.data.vocab_size)
-    try:
-        runtime.load_model_state(model, state["model"])
-    except ValueError as error:
-        raise ValueError(f"cannot load {checkpoint_path}: {error}") from None
-    model.eval()
-    return checkpoint_path, state, config, model
-
-
 def _add_eval_arguments(parser: argparse.ArgumentParser) -> None:
     _add_checkpoint_argument(parser)
     parser.add_argument("--batches", default="0", metavar="N", help="validation batches to use (0 = all; default 0)")
@@ -218,7 +198,7 @@ def _non_negative_int(name: str, text: str) -> int:
 
 def _run_eval(args: argparse.Namespace) -> int:
     batches = _non_negative_int("--batches", args.batches)
-    path, state, config, model = _load_for_inference(args.checkpoint)
+    path, state, config, model = checkpoint_model(args.checkpoint)
     data = prepare_data(config.data)
     if data.tokenizer.to_json() != state["tokenizer"]:
         raise ValueError(f"the tokenizer built for {config.data.corpus!r} differs from the one in {path}")
@@ -294,7 +274,7 @@ def _run_sample(args: argparse.Namespace) -> int:
         raise ValueError(f"--top-p={args.top_p!r} is invalid; allowed: a number in (0, 1] (1 = off)")
     if not args.prompt:
         raise ValueError("--prompt is empty; give some text to continue")
-    _, state, _, model = _load_for_inference(args.checkpoint)
+    _, state, _, model = checkpoint_model(args.checkpoint)
     tokenizer = BPETokenizer.from_json(state["tokenizer"])
     prompt = torch.tensor([tokenizer.encode(args.prompt)], dtype=torch.long)
     blocker = model.kv_cache_blocker()

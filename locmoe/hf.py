@@ -163,7 +163,8 @@ class LocMoEBlock(nn.Module):
 
     def _logits(self, flat: torch.Tensor, real: torch.Tensor | None) -> torch.Tensor:
         """The router logits to record (module docstring): the learned gate's, else ``log p`` (for the
-        ``real`` rows, when a mask left padding out of routing; padding rows get uniform logits)."""
+        rows ``real`` marks, ``(B·T,)`` bool, when a mask left padding out of routing; padding rows
+        get uniform logits)."""
         probs, self._router_probs = self._router_probs, None  # hold no graph between forwards (deepcopy)
         gate = getattr(self.moe.router, "gate", None)
         if isinstance(gate, nn.Linear):
@@ -172,7 +173,7 @@ class LocMoEBlock(nn.Module):
         if probs is None:  # a router without probabilities (``hash``): uniform logits
             return logits
         log_probs = torch.log(probs.clamp_min(torch.finfo(probs.dtype).tiny)).to(flat.dtype)
-        return log_probs if real is None else logits.index_copy(0, real, log_probs)
+        return log_probs if real is None else logits.masked_scatter(real[:, None].expand_as(logits), log_probs)
 
     def _token_mask(self, hidden_states: torch.Tensor) -> torch.Tensor | None:
         """This forward's real tokens (``(B, T)`` bool) from the model's attention mask, or ``None``
@@ -189,8 +190,7 @@ class LocMoEBlock(nn.Module):
         token_mask = self._token_mask(hidden_states) if hidden_states.dim() == 3 else None
         output = self.moe(hidden_states, token_mask=token_mask)
         flat = hidden_states.reshape(-1, hidden_states.shape[-1])
-        real = None if token_mask is None else token_mask.reshape(-1).nonzero().squeeze(1)
-        self.router_logits(self._logits(flat, real))
+        self.router_logits(self._logits(flat, None if token_mask is None else token_mask.reshape(-1)))
         if self.shared_expert is not None:
             shared = self.shared_expert(flat)
             if self.shared_expert_gate is not None:

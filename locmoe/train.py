@@ -305,14 +305,18 @@ def _setup(
     checkpoint; only then does the writer write. So every check that can fail on user input (a
     resumed state that does not fit the model included) fails before anything is written."""
     resumed = _check_output_and_resume(config, runtime, resume)
-    data = _prepare_data(config, runtime, resumed)
+    # train.init_from: the other run's checkpoint, read once (its tokenizer tokenises this corpus, its
+    # weights start the model); a resumed run already holds both.
+    source = resolve_checkpoint(config.train.init_from) if config.train.init_from and not resumed else None
+    tokenizer = (resumed or source)[1]["tokenizer"] if config.train.init_from else None
+    data = _prepare_data(config, runtime, resumed, tokenizer)
     parts = _build(config, runtime, data, model_builder)
     if resumed:
         step, elapsed_before = _restore(parts, *resumed)
     else:
         step, elapsed_before = 0, 0.0
-        if config.train.init_from:
-            _initialise_from(parts, config.train.init_from)
+        if source:
+            _initialise_from(parts, *source)
     records = read_metrics(config.run_dir / _METRICS, step)
     runtime.barrier("run directory read")  # no rank reads a file the writer is about to rewrite
     session = session_record(str(runtime.device), torch.get_num_threads(), runtime.world_size, command)
@@ -418,9 +422,13 @@ def _say(line: str) -> None:
 
 
 def _prepare_data(
-    config: RunConfig, runtime: ExpertParallelRuntime, resumed: tuple[Path, dict[str, Any]] | None
+    config: RunConfig,
+    runtime: ExpertParallelRuntime,
+    resumed: tuple[Path, dict[str, Any]] | None,
+    tokenizer_json: str | None = None,
 ) -> PreparedData:
-    """The run's data; a resumed run's corpus text and tokenizer must be its checkpoint's."""
+    """The run's data (tokenised with ``tokenizer_json`` when given, else the corpus's own tokenizer);
+    a resumed run's corpus text and tokenizer must be its checkpoint's."""
     # The writer fills the tokenizer and token caches; the other ranks then read them.
     # A first use trains the tokenizer and tokenises the corpus (tens of seconds): if it is not done in
     # a moment, say what is happening rather than sit silent (a quick failure prints only its error).
@@ -431,10 +439,7 @@ def _prepare_data(
     ))
     if runtime.is_writer:
         notice.start()
-    tokenizer = None
-    if config.train.init_from:  # continuing another run's model: its tokenizer, whatever the corpus
-        saved = resumed[1] if resumed else resolve_checkpoint(config.train.init_from)[1]
-        tokenizer = BPETokenizer.from_json(saved["tokenizer"])
+    tokenizer = None if tokenizer_json is None else BPETokenizer.from_json(tokenizer_json)
     try:
         data = runtime.writer_first(lambda: prepare_data(config.data, tokenizer), "data preparation")
     finally:
@@ -483,23 +488,13 @@ def _restore(parts: RunParts, path: Path, saved: dict[str, Any]) -> tuple[int, f
     return int(saved["step"]), float(saved["elapsed_s"])
 
 
-def _initialise_from(parts: RunParts, source: str) -> None:
-    """``train.init_from``: start from another run's model weights, every one but the routers'
-    (:class:`locmoe.config.TrainConfig`). ``ValueError`` naming what does not fit."""
-    path, saved = resolve_checkpoint(source)
-    if saved["tokenizer"] != parts.data.tokenizer.to_json():
-        raise ValueError(
-            f"cannot initialise from {path}: its tokenizer is not this run's (the embeddings index its vocabulary); "
-            "use the same corpus and vocab_size as that run"
-        )
-    model_keys = set(parts.model.state_dict())
-    router_prefixes = tuple(f"{name}.router." for name in _moe_layer_paths(parts.model))
-
-    def routed(key: str) -> bool:
-        return key.startswith(router_prefixes)
-
-    kept = {key: value for key, value in saved["model"].items() if not routed(key)}
-    missing = sorted(key for key in model_keys if not routed(key) and key not in kept)
+def _initialise_from(parts: RunParts, path: Path, saved: dict[str, Any]) -> None:
+    """``train.init_from``: start from the weights of another run's checkpoint ``saved`` (read from
+    ``path``), every one but the routers' (:class:`locmoe.config.TrainConfig`; the data already uses
+    its tokenizer). ``ValueError`` naming what does not fit."""
+    routers = tuple(f"{name}.router." for name in _moe_layer_paths(parts.model))
+    kept = {key: value for key, value in saved["model"].items() if not key.startswith(routers)}
+    missing = sorted(key for key in parts.model.state_dict() if not key.startswith(routers) and key not in kept)
     if missing:
         raise ValueError(f"cannot initialise from {path}: it has no {', '.join(missing[:5])}"
                          f"{' …' if len(missing) > 5 else ''} (a model of another shape)")

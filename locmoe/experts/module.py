@@ -112,7 +112,9 @@ class GroupedExperts(nn.Module):
 
     def backend_for(self, weight: torch.Tensor) -> ExpertsBackend:
         """The backend that computes with weights like ``weight`` (its device and compute dtype)."""
-        name = resolve_backend(self.backend_name, weight.device, self.d_model, self.d_ff, weight.dtype)
+        name = self.backend_name
+        if name == "auto":  # resolved for the device and dtype of this call (cached probes: cheap)
+            name = resolve_backend(name, weight.device, self.d_model, self.d_ff, weight.dtype)
         if name not in self._backends:
             self._backends[name] = BACKENDS[name]()
         return self._backends[name]
