@@ -177,14 +177,13 @@ class LocMoEBlock(nn.Module):
 
     def _token_mask(self, hidden_states: torch.Tensor) -> torch.Tensor | None:
         """This forward's real tokens (``(B, T)`` bool) from the model's attention mask, or ``None``
-        when there is no usable 2-D mask or no padding. With a KV cache the mask covers the past too:
-        its last ``T`` columns are this forward's tokens."""
+        when there is no usable 2-D mask or no padding (decided once per model forward). With a KV
+        cache the mask covers the past too: its last ``T`` columns are this forward's tokens."""
         mask = self.attention_mask
         batch, length = hidden_states.shape[0], hidden_states.shape[1]
         if mask is None or mask.dim() != 2 or mask.shape[0] != batch or mask.shape[1] < length:
             return None
-        mask = mask[:, -length:].to(device=hidden_states.device, dtype=torch.bool)
-        return None if bool(mask.all()) else mask
+        return mask[:, -length:].to(device=hidden_states.device, dtype=torch.bool)
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         token_mask = self._token_mask(hidden_states) if hidden_states.dim() == 3 else None
@@ -292,7 +291,9 @@ def _remember_attention_mask(module: nn.Module, args: tuple, kwargs: dict) -> No
     """Hand the model's ``attention_mask`` (keyword or second positional argument) to its locmoe
     blocks, so padding tokens use no capacity and enter no router loss (:meth:`LocMoEBlock.forward`)."""
     mask = kwargs.get("attention_mask", args[1] if len(args) > 1 else None)
-    mask = mask if isinstance(mask, torch.Tensor) else None
+    # One look at the mask per model forward (a host synchronisation), not one per block: no padding
+    # means no mask.
+    mask = mask if isinstance(mask, torch.Tensor) and not bool(mask.bool().all()) else None
     for _, block in locmoe_blocks(module):
         block.attention_mask = mask
 
