@@ -1,7 +1,7 @@
 """The ``locmoe`` command (also ``python -m locmoe``): argument parsing only.
 
     locmoe train --router locmoe_plus --steps 300 --out runs/NAME [--config FILE.toml] [--resume] [--FIELD VALUE ...]
-    locmoe eval --checkpoint PATH            (validation loss / perplexity)
+    locmoe eval --checkpoint PATH [--corpus NAME] [--cloze N]   (validation perplexity, cloze accuracy)
     locmoe sample --checkpoint PATH --prompt TEXT [--max-new-tokens N] [--temperature T] [--top-k K]
                   [--top-p P] [--seed S] [--no-cache]     (KV-cached decoding; tokens/s on stderr)
     locmoe demo
@@ -28,14 +28,14 @@ import os
 import signal
 import sys
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import NoReturn
 
-from locmoe.cloze import build_questions, cloze_accuracy
 from locmoe.compare import cli as compare_cli
 from locmoe.config import (
     ACTIVATIONS,
     DISPATCH_MODES,
+    INIT_ROUTER_MODES,
     POSITIONS,
     PRECISIONS,
     ROUTING_SCOPES,
@@ -46,14 +46,14 @@ from locmoe.config import (
     load_config_file,
     parse_field,
 )
-from locmoe.data.dataset import prepare_data
 from locmoe.data.tokenizer import BPETokenizer
 from locmoe.demo import run_demo
+from locmoe.evaluation import ClozeSettings, held_out_scores
 from locmoe.experts import available_backends
 from locmoe.export import EXPORT_FORMATS, checkpoint_model, export_checkpoint
 from locmoe.routing.registry import available_routers, options_class
 from locmoe.run_summary import format_summary
-from locmoe.train import evaluate, train
+from locmoe.train import train
 
 EXIT_USAGE = 2
 
@@ -103,6 +103,7 @@ def _add_train_arguments(parser: argparse.ArgumentParser) -> None:
         "corpus": ("python-docs", "linux-docs", "linux-docs-networking", "PATH"),
         "simulated_placement": SIMULATED_PLACEMENTS, "routing_scope": ROUTING_SCOPES, "precision": PRECISIONS,
         "device": ("auto", "cpu", "cuda", "cuda:N"), "experts_backend": ("auto", *available_backends()),
+        "init_router": INIT_ROUTER_MODES,
     }
     for name, kind in field_types().items():
         flags = [f"--{name.replace('_', '-')}"] + ([f"--{name}"] if "_" in name else [])
@@ -179,6 +180,10 @@ def _add_checkpoint_argument(parser: argparse.ArgumentParser) -> None:
 def _add_eval_arguments(parser: argparse.ArgumentParser) -> None:
     _add_checkpoint_argument(parser)
     parser.add_argument("--batches", default="0", metavar="N", help="validation batches to use (0 = all; default 0)")
+    parser.add_argument("--corpus", metavar="NAME",
+                        help="score on this corpus's validation split instead of the run's own (python-docs, "
+                             "linux-docs, linux-docs-networking or a PATH; the run's other data settings and the "
+                             "checkpoint's tokenizer): e.g. what a model continued on domain text forgot of its pretraining")
     parser.add_argument("--cloze", default="0", metavar="N",
                         help="also a multiple-choice cloze test of N questions built from the validation text "
                              "(true continuation vs 3 from other passages; accuracy with a 95 %% interval; 0 = off)")
@@ -198,28 +203,21 @@ def _non_negative_int(name: str, text: str) -> int:
 
 def _run_eval(args: argparse.Namespace) -> int:
     batches = _non_negative_int("--batches", args.batches)
+    cloze = ClozeSettings(_non_negative_int("--cloze", args.cloze), _non_negative_int("--cloze-seed", args.cloze_seed))
     path, state, config, model = checkpoint_model(args.checkpoint)
-    data = prepare_data(config.data)
-    if data.tokenizer.to_json() != state["tokenizer"]:
-        raise ValueError(f"the tokenizer built for {config.data.corpus!r} differs from the one in {path}")
-    result = evaluate(model, data.validation_ids, config.train.batch_size, batches, precision=config.train.precision)
-    result = {"checkpoint": str(path), "step": int(state["step"]), "corpus": data.corpus_name, **result}
-    questions = _non_negative_int("--cloze", args.cloze)
-    if questions:
-        seed = _non_negative_int("--cloze-seed", args.cloze_seed)
-        continuation = min(16, model.config.seq_len // 4)  # the sizes fit the model's context window
-        context = min(48, model.config.seq_len - continuation)
-        test = build_questions(data.validation_ids, questions, context, continuation, seed=seed)
-        result.update(cloze_accuracy(model, test))
+    data = config.data if args.corpus is None else replace(config.data, corpus=args.corpus)
+    tokenizer = BPETokenizer.from_json(state["tokenizer"])
+    result = held_out_scores(model, tokenizer, data, config.train.batch_size, batches, config.train.precision, cloze)
+    result = {"checkpoint": str(path), "step": int(state["step"]), **result}
     if args.json:
         print(json.dumps(result))
     else:
         print(
             f"{path} (step {result['step']}): validation loss {result['val_loss']:.4f} nats, "
-            f"perplexity {result['val_perplexity']:.2f} over {result['val_tokens']:,} tokens of {data.corpus_name}"
+            f"perplexity {result['val_perplexity']:.2f} over {result['val_tokens']:,} tokens of {result['corpus']}"
         )
-        if questions:
-            print(f"cloze: {result['cloze_accuracy']:.3f} of {questions} questions (95 % interval "
+        if cloze.questions:
+            print(f"cloze: {result['cloze_accuracy']:.3f} of {cloze.questions} questions (95 % interval "
                   f"{result['cloze_low']:.3f}–{result['cloze_high']:.3f}; chance {result['cloze_chance']:.3f})")
     return 0
 

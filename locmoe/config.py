@@ -29,6 +29,7 @@ else:  # pragma: no cover - exercised only on Python 3.10
 POSITIONS = ("rotary", "learned")
 CAPACITY_WORDS = ("default", "dropless")
 SIMULATED_PLACEMENTS = ("rows", "corpus")
+INIT_ROUTER_MODES = ("matching", "fresh")
 
 
 @dataclass(frozen=True)
@@ -184,12 +185,16 @@ class TrainConfig:
     leaves torch's thread count alone.
 
     ``init_from``: a run folder (its newest checkpoint) or checkpoint file whose model weights start
-    this run, all of them except the MoE routers', which this run's ``router`` and options build afresh
-    (continued training with a router swap; the optimiser, schedule and data position start anew).
-    Every other weight must exist with the same shape (anything else is refused before training
-    starts), and the run tokenises its corpus with the checkpoint's tokenizer (the embeddings index
-    its vocabulary), so a model pretrained on one corpus continues on another (``data.vocab_size``
-    must be the tokenizer's).
+    this run (continued training, with a router swap when ``router`` differs; the optimiser, schedule
+    and data position start anew). Every weight outside the MoE routers must exist with the same shape
+    (anything else is refused before training starts), and the run tokenises its corpus with the
+    checkpoint's tokenizer (the embeddings index its vocabulary), so a model pretrained on one corpus
+    continues on another (``data.vocab_size`` must be the tokenizer's). ``init_router`` says what
+    the routers start from **(ours)**: ``"matching"`` (default) takes every router tensor the
+    checkpoint holds under the same name and shape (a ``topk`` run continued as ``topk``, ``switch``
+    or ``expert_choice`` keeps its trained gate; a LocMoE+ run keeps its capacity state) and builds the
+    rest as this run's router does (the GrAP routers of ``locmoe``/``locmoe_plus`` have no learned
+    gate); ``"fresh"`` builds every router tensor anew (design §9).
 
     ``log_every`` = ``N`` prints a plain line every ``N`` steps (step, loss, lr, tokens/s, mean drop
     rate, validation loss when evaluated) for logs that a progress bar garbles; 0 (default) = every
@@ -226,6 +231,7 @@ class TrainConfig:
     steps: int = 1000
     stop_after: int = 0
     init_from: str = ""
+    init_router: str = "matching"
     batch_size: int = 16
     grad_accum: int = 1
     lr: float = 3e-3
@@ -255,6 +261,7 @@ class TrainConfig:
         config_integer("train.stop_after", self.stop_after, 0)
         if not isinstance(self.init_from, str):
             invalid("train.init_from", self.init_from, "a run folder or checkpoint file ('' = a new model)")
+        config_choice("train.init_router", self.init_router, INIT_ROUTER_MODES)
         config_integer("train.batch_size", self.batch_size, 1)
         config_integer("train.grad_accum", self.grad_accum, 1)
         if self.batch_size % self.grad_accum:

@@ -490,18 +490,33 @@ def _restore(parts: RunParts, path: Path, saved: dict[str, Any]) -> tuple[int, f
 
 def _initialise_from(parts: RunParts, path: Path, saved: dict[str, Any]) -> None:
     """``train.init_from``: start from the weights of another run's checkpoint ``saved`` (read from
-    ``path``), every one but the routers' (:class:`locmoe.config.TrainConfig`; the data already uses
-    its tokenizer). ``ValueError`` naming what does not fit."""
+    ``path``): every weight outside the routers, and the router tensors ``train.init_router`` keeps
+    (:class:`locmoe.config.TrainConfig`; the data already uses its tokenizer). ``ValueError`` naming
+    what does not fit."""
     routers = tuple(f"{name}.router." for name in _moe_layer_paths(parts.model))
     kept = {key: value for key, value in saved["model"].items() if not key.startswith(routers)}
     missing = sorted(key for key in parts.model.state_dict() if not key.startswith(routers) and key not in kept)
     if missing:
         raise ValueError(f"cannot initialise from {path}: it has no {', '.join(missing[:5])}"
                          f"{' …' if len(missing) > 5 else ''} (a model of another shape)")
+    if parts.config.train.init_router == "matching":
+        kept.update(matching_router_tensors(parts.model.state_dict(), saved["model"], routers))
     try:
         parts.runtime.load_model_state(parts.model, kept, strict=False)
     except (ValueError, RuntimeError) as error:
         raise ValueError(f"cannot initialise from {path}: {str(error).splitlines()[0]}") from None
+
+
+def matching_router_tensors(
+    own: dict[str, torch.Tensor], saved: dict[str, torch.Tensor], prefixes: tuple[str, ...]
+) -> dict[str, torch.Tensor]:
+    """The router tensors of ``saved`` (keys under ``prefixes``) that ``own`` holds under the same
+    name, shape and dtype: what ``init_router="matching"`` carries over."""
+    return {
+        key: value for key, value in saved.items()
+        if key.startswith(prefixes) and key in own
+        and tuple(own[key].shape) == tuple(value.shape) and own[key].dtype == value.dtype
+    }
 
 
 def _moe_layer_paths(model: nn.Module) -> list[str]:

@@ -26,6 +26,7 @@ TIERS: list[set[str]] = [
     {"locmoe.model", "locmoe.data", "locmoe.checkpoint"},
     {"locmoe.run_summary", "locmoe.export", "locmoe.cloze"},
     {"locmoe.train"},
+    {"locmoe.evaluation"},
     {"locmoe.compare", "locmoe.demo"},
     {"locmoe.cli", "locmoe"},
     {"locmoe.__main__"},

@@ -8,7 +8,7 @@ from pathlib import Path
 from locmoe.compare.frontier import frontier_points, has_frontier
 
 
-def _pyplot():  # noqa: ANN202
+def pyplot():  # noqa: ANN202
     """matplotlib's pyplot on the headless Agg backend, imported when a report first draws: training,
     the CLI and the GPU check never need matplotlib, and it is the slowest import of the package."""
     import matplotlib
@@ -24,7 +24,7 @@ def _labels(runs: Sequence[dict]) -> list[str]:
 
 
 def _colours(labels: list[str]) -> dict[str, str]:
-    cmap = _pyplot().get_cmap("tab10")
+    cmap = pyplot().get_cmap("tab10")
     return {label: cmap(i % 10) for i, label in enumerate(labels)}
 
 
@@ -37,14 +37,14 @@ def _finish(fig, ax, path: Path, title: str, xlabel: str, ylabel: str, **legend:
     ax.legend(**legend)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
-    _pyplot().close(fig)
+    pyplot().close(fig)
     return path
 
 
 def _series_plot(runs, key, path: Path, title: str, ylabel: str, labels=None, xy=False) -> Path | None:
     labels = labels or _labels(runs)
     colours = _colours(_labels(runs))
-    fig, ax = _pyplot().subplots(figsize=(7, 4))
+    fig, ax = pyplot().subplots(figsize=(7, 4))
     drawn = False
     for run in runs:
         if run["label"] not in labels or not run.get(key):
@@ -55,7 +55,7 @@ def _series_plot(runs, key, path: Path, title: str, ylabel: str, labels=None, xy
                 label=f"{run['label']} (seed {run['seed']})")
         drawn = True
     if not drawn:
-        _pyplot().close(fig)
+        pyplot().close(fig)
         return None
     return _finish(fig, ax, path, title, "step", ylabel, fontsize=7, ncol=2)
 
@@ -66,8 +66,8 @@ def _capacity_plot(runs, path: Path) -> Path | None:
             if run["label"] == "locmoe_plus" and (run.get("capacity_by_layer") or run.get("capacity"))]
     if not plus:
         return None
-    fig, ax = _pyplot().subplots(figsize=(7, 4))
-    cmap = _pyplot().get_cmap("tab10")
+    fig, ax = pyplot().subplots(figsize=(7, 4))
+    cmap = pyplot().get_cmap("tab10")
     for index, run in enumerate(plus):
         layers = run.get("capacity_by_layer") or {"layer": run["capacity"]}
         for offset, (layer, series) in enumerate(sorted(layers.items())):
@@ -89,7 +89,7 @@ def _frontier_plot(runs, path: Path) -> Path | None:
     if not has_frontier(runs):
         return None
     points = frontier_points(runs, "kept")
-    fig, ax = _pyplot().subplots(figsize=(7, 4.5))
+    fig, ax = pyplot().subplots(figsize=(7, 4.5))
     switch = sorted((p for p in points if p.router == "switch"), key=lambda p: p.slots)
     ax.errorbar([p.slots for p in switch], [p.loss for p in switch], yerr=[p.loss_spread for p in switch],
                 xerr=[p.slots_spread for p in switch], color="black", marker="o", lw=1.2, capsize=3,
@@ -97,7 +97,7 @@ def _frontier_plot(runs, path: Path) -> Path | None:
     for p in switch:
         ax.annotate(p.label.removeprefix("switch"), (p.slots, p.loss), fontsize=6, xytext=(3, 3),
                     textcoords="offset points")
-    cmap = _pyplot().get_cmap("tab10")
+    cmap = pyplot().get_cmap("tab10")
     for index, p in enumerate(q for q in points if q.router == "locmoe_plus"):
         ax.errorbar([p.slots], [p.loss], yerr=[p.loss_spread], xerr=[p.slots_spread], color=cmap(index % 10),
                     marker="s", capsize=3, ls="none", label=p.label)
@@ -108,7 +108,7 @@ def _frontier_plot(runs, path: Path) -> Path | None:
 
 def _load_cdf_plot(runs, path: Path) -> Path | None:
     colours = _colours(_labels(runs))
-    fig, ax = _pyplot().subplots(figsize=(7, 4))
+    fig, ax = pyplot().subplots(figsize=(7, 4))
     drawn = False
     for run in runs:
         load = run.get("expert_load")
@@ -121,7 +121,7 @@ def _load_cdf_plot(runs, path: Path) -> Path | None:
                 label=f"{run['label']} (seed {run['seed']})")
         drawn = True
     if not drawn:
-        _pyplot().close(fig)
+        pyplot().close(fig)
         return None
     return _finish(fig, ax, path, "Per-expert load: empirical CDF of each expert's share of kept tokens",
                    "share of kept tokens (1/n = perfectly balanced)", "fraction of experts", fontsize=7, ncol=2)

@@ -5,7 +5,7 @@ The embedded default, ``python-docs``, is the reST sources of the Python 3.11 do
 ``build_python_docs.sh``), stored xz-compressed beside this file and checked against the sha256 in
 ``corpora/SHA256SUMS`` on every load. ``linux-docs`` (all of the kernel's ``Documentation/``) and
 ``linux-docs-networking`` (its ``networking/`` subset, a domain corpus) are GPL-2 and never shipped:
-``fetch_linux_docs.sh`` puts them in the cache, with their own ``SHA256SUMS``.
+``fetch_linux_docs.sh`` puts them in the cache, with their own ``SHA256SUMS``, on their first use.
 
 The train/validation split (:func:`split_text`) is ours: the text is cut at line ends into blocks
 of about ``block_chars`` characters, and a fixed, evenly spread fraction of the blocks is held out,
@@ -18,6 +18,9 @@ import hashlib
 import lzma
 import math
 import os
+import shutil
+import subprocess
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -93,17 +96,44 @@ def load_embedded() -> Corpus:
     return Corpus(EMBEDDED, data.decode("utf-8"), digest)
 
 
-def load_linux(name: str, cache_dir: str | Path | None = None) -> Corpus:
-    """``linux-docs`` or ``linux-docs-networking`` from the cache (fetched by ``fetch_linux_docs.sh``)."""
+class CorpusUnavailable(ValueError):
+    """An opt-in corpus is not in the cache and cannot be fetched; the message is one line saying why."""
+
+
+def fetch_linux_docs(cache_dir: str | Path | None = None) -> None:
+    """Fetch both Linux corpora into ``cache_dir`` with ``fetch_linux_docs.sh`` (Debian ``linux-doc``,
+    GPL-2; needs ``apt-get`` and a Debian archive). ``CorpusUnavailable`` when that fails: nothing
+    half-written stays behind (the script writes each file whole, then the checksums last)."""
+    folder = resolve_cache_dir(cache_dir)
+    if shutil.which("apt-get") is None or shutil.which("dpkg-deb") is None:
+        raise CorpusUnavailable(
+            "the Linux docs corpus cannot be fetched here: it comes from Debian's linux-doc package and needs "
+            "apt-get and dpkg-deb, which this machine lacks"
+        )
+    print(f"fetching the Linux docs corpus (Debian linux-doc, GPL-2) into {folder / 'corpora'} ...", file=sys.stderr)
+    done = subprocess.run(["sh", str(FETCH_SCRIPT), str(folder)], capture_output=True, text=True, check=False)
+    if done.returncode != 0:
+        reasons = [line.strip() for line in (done.stderr + done.stdout).splitlines() if line.strip()]
+        errors = [line for line in reasons if line.startswith(("E:", "fetch_linux_docs.sh:"))] or reasons
+        reason = errors[-1] if errors else f"exit status {done.returncode}"
+        raise CorpusUnavailable(f"the Linux docs corpus (Debian linux-doc) cannot be fetched: {reason}")
+
+
+def load_linux(name: str, cache_dir: str | Path | None = None, fetch: bool = True) -> Corpus:
+    """``linux-docs`` or ``linux-docs-networking`` from the cache; when it is not there and ``fetch``,
+    fetch it first (:func:`fetch_linux_docs`), else ``CorpusUnavailable``."""
     folder = resolve_cache_dir(cache_dir) / "corpora"
     path = folder / f"{name}.txt"
+    sums = folder / "SHA256SUMS"
+    if fetch and not (path.is_file() and sums.is_file()):
+        fetch_linux_docs(folder.parent)
     if not path.is_file():
-        raise ValueError(
+        raise CorpusUnavailable(
             f"corpus {name!r} is not in the cache {folder}; fetch it (GPL-2, Debian linux-doc) with: "
             f"sh {FETCH_SCRIPT} {folder.parent}"
         )
     data = path.read_bytes()
-    digest = _checked(name, data, read_sha256sums(folder / "SHA256SUMS").get(path.name), folder / "SHA256SUMS")
+    digest = _checked(name, data, read_sha256sums(sums).get(path.name) if sums.is_file() else None, sums)
     return Corpus(name, data.decode("utf-8", errors="replace"), digest)
 
 
