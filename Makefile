@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install test test-slow test-all run compare-standard compare-frontier gpu-check lint bench bench-full bench-train-step bench-install clean
+.PHONY: install test test-slow test-all run compare-standard compare-frontier compare-domain gpu-check lint bench bench-full bench-train-step bench-install clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -36,6 +36,10 @@ compare-standard: $(STAMP)
 
 compare-frontier: $(STAMP)
 	$(PY) -m locmoe compare --preset frontier --out runs/frontier
+
+## The domain preset (about 45 minutes here): fetches the Linux networking docs (Debian linux-doc) on first use.
+compare-domain: $(STAMP)
+	$(PY) -m locmoe compare --preset domain --out runs/domain
 
 ## On a machine with a CUDA GPU and torch already installed (no .venv needed), under 8 minutes: the CUDA
 ## tests and the layer suites, a training smoke (eager, compiled, exact resume) and the layer benchmark

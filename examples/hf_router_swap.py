@@ -1,14 +1,16 @@
-"""Continue training a Hugging Face MoE model with LocMoE+ routing, in a plain PyTorch loop.
+"""Continue training a Hugging Face MoE model with LocMoE+ routing, in a plain PyTorch loop or the HF Trainer.
 
     python examples/hf_router_swap.py --model PATH_OR_HUB_NAME --router locmoe_plus --steps 100
     python examples/hf_router_swap.py --tiny --steps 20          # a tiny random Mixtral, no download
+    python examples/hf_router_swap.py --tiny --steps 20 --trainer hf   # the same through transformers.Trainer
 
 The model's sparse MoE blocks are swapped for locmoe layers that reuse its expert weights
 (``locmoe.hf.replace_moe_blocks``); the training loss then includes locmoe's router losses, and the
 attention mask keeps padding out of routing. The data is the text of locmoe's embedded corpus
 (the Python documentation) tokenised with the model's own tokenizer, or, with ``--tiny``, random token
 ids. After training, ``--save DIR`` writes the model with ``save_pretrained`` when its router has a
-Hugging Face equivalent (``topk``; ``locmoe.hf.export_hf``), else the locmoe state dict.
+Hugging Face equivalent (``topk``; ``locmoe.hf.export_hf``), else with ``locmoe.hf.save_locmoe``
+(config, router and options, weights and router state), which ``locmoe.hf.load_locmoe`` rebuilds.
 """
 
 from __future__ import annotations
@@ -25,7 +27,9 @@ import transformers
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from locmoe.data.corpus import load_corpus  # noqa: E402
-from locmoe.hf import export_hf, locmoe_blocks, replace_moe_blocks  # noqa: E402
+from locmoe.hf import export_hf, locmoe_blocks, replace_moe_blocks, save_locmoe  # noqa: E402
+
+PROBE_LENGTH = 8
 
 
 def tiny_mixtral(vocab: int = 64) -> transformers.PreTrainedModel:
@@ -56,6 +60,56 @@ def batches(args: argparse.Namespace, vocab: int, generator: torch.Generator):  
         yield ids, torch.ones_like(ids)
 
 
+def train_in_a_loop(model: transformers.PreTrainedModel, data, args: argparse.Namespace) -> list[float]:  # noqa: ANN001
+    """A plain PyTorch loop; the per-step losses."""
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr)  # after the swap: the new parameters
+    model.train()
+    losses = []
+    for step in range(1, args.steps + 1):
+        ids, mask = next(data)
+        labels = ids.masked_fill(mask == 0, -100)  # no loss on padding
+        loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss  # includes locmoe's router losses
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        losses.append(float(loss.detach()))
+        if step % max(1, args.steps // 10) == 0 or step == args.steps:
+            kept = [block.moe.last_metrics["drop_rate"] for _, block in locmoe_blocks(model)]
+            print(f"step {step}/{args.steps}  loss {losses[-1]:.4f}  drop {sum(kept) / len(kept):.3f}", flush=True)
+    return losses
+
+
+class Rows(torch.utils.data.IterableDataset):
+    """The batches as rows for the Trainer (it batches them again: same data, same order)."""
+
+    def __init__(self, data) -> None:  # noqa: ANN001
+        super().__init__()
+        self.data = data
+
+    def __iter__(self):  # noqa: ANN204
+        for ids, mask in self.data:
+            labels = ids.masked_fill(mask == 0, -100)
+            for row_ids, row_mask, row_labels in zip(ids, mask, labels, strict=True):
+                yield {"input_ids": row_ids, "attention_mask": row_mask, "labels": row_labels}
+
+
+def train_with_trainer(model: transformers.PreTrainedModel, data, args: argparse.Namespace) -> list[float]:  # noqa: ANN001
+    """The same training through ``transformers.Trainer`` (needs ``accelerate``); the per-step losses.
+
+    The Trainer's loss is ``outputs.loss``, which already holds locmoe's router losses. Its own
+    checkpoints are off: ``save_pretrained`` cannot describe a locmoe router, so the model is saved at
+    the end with ``export_hf`` or ``save_locmoe`` (``--save``)."""
+    settings = transformers.TrainingArguments(
+        output_dir=str(Path(args.save or ".") / "trainer"), max_steps=args.steps,
+        per_device_train_batch_size=args.batch_size, learning_rate=args.lr, lr_scheduler_type="constant",
+        warmup_steps=0, weight_decay=0.0, logging_steps=1, save_strategy="no", report_to=[], seed=args.seed,
+        dataloader_num_workers=0, disable_tqdm=True, use_cpu=not torch.cuda.is_available(),
+    )
+    trainer = transformers.Trainer(model=model, args=settings, train_dataset=Rows(data))
+    trainer.train()
+    return [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+
+
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     source = parser.add_mutually_exclusive_group(required=True)
@@ -71,36 +125,30 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--cache-dir", default=str(Path.home() / ".cache" / "locmoe"))
     parser.add_argument("--max-chars", type=int, default=2_000_000)
     parser.add_argument("--save", help="folder to save the trained model in")
+    parser.add_argument("--trainer", choices=("loop", "hf"), default="loop",
+                        help="a plain PyTorch loop, or transformers.Trainer (needs accelerate)")
     args = parser.parse_args(argv)
 
     torch.manual_seed(args.seed)
     model = tiny_mixtral() if args.tiny else transformers.AutoModelForCausalLM.from_pretrained(args.model)
     swapped = replace_moe_blocks(model, args.router, **json.loads(args.router_options))
-    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr)  # after the swap: the new parameters
-    model.train()
     data = batches(args, model.config.vocab_size, torch.Generator().manual_seed(args.seed))
-    losses, started = [], time.perf_counter()
-    for step in range(1, args.steps + 1):
-        ids, mask = next(data)
-        labels = ids.masked_fill(mask == 0, -100)  # no loss on padding
-        loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss  # includes locmoe's router losses
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        losses.append(float(loss.detach()))
-        if step % max(1, args.steps // 10) == 0 or step == args.steps:
-            kept = [block.moe.last_metrics["drop_rate"] for _, block in locmoe_blocks(model)]
-            print(f"step {step}/{args.steps}  loss {losses[-1]:.4f}  drop {sum(kept) / len(kept):.3f}", flush=True)
-    result = {"swapped_blocks": swapped, "first_loss": losses[0], "last_loss": losses[-1],
+    started = time.perf_counter()
+    losses = train_with_trainer(model, data, args) if args.trainer == "hf" else train_in_a_loop(model, data, args)
+    result = {"swapped_blocks": swapped, "first_loss": losses[0], "last_loss": losses[-1], "losses": losses,
               "seconds": time.perf_counter() - started}
     if args.save:
+        # Logits of a fixed probe in eval mode, to check a reload (load_locmoe / from_pretrained) against.
+        model.eval()
+        with torch.no_grad():
+            probe = (3 + torch.arange(PROBE_LENGTH)[None, :]) % model.config.vocab_size  # 0-2: pad, bos, eos
+            result["probe_logits"] = model(input_ids=probe).logits[0].tolist()
         try:
             export_hf(model).save_pretrained(args.save)
             result["saved"] = "save_pretrained"
-        except ValueError as reason:  # a router with no Hugging Face equivalent: keep locmoe's weights
-            Path(args.save).mkdir(parents=True, exist_ok=True)
-            torch.save(model.state_dict(), Path(args.save) / "locmoe_state_dict.pt")
-            result["saved"] = f"locmoe state dict ({reason})"
+        except ValueError as reason:  # a router with no Hugging Face equivalent: locmoe's own format
+            save_locmoe(model, args.save)  # locmoe.hf.load_locmoe(args.save) rebuilds it
+            result["saved"] = f"save_locmoe ({reason})"
     assert all(math.isfinite(loss) for loss in losses), "the loss became non-finite"
     print(json.dumps(result))
     return result

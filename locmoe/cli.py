@@ -183,7 +183,8 @@ def _add_eval_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--corpus", metavar="NAME",
                         help="score on this corpus's validation split instead of the run's own (python-docs, "
                              "linux-docs, linux-docs-networking or a PATH; the run's other data settings and the "
-                             "checkpoint's tokenizer): e.g. what a model continued on domain text forgot of its pretraining")
+                             "checkpoint's tokenizer): e.g. what a model continued on domain text forgot of its "
+                             "pretraining")
     parser.add_argument("--cloze", default="0", metavar="N",
                         help="also a multiple-choice cloze test of N questions built from the validation text "
                              "(true continuation vs 3 from other passages; accuracy with a 95 %% interval; 0 = off)")

@@ -1,15 +1,19 @@
 """Bring your own model: put :class:`locmoe.MoELayer` into a Hugging Face ``transformers`` MoE model.
 
-Two functions, for ``transformers==5.23`` (the ``hf`` extra):
+For ``transformers==5.23`` (the ``hf`` extra):
 
-* :func:`replace_moe_blocks` swaps every sparse MoE block of a Mixtral, Qwen2-MoE, OLMoE or Qwen3-MoE
-  model for a :class:`LocMoEBlock`, which holds a ``MoELayer`` computing with the block's own expert
-  weights and a locmoe router. With ``router="topk"`` and the model's routing (the defaults filled in
-  for ``topk``: the model's ``k``, dropless, the model's renormalisation) the swapped model computes
-  the same logits as the original up to float32 rounding (max |Δ| 3–5e-8 on the tests' tiny models, on
-  the CPU: the experts' products are grouped differently from Hugging Face's loop; not bit-for-bit).
+* :func:`replace_moe_blocks` swaps every sparse MoE block of a Mixtral, Qwen2-MoE, OLMoE, Qwen3-MoE or
+  DeepSeek-V3 model for a :class:`LocMoEBlock`, which holds a ``MoELayer`` computing with the block's
+  own expert weights and a locmoe router. With the router that routes as the model does (``topk`` for
+  the softmax blocks, ``deepseek`` for DeepSeek-V3's sigmoid, bias-corrected, group-limited routing;
+  the model's settings fill in its defaults) the swapped model computes the same logits as the
+  original up to float32 rounding (max |Δ| 3–5e-8 on the tests' tiny models, on the CPU: the experts'
+  products are grouped differently from Hugging Face's loop; not bit-for-bit).
 * :func:`export_hf` turns the wrappers back into the model's own blocks where the router has a
   Hugging Face equivalent, so ``save_pretrained``/``from_pretrained`` work as before.
+* :func:`save_locmoe` / :func:`load_locmoe` save and rebuild a swapped model with any router (the
+  GrAP routers have no Hugging Face equivalent): the model's config, the router and its options as
+  JSON, every weight and router buffer in one safetensors file.
 
 How the pieces meet the Hugging Face model:
 
@@ -46,16 +50,24 @@ and 0.3–0.6 s per layer on a CPU moving 10–20 GB/s (9–18 s for the model).
 the sizes (:func:`weight_copy_bytes`), not measured. :func:`export_hf` copies back the same way. Build
 the optimizer after the swap: one holding the original parameters would keep them alive.
 
-Not done: a padding mask (the blocks are called with the hidden states only, and locmoe's routers take
-no token mask, so padding tokens are routed and count towards capacity and the locmoe losses);
-Mixtral's ``router_jitter_noise`` (a warning says it is ignored); DeepSeek-V3-style blocks (sigmoid
-scores, a correction bias, group-limited top-k and routed scaling: refused).
+Padding: the model's ``attention_mask`` (2-D, 1 = a real token) reaches every swapped block through a
+forward pre-hook on the model; padding tokens then take no expert capacity and enter no locmoe loss or
+metric (``MoELayer(..., token_mask=)``).
+
+DeepSeek-V3: the router's ``gate.weight`` and ``e_score_correction_bias`` start the ``deepseek``
+router's gate and ``score_bias`` (which moves in training by its auxiliary-loss-free update), and the
+ungated ``shared_experts`` are kept as they are. The model's dense first layers are not MoE blocks and
+stay.
+
+Not done: Mixtral's ``router_jitter_noise`` (a warning says it is ignored).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
 import warnings
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -67,8 +79,11 @@ from locmoe.layer import MoELayer
 from locmoe.routing import Router, build_router
 
 try:
+    import transformers
+    from safetensors.torch import load_model, save_model
     from transformers import PreTrainedModel
     from transformers.activations import SiLUActivation
+    from transformers.models.deepseek_v3.modeling_deepseek_v3 import DeepseekV3MoE
     from transformers.models.mixtral.modeling_mixtral import MixtralSparseMoeBlock
     from transformers.models.olmoe.modeling_olmoe import OlmoeSparseMoeBlock
     from transformers.models.qwen2_moe.modeling_qwen2_moe import Qwen2MoeSparseMoeBlock
@@ -83,38 +98,67 @@ __all__ = [
     "LocMoEBlock",
     "RouterLogits",
     "export_hf",
+    "load_locmoe",
     "locmoe_aux_loss",
     "locmoe_blocks",
     "replace_moe_blocks",
+    "save_locmoe",
     "weight_copy_bytes",
 ]
 
-# The blocks that route like ``topk`` (softmax over a linear gate, top-k, optional renormalisation,
-# dropless) and whose experts are SwiGLU ``gate_up_proj``/``down_proj`` stacks.
-SUPPORTED_BLOCKS: tuple[type[nn.Module], ...] = (
+# The blocks whose experts are SwiGLU ``gate_up_proj``/``down_proj`` stacks: those that route like
+# ``topk`` (softmax over a linear gate, top-k, optional renormalisation, dropless) and DeepSeek-V3's,
+# which routes like ``deepseek`` (sigmoid, score-correction bias, group-limited top-k, scaling).
+SOFTMAX_BLOCKS: tuple[type[nn.Module], ...] = (
     MixtralSparseMoeBlock,
     Qwen2MoeSparseMoeBlock,
     OlmoeSparseMoeBlock,
     Qwen3MoeSparseMoeBlock,
 )
+SIGMOID_BLOCKS: tuple[type[nn.Module], ...] = (DeepseekV3MoE,)
+SUPPORTED_BLOCKS = SOFTMAX_BLOCKS + SIGMOID_BLOCKS
 _AUX_HOOK = "_locmoe_aux_loss_hook"
 _MASK_HOOK = "_locmoe_attention_mask_hook"
 _ROUTER_LOGITS_KEY = "router_logits"  # the key of the models' OutputRecorder for router logits
+ROUTING_FILE = "locmoe_routing.json"
+WEIGHTS_FILE = "model.safetensors"
+ROUTING_FORMAT = 1
 
 
 @dataclasses.dataclass(frozen=True)
 class HFRouting:
-    """How a Hugging Face block routes: ``top_k`` experts of ``num_experts``, renormalised or not."""
+    """How a Hugging Face block routes: ``top_k`` experts of ``num_experts``, renormalised or not; for
+    DeepSeek-V3's blocks (``sigmoid``) also its groups and routed scaling factor. ``router`` is the
+    locmoe router that routes the same way."""
 
     num_experts: int
     top_k: int
     renormalize: bool
+    sigmoid: bool = False
+    num_groups: int = 1
+    top_groups: int = 1
+    routed_scaling: float = 1.0
+
+    @property
+    def router(self) -> str:
+        return "deepseek" if self.sigmoid else "topk"
+
+    def own_options(self) -> dict[str, Any]:
+        """The options with which :attr:`router` routes as the block does."""
+        options: dict[str, Any] = {"top_k": self.top_k, "capacity_factor": None, "renormalize": self.renormalize}
+        if self.sigmoid:
+            options.update(num_groups=self.num_groups, top_groups=self.top_groups, routed_scaling=self.routed_scaling)
+        return options
 
 
 def _routing_of(block: nn.Module) -> HFRouting:
     gate = block.gate
     # Mixtral always renormalises and has no flag; the others say it with ``norm_topk_prob``.
-    return HFRouting(int(gate.num_experts), int(gate.top_k), bool(getattr(gate, "norm_topk_prob", True)))
+    routing = HFRouting(int(gate.num_experts), int(gate.top_k), bool(getattr(gate, "norm_topk_prob", True)))
+    if isinstance(block, SIGMOID_BLOCKS):
+        routing = dataclasses.replace(routing, sigmoid=True, num_groups=int(gate.num_group),
+                                      top_groups=int(gate.topk_group), routed_scaling=float(gate.routed_scaling_factor))
+    return routing
 
 
 class RouterLogits(nn.Module):
@@ -204,12 +248,6 @@ class LocMoEBlock(nn.Module):
 def _refusal(name: str, module: nn.Module) -> str | None:
     """Why ``module`` (an MoE block: it has ``gate`` and ``experts``) cannot be replaced, or ``None``."""
     cls = type(module).__name__
-    gate = module.gate
-    if hasattr(gate, "e_score_correction_bias") or hasattr(gate, "routed_scaling_factor"):
-        return (
-            f"{cls} at {name!r} routes DeepSeek-V3-style (sigmoid scores, a score-correction bias, group-limited "
-            f"top-k and a routed scaling factor), which no locmoe router reproduces; it is not supported"
-        )
     if not isinstance(module, SUPPORTED_BLOCKS):
         supported = ", ".join(c.__name__ for c in SUPPORTED_BLOCKS)
         return f"{cls} at {name!r} is not a supported MoE block (supported: {supported})"
@@ -247,14 +285,22 @@ def _hooks_installed(model: nn.Module) -> bool:
     )
 
 
+def _shared_expert(block: nn.Module) -> nn.Module | None:
+    """Qwen2-MoE's ``shared_expert`` (sigmoid-gated) or DeepSeek-V3's ``shared_experts`` (ungated)."""
+    shared = getattr(block, "shared_expert", None)
+    return shared if shared is not None else getattr(block, "shared_experts", None)
+
+
 def _router_options(router: str, routing: HFRouting, options: dict[str, Any]) -> dict[str, Any]:
-    """``topk`` defaults to the model's routing (so ``router="topk"`` alone reproduces it); other
-    routers take their own defaults."""
-    if router != "topk":
-        return dict(options)
-    filled = {"top_k": routing.top_k, "capacity_factor": None, "renormalize": routing.renormalize}
-    filled.update(options)
-    return filled
+    """The router that routes as the model does (``topk`` for softmax blocks, ``deepseek`` for
+    DeepSeek-V3's) defaults to the model's routing, so naming it alone reproduces the model; ``topk``
+    on a DeepSeek-V3 block takes the model's ``k`` and renormalisation; other routers take their own
+    defaults."""
+    if router == routing.router:
+        return {**routing.own_options(), **options}
+    if router == "topk":
+        return {"top_k": routing.top_k, "capacity_factor": None, "renormalize": routing.renormalize, **options}
+    return dict(options)
 
 
 def _build_layer(block: nn.Module, router: str, options: dict[str, Any], copy_gate: bool) -> MoELayer:
@@ -269,6 +315,9 @@ def _build_layer(block: nn.Module, router: str, options: dict[str, Any], copy_ga
     if copy_gate and isinstance(gate, nn.Linear) and gate.weight.shape == block.gate.weight.shape:
         with torch.no_grad():
             gate.weight.copy_(block.gate.weight)
+            correction = getattr(block.gate, "e_score_correction_bias", None)
+            if correction is not None and hasattr(built, "score_bias"):  # DeepSeek-V3's balancing state
+                built.score_bias.copy_(correction)
     with torch.device("meta"):  # no allocation, no RNG draw: the weights are assigned below
         experts = GroupedExperts(num_experts, d_model, d_ff, "swiglu", "auto", initialise=False)
     with torch.no_grad():
@@ -309,20 +358,23 @@ def replace_moe_blocks(
     """Replace every sparse MoE block of ``model`` by a :class:`LocMoEBlock`; the replaced blocks' names.
 
     Args:
-        model: a Mixtral, Qwen2-MoE, OLMoE or Qwen3-MoE model (``...ForCausalLM`` or the bare model).
+        model: a Mixtral, Qwen2-MoE, OLMoE, Qwen3-MoE or DeepSeek-V3 model (``...ForCausalLM`` or the
+            bare model).
         router: a name from :func:`locmoe.available_routers`.
-        copy_gate: start a learned-gate router (``topk``, ``switch``, ...) from the block's trained
-            gate, so it keeps the model's expert preferences; GrAP routers (``locmoe``, ``locmoe_plus``,
-            ``tcr``, ``ecr``) have a fixed gate and do not use it.
+        copy_gate: start a learned-gate router (``topk``, ``switch``, ``deepseek``, ...) from the block's
+            trained gate (and DeepSeek-V3's correction bias), so it keeps the model's expert preferences;
+            GrAP routers (``locmoe``, ``locmoe_plus``, ``tcr``, ``ecr``) have a fixed gate and do not use it.
         add_aux_loss: add locmoe's router losses to ``outputs.loss`` in training (module docstring).
         options: router options (:mod:`locmoe.routing.options`). For ``topk`` the omitted ones among
             ``top_k``, ``capacity_factor`` and ``renormalize`` default to the model's routing
             (``num_experts_per_tok``, dropless, ``norm_topk_prob`` or ``True`` for Mixtral). ``topk``'s
             own load-balance loss (``aux_coef``, default 0.01) then comes on top of the model's
             ``output_router_logits`` loss in training; ``aux_coef=0`` trains exactly as the model would.
+            On a DeepSeek-V3 model ``deepseek`` likewise defaults to its ``top_k``, groups, scaling and
+            renormalisation (dropless).
 
-    Every block is checked before any is replaced; a block that cannot be replaced (DeepSeek-V3-style
-    routing, an unknown MoE block, a non-SiLU expert) raises ``ValueError`` naming its class.
+    Every block is checked before any is replaced; a block that cannot be replaced (an unknown MoE
+    block, a non-SiLU expert) raises ``ValueError`` naming its class.
     Mixtral's ``router_jitter_noise`` is not reproduced (a warning says so).
     """
     blocks = _moe_blocks(model)
@@ -351,7 +403,7 @@ def replace_moe_blocks(
             type(block),
             routing,
             getattr(block, "config", None) or getattr(model, "config", None),
-            shared_expert=getattr(block, "shared_expert", None),
+            shared_expert=_shared_expert(block),
             shared_expert_gate=getattr(block, "shared_expert_gate", None),
         )
         # The model's own recording hooks never reach this module (they match router classes): ours.
@@ -385,21 +437,20 @@ def _export_refusal(name: str, block: LocMoEBlock) -> str | None:
     """Why ``block``'s router has no equivalent in the block it replaced, or ``None``."""
     router, routing = block.moe.router, block.hf_routing
     cls = block.hf_class.__name__
-    if router.name != "topk":
+    if router.name != routing.router:
+        how = ("by sigmoid scores with a correction bias, group-limited top-k, routed scaling (router 'deepseek')"
+               if routing.sigmoid else "by softmax top-k over a linear gate, dropless (router 'topk')")
         return (
-            f"{name!r}: router {router.name!r} has no Hugging Face equivalent ({cls} routes by softmax top-k over "
-            f"a linear gate, dropless); keep the locmoe model (torch.save / state_dict) or retrain with router='topk'"
+            f"{name!r}: router {router.name!r} has no Hugging Face equivalent ({cls} routes {how}); save it with "
+            f"locmoe.hf.save_locmoe, or retrain with router={routing.router!r}"
         )
     opts = router.options
     if opts.capacity_factor is not None:
-        return f"{name!r}: topk with capacity_factor={opts.capacity_factor} drops tokens; {cls} is dropless"
-    if opts.top_k != routing.top_k:
-        return f"{name!r}: topk with top_k={opts.top_k}, but the model's config routes to {routing.top_k} experts"
-    if opts.renormalize != routing.renormalize:
-        return (
-            f"{name!r}: topk with renormalize={opts.renormalize}, but {cls} "
-            f"{'renormalises' if routing.renormalize else 'does not renormalise'} the top-k probabilities"
-        )
+        return f"{name!r}: {router.name} with capacity_factor={opts.capacity_factor} drops tokens; {cls} is dropless"
+    for option, value in routing.own_options().items():
+        if option != "capacity_factor" and getattr(opts, option) != value:
+            return (f"{name!r}: {router.name} with {option}={getattr(opts, option)}, but {cls} routes with "
+                    f"{option}={value} (the model's config)")
     return None
 
 
@@ -416,7 +467,10 @@ def _hf_block(block: LocMoEBlock) -> nn.Module:
         gate_up[:, f:].copy_(experts.w_in.transpose(1, 2))
         restored.experts.gate_up_proj = nn.Parameter(gate_up)
         restored.experts.down_proj = nn.Parameter(experts.w_out.transpose(1, 2).contiguous())
-    if block.shared_expert is not None:
+    if block.hf_routing.sigmoid:
+        restored.gate.e_score_correction_bias = block.moe.router.score_bias.detach().clone()
+        restored.shared_experts = block.shared_expert
+    elif block.shared_expert is not None:
         restored.shared_expert = block.shared_expert
         restored.shared_expert_gate = block.shared_expert_gate
     left = [name for name, tensor in (*restored.named_parameters(), *restored.named_buffers()) if tensor.is_meta]
@@ -455,6 +509,64 @@ def export_hf(model: nn.Module) -> nn.Module:
         handle.remove()
         delattr(model, _MASK_HOOK)
     return model
+
+
+def save_locmoe(model: nn.Module, folder: str | Path) -> Path:
+    """Save a swapped model whatever its router, so :func:`load_locmoe` rebuilds it in a fresh process.
+
+    Writes ``folder/config.json`` (the model's own Hugging Face config, ``save_pretrained``'s),
+    ``folder/locmoe_routing.json`` (the router's name and every option it runs with, the model class,
+    the swapped blocks' names) and ``folder/model.safetensors`` (every parameter and persistent buffer:
+    the experts in locmoe's stacked layout, the learned gates, the routers' state such as LocMoE+'s
+    capacity EMA or LocMoE's fixed capacity; tied weights once). For a ``topk`` router that routes as
+    the model did, :func:`export_hf` + ``save_pretrained`` is the standard alternative.
+    ``ValueError`` if the blocks route differently from one another (one router per model is what
+    :func:`replace_moe_blocks` builds)."""
+    blocks = locmoe_blocks(model)
+    if not blocks:
+        raise ValueError(f"{type(model).__name__} has no locmoe block to save; use save_pretrained")
+    routers = {(block.moe.router.name, json.dumps(block.moe.router.options.as_dict(), sort_keys=True))
+               for _, block in blocks}
+    if len(routers) != 1:
+        raise ValueError(f"the locmoe blocks route differently ({sorted(routers)}); save_locmoe keeps one router "
+                         "per model")
+    (router, options), = routers
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    model.config.save_pretrained(folder)
+    save_model(model, str(folder / WEIGHTS_FILE))
+    routing = {"format": ROUTING_FORMAT, "model_class": type(model).__name__, "router": router,
+               "options": json.loads(options), "blocks": [name for name, _ in blocks],
+               "add_aux_loss": hasattr(model, _AUX_HOOK)}
+    (folder / ROUTING_FILE).write_text(json.dumps(routing, indent=1) + "\n")
+    return folder
+
+
+def load_locmoe(folder: str | Path) -> nn.Module:
+    """The model :func:`save_locmoe` wrote to ``folder``: built from its config (no download), its
+    blocks swapped with the saved router and options, every saved tensor loaded strictly; in eval
+    mode. ``ValueError`` naming what is missing or does not fit."""
+    folder = Path(folder)
+    routing_path = folder / ROUTING_FILE
+    if not routing_path.is_file():
+        raise ValueError(f"{folder} holds no {ROUTING_FILE}; it was not written by locmoe.hf.save_locmoe")
+    routing = json.loads(routing_path.read_text())
+    if routing.get("format") != ROUTING_FORMAT:
+        raise ValueError(f"{routing_path}: format {routing.get('format')!r}, this locmoe reads {ROUTING_FORMAT}")
+    config = transformers.AutoConfig.from_pretrained(folder)
+    model_class = getattr(transformers, routing["model_class"], None)
+    if model_class is None:
+        raise ValueError(f"{routing_path}: transformers has no model class {routing['model_class']!r}")
+    model = model_class(config)
+    swapped = replace_moe_blocks(model, routing["router"], copy_gate=False, add_aux_loss=routing["add_aux_loss"],
+                                 **routing["options"])
+    if swapped != routing["blocks"]:
+        raise ValueError(f"{folder}: the config builds MoE blocks {swapped}, the saved model had {routing['blocks']}")
+    missing, unexpected = load_model(model, str(folder / WEIGHTS_FILE), strict=False)
+    if missing or unexpected:
+        raise ValueError(f"{folder / WEIGHTS_FILE} does not fit the model: missing {missing[:5]}, "
+                         f"unexpected {unexpected[:5]}")
+    return model.eval()
 
 
 def weight_copy_bytes(num_experts: int, d_model: int, d_ff: int, bytes_per_weight: int) -> int:

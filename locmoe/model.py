@@ -44,7 +44,7 @@ LOSS_CHUNK_TOKENS = 512  # rows of the output projection per softmax chunk in GP
 # choice, where a token proposes its experts from its own features (or id) and a group of one token
 # never exceeds a capacity (every capacity is at least 1 slot per expert, and a token's proposals go
 # to distinct experts). Decoding with the KV cache routes each new token alone, so only these may use it.
-KV_CACHE_ROUTERS = ("switch", "topk", "hash", "locmoe", "tcr", "locmoe_plus")
+KV_CACHE_ROUTERS = ("switch", "topk", "hash", "locmoe", "tcr", "locmoe_plus", "deepseek")
 # Why the others may not (GPT.kv_cache_blocker reports it; generate then recomputes the context).
 NO_KV_CACHE_REASONS = {
     "expert_choice": (

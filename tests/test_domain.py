@@ -58,10 +58,10 @@ def test_every_router_continues_the_same_base_and_is_scored(tmp_path, cache_dir)
     assert (topk.top_k, topk.capacity_factor, topk.router_options) == (2, "dropless", {"renormalize": True})
     assert (switch.top_k, switch.capacity_factor, switch.router_options) == (None, "default", {})
     md = (plan.out_dir / "report.md").read_text()
-    assert "base (pretrained only)" in md and "`locmoe_plus`" in md and "domain_qa_above_baseline" in md
+    assert "base (pretrained only)" in md and "`locmoe_plus`" in md and "domain_qa_above_vs_switch" in md
     assert (plan.out_dir / "domain_val_loss.png").is_file()
-    assert [c["name"] for c in report["claims"]] == ["domain_loss_within_2pct", "fewer_expert_slots",
-                                                     "domain_qa_above_baseline", "general_loss_within_2pct"]
+    names = ["domain_loss_within_2pct", "fewer_expert_slots", "domain_qa_above", "general_loss_within_2pct"]
+    assert [c["name"] for c in report["claims"]] == [f"{n}_vs_{b}" for b in ("topk", "switch") for n in names]
     assert all(c["holds"] is None for c in report["claims"])  # 2 seeds: not tested
     # a re-run trains nothing and scores nothing again: it reads what is on disk
     stamps = {p: p.stat().st_mtime_ns for p in plan.out_dir.rglob("scores.json")}
@@ -102,16 +102,23 @@ def test_the_claims_pair_seeds_and_decide_like_the_comparison():
     runs = [run("topk", s, 3.0, 2.0, 0.50, 2000) for s in range(3)]
     runs += [run("locmoe_plus", s, 3.0 + 0.01 * s, 2.01, 0.52 + 0.01 * s, 900) for s in range(3)]
     claims = {c["name"]: c for c in domain_claims(runs)}
-    assert claims["domain_loss_within_2pct"]["holds"] is True
-    assert claims["fewer_expert_slots"]["holds"] is True
-    assert claims["fewer_expert_slots"]["details"]["per_seed"] == pytest.approx([-0.55] * 3)
-    assert claims["domain_qa_above_baseline"]["holds"] is True
-    assert claims["general_loss_within_2pct"]["holds"] is True
+    assert set(claims) == {"domain_loss_within_2pct_vs_topk", "fewer_expert_slots_vs_topk",
+                           "domain_qa_above_vs_topk", "general_loss_within_2pct_vs_topk"}  # no switch runs
+    assert claims["domain_loss_within_2pct_vs_topk"]["holds"] is True
+    assert claims["fewer_expert_slots_vs_topk"]["holds"] is True
+    assert claims["fewer_expert_slots_vs_topk"]["details"]["per_seed"] == pytest.approx([-0.55] * 3)
+    assert claims["domain_qa_above_vs_topk"]["holds"] is True
+    assert claims["general_loss_within_2pct_vs_topk"]["holds"] is True
     worse = runs[:3] + [run("locmoe_plus", s, 3.2, 2.0, 0.45, 900) for s in range(3)]
     claims = {c["name"]: c for c in domain_claims(worse)}
-    assert claims["domain_loss_within_2pct"]["holds"] is False
-    assert claims["domain_qa_above_baseline"]["holds"] is False
+    assert claims["domain_loss_within_2pct_vs_topk"]["holds"] is False
+    assert claims["domain_qa_above_vs_topk"]["holds"] is False
     assert domain_claims(runs[:3])[0]["holds"] is None  # no LocMoE+ runs: not measured
+    switch = [run("switch", s, 3.1, 2.0, 0.5 + 0.02 * s, 950) for s in range(2)]  # seeds 0 and 1 only
+    claims = {c["name"]: c for c in domain_claims(runs + switch)}
+    assert claims["fewer_expert_slots_vs_switch"]["details"]["seeds"] == 2
+    assert claims["fewer_expert_slots_vs_switch"]["holds"] is None  # 2 paired seeds: not tested
+    assert "not tested" in claims["domain_qa_above_vs_switch"]["measured"]
 
 
 def test_an_unfetchable_domain_corpus_is_one_line_and_exit_2_with_nothing_written(tmp_path, monkeypatch, capsys):

@@ -35,7 +35,7 @@ RESULT_COLUMNS = (
 )
 
 
-def _labels_in_order(runs: Sequence[dict]) -> list[str]:
+def labels_in_order(runs: Sequence[dict]) -> list[str]:
     seen: list[str] = []
     for run in runs:
         if run["label"] not in seen:
@@ -53,7 +53,7 @@ def _relative(runs: Sequence[dict], label: str, key: str) -> str:
 
 def results_table(runs: Sequence[dict]) -> list[str]:
     """Markdown table: one row per label, mean ± spread over seeds, plus slots relative to Switch."""
-    labels = _labels_in_order(runs)
+    labels = labels_in_order(runs)
     header = (["router", "seeds"] + [title for _, title in RESULT_COLUMNS]
               + ["padded slots vs switch", "kept vs switch"])
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
@@ -74,7 +74,7 @@ def learning_curve_flatness(runs: Sequence[dict]) -> list[str]:
     lines = ["| router | first eval (step: loss) | eval at ≤ 3/4 of the steps (step: loss) | final | "
              "fall since that eval | share of the fall since the first eval |",
              "|---|---|---|---|---|---|"]
-    for label in _labels_in_order(runs):
+    for label in labels_in_order(runs):
         shares, falls, quarter, final, first, steps_seen = [], [], [], [], [], set()
         for run in (r for r in runs if r["label"] == label):
             curve = run.get("val_curve") or []
@@ -120,7 +120,7 @@ def provenance(command: Sequence[str] | None = None) -> dict[str, str]:
 def _options_section(runs: Sequence[dict]) -> list[str]:
     lines = ["## Router options used", "", "Every option each run used (defaults included), so nothing is tuned "
              "behind the reader's back.", ""]
-    for label in _labels_in_order(runs):
+    for label in labels_in_order(runs):
         group = [run for run in runs if run["label"] == label]
         by_options: dict[str, list[str]] = {}
         for run in group:  # the options can differ by seed (switch@matched copies each seed's capacity)

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from locmoe.routing.base import Router
+from locmoe.routing.deepseek import DeepSeekRouter
 from locmoe.routing.expert_choice import ExpertChoiceRouter
 from locmoe.routing.hash import HashRouter
 from locmoe.routing.locmoe import LocMoERouter
@@ -17,7 +18,8 @@ from locmoe.validation import check_integer
 _ROUTERS: dict[str, type[Router]] = {
     cls.name: cls
     for cls in (
-        SwitchRouter, TopKRouter, ExpertChoiceRouter, HashRouter, LocMoERouter, LocMoEPlusRouter, TCRRouter, ECRRouter
+        SwitchRouter, TopKRouter, ExpertChoiceRouter, HashRouter, LocMoERouter, LocMoEPlusRouter, TCRRouter, ECRRouter,
+        DeepSeekRouter,
     )
 }
 

@@ -34,26 +34,41 @@ def token_choice_plan(
     Probabilities are computed in float32 for stability; gate values come back in the logits' dtype
     (float32 from the routers, whose logits come from :func:`gate_logits`).
     """
-    num_tokens, num_experts = logits.shape
+    num_experts = logits.shape[1]
     probs = torch.softmax(logits.float(), dim=-1)
     top_probs, proposed = torch.topk(probs, top_k, dim=-1)
     if renormalize:
         top_probs = top_probs / top_probs.sum(dim=-1, keepdim=True)
-    priority = positional_priority(num_tokens, top_k, device=logits.device)
-    expert_ids = keep_within_capacity(proposed, priority, capacity)
     losses: dict[str, torch.Tensor] = {}
     if aux_coef > 0:
         losses["load_balance"] = load_balance_loss(probs, proposed, num_experts, aux_coef)
     if z_loss_coef > 0:
         losses["z_loss"] = z_loss(logits.float(), z_loss_coef)
+    return proposals_plan(proposed, top_probs.to(logits.dtype), probs, capacity, losses)
+
+
+def proposals_plan(
+    proposed: torch.Tensor,
+    gate_values: torch.Tensor,
+    router_probs: torch.Tensor,
+    capacity: int | None,
+    losses: dict[str, torch.Tensor],
+) -> RoutingPlan:
+    """The plan of a token-choice router from each token's proposed experts ``(S, k)`` (best first)
+    and their gate values ``(S, k)``: each expert keeps its proposals first come, first served (all
+    first choices before second choices, then by position) up to ``capacity`` (``None``: all)."""
+    num_tokens, top_k = proposed.shape
+    num_experts = router_probs.shape[1]
+    priority = positional_priority(num_tokens, top_k, device=proposed.device)
+    expert_ids = keep_within_capacity(proposed, priority, capacity)
     return RoutingPlan(
         expert_ids=expert_ids,
-        gate_weights=mask_dropped(top_probs, expert_ids).to(logits.dtype),
+        gate_weights=mask_dropped(gate_values, expert_ids),
         num_experts=num_experts,
         capacity=capacity,
         tokens_per_expert=count_per_expert(expert_ids, num_experts),
         proposals_per_expert=count_per_expert(proposed, num_experts),
-        router_probs=probs,
+        router_probs=router_probs,
         top1_expert=proposed[:, 0],
         losses=losses,
     )

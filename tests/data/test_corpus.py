@@ -87,9 +87,14 @@ def test_missing_or_empty_corpus_path_is_a_clear_error(tmp_path):
         load_corpus(str(tmp_path / "empty.txt"))
 
 
-def test_linux_docs_are_opt_in_and_checked(tmp_path):
-    with pytest.raises(ValueError, match="fetch_linux_docs.sh"):
+def test_linux_docs_are_fetched_on_first_use_and_checked(tmp_path, monkeypatch):
+    fetched = []
+    monkeypatch.setattr(corpus_module, "fetch_linux_docs", fetched.append)  # no network in tests
+    with pytest.raises(ValueError, match="fetch_linux_docs.sh"):  # the fetch wrote nothing: say how to
         load_corpus("linux-docs-networking", cache_dir=tmp_path)
+    assert fetched == [tmp_path]
+    with pytest.raises(ValueError, match="is not in the cache"):
+        corpus_module.load_linux("linux-docs", tmp_path, fetch=False)
     folder = tmp_path / "corpora"
     folder.mkdir()
     text = b"Networking\n==========\n\nsockets and things\n"

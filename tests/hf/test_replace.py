@@ -20,9 +20,11 @@ from torch.nn import functional as F  # noqa: E402
 from locmoe.hf import (  # noqa: E402
     LocMoEBlock,
     export_hf,
+    load_locmoe,
     locmoe_aux_loss,
     locmoe_blocks,
     replace_moe_blocks,
+    save_locmoe,
     weight_copy_bytes,
 )
 
@@ -159,18 +161,70 @@ def test_add_aux_loss_false_leaves_the_loss_alone():
     assert float(locmoe_aux_loss(model).detach()) > 0  # topk's default load-balance loss, for the user's own loop
 
 
-def test_deepseek_v3_blocks_are_refused_naming_the_class():
-    torch.manual_seed(4)
+def deepseek_v3(seed: int = 4) -> transformers.PreTrainedModel:
+    """A tiny random DeepSeek-V3 (8 experts in 4 groups, 2 groups and 3 experts per token, a shared
+    expert, routed scaling 2.5) with a random score-correction bias, in eval mode."""
+    torch.manual_seed(seed)
     config = transformers.DeepseekV3Config(
         vocab_size=VOCAB, hidden_size=32, intermediate_size=64, moe_intermediate_size=64, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=4, n_routed_experts=4, n_shared_experts=1, n_group=2,
-        topk_group=1, num_experts_per_tok=2, first_k_dense_replace=0, kv_lora_rank=16, q_lora_rank=None,
-        qk_rope_head_dim=8, v_head_dim=8, qk_nope_head_dim=8,
+        num_attention_heads=4, num_key_value_heads=4, n_routed_experts=8, n_shared_experts=1, n_group=4,
+        topk_group=2, num_experts_per_tok=3, first_k_dense_replace=0, kv_lora_rank=16, q_lora_rank=None,
+        qk_rope_head_dim=8, v_head_dim=8, qk_nope_head_dim=8, routed_scaling_factor=2.5, norm_topk_prob=True,
     )
-    model = transformers.DeepseekV3ForCausalLM(config)
-    with pytest.raises(ValueError, match="DeepseekV3MoE.*DeepSeek-V3-style"):
+    model = transformers.DeepseekV3ForCausalLM(config).eval()
+    with torch.no_grad():
+        for layer in model.model.layers:
+            layer.mlp.gate.weight.normal_(0, 0.3)
+            layer.mlp.gate.e_score_correction_bias.normal_(0, 0.1)
+    return model
+
+
+def test_deepseek_v3_routing_is_reproduced_by_the_deepseek_router():
+    model = deepseek_v3()
+    ids = torch.randint(3, VOCAB, (2, 7))
+    with torch.no_grad():
+        expected = model(ids).logits
+    replace_moe_blocks(model, router="deepseek")
+    block = model.model.layers[0].mlp
+    assert isinstance(block, LocMoEBlock) and block.shared_expert is not None
+    options = block.moe.router.options
+    assert (options.top_k, options.num_groups, options.top_groups, options.routed_scaling) == (3, 4, 2, 2.5)
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, expected, **TOLERANCE)
+
+
+def test_deepseek_v3_exports_back_and_round_trips_through_save_pretrained(tmp_path):
+    model = deepseek_v3(seed=7)
+    ids = torch.randint(3, VOCAB, (2, 7))
+    replace_moe_blocks(model, router="deepseek", bias_update_rate=0.05)
+    model.train()
+    model(input_ids=ids, labels=ids).loss.backward()  # one training forward moves the bias
+    model.eval()
+    bias = model.model.layers[0].mlp.moe.router.score_bias.clone()
+    with torch.no_grad():
+        swapped = model(ids).logits
+    exported = export_hf(model)
+    assert type(exported.model.layers[0].mlp).__name__ == "DeepseekV3MoE"
+    torch.testing.assert_close(exported.model.layers[0].mlp.gate.e_score_correction_bias, bias)
+    exported.save_pretrained(tmp_path)
+    loaded = type(exported).from_pretrained(tmp_path).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(ids).logits, swapped, **TOLERANCE)
+
+
+def test_an_unknown_moe_block_is_refused_naming_the_class():
+    model, _ = build("mixtral")
+
+    class CustomMoE(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.gate = torch.nn.Linear(32, 4)
+            self.experts = torch.nn.Linear(32, 32)
+
+    model.model.layers[1].mlp = CustomMoE()
+    with pytest.raises(ValueError, match="CustomMoE at 'model.layers.1.mlp' is not a supported MoE block"):
         replace_moe_blocks(model, router="topk")
-    assert type(model.model.layers[0].mlp).__name__ == "DeepseekV3MoE"  # nothing was replaced
+    assert type(model.model.layers[0].mlp).__name__ == "MixtralSparseMoeBlock"  # nothing was replaced
 
 
 @pytest.mark.parametrize("name", ["mixtral", "qwen2_moe"])
@@ -202,7 +256,8 @@ def test_export_round_trips_through_save_and_from_pretrained(name, tmp_path):
 @pytest.mark.parametrize(
     ("router", "options", "message"),
     [
-        ("locmoe_plus", {}, "'locmoe_plus' has no Hugging Face equivalent"),
+        ("locmoe_plus", {}, "'locmoe_plus' has no Hugging Face equivalent.*save_locmoe"),
+        ("deepseek", {}, "'deepseek' has no Hugging Face equivalent"),
         ("topk", {"capacity_factor": 1.0}, "drops tokens"),
         ("topk", {"top_k": 1}, "top_k=1"),
         ("topk", {"renormalize": False}, "renormalize=False"),
@@ -244,3 +299,36 @@ def test_padding_tokens_use_no_capacity_and_do_not_change_the_real_tokens(name):
     real = mask.bool()
     assert torch.equal(first[real], second[real])
     assert not torch.equal(unmasked[real], first[real])  # without the mask the padding shares the routing group
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+@pytest.mark.parametrize("router", ["locmoe", "locmoe_plus"])
+def test_save_locmoe_rebuilds_grap_routing_with_its_state(name, router, tmp_path):
+    """A GrAP-routed model (no Hugging Face equivalent) saved with ``save_locmoe`` loads back with the
+    same outputs and router state; Qwen2-MoE's shared expert comes back with it."""
+    model, ids = build(name, seed=5)
+    replace_moe_blocks(model, router)
+    model.train()
+    for _ in range(2):  # the routers' state moves in training (LocMoE's fixed capacity, LocMoE+'s EMA)
+        model(input_ids=ids, labels=ids).loss.backward()
+    model.eval()
+    with torch.no_grad():
+        expected = model(input_ids=ids).logits
+    save_locmoe(model, tmp_path / "saved")
+    loaded = load_locmoe(tmp_path / "saved")
+    assert not loaded.training
+    for (_, before), (_, after) in zip(locmoe_blocks(model), locmoe_blocks(loaded), strict=True):
+        assert after.moe.router.options == before.moe.router.options
+        for key, value in before.moe.router.state_dict().items():
+            torch.testing.assert_close(after.moe.router.state_dict()[key], value, rtol=0, atol=0, equal_nan=True)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(input_ids=ids).logits, expected, rtol=0, atol=0)
+
+
+def test_load_locmoe_refuses_a_folder_it_did_not_write(tmp_path):
+    model, _ = build("mixtral")
+    model.save_pretrained(tmp_path / "plain")
+    with pytest.raises(ValueError, match="holds no locmoe_routing.json"):
+        load_locmoe(tmp_path / "plain")
+    with pytest.raises(ValueError, match="has no locmoe block to save"):
+        save_locmoe(model, tmp_path / "nothing")

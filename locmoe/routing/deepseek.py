@@ -1,0 +1,116 @@
+"""DeepSeek-V3 routing (arXiv 2412.19437, §2.1.2): sigmoid affinities, a score-correction bias,
+group-limited top-k, routed scaling.
+
+For token ``t`` and expert ``i`` the affinity is ``s_{i,t} = sigmoid(u_t · e_i)`` (eq. 15). Selection
+uses the biased affinity ``s_{i,t} + b_i``; the gate value uses the unbiased one (eq. 16):
+
+1. group limit: the ``n`` experts form ``G`` equal groups (DeepSeek-V3: its nodes); a group's score is
+   the sum of its two highest biased affinities, and each token keeps its ``M`` best groups;
+2. the token's ``k`` experts are the top-``k`` biased affinities inside those groups;
+3. gate values ``g_{i,t} = s_{i,t}``, divided by their sum over the ``k`` (``renormalize``), times the
+   routed scaling factor.
+
+The bias is not learned by gradient: after each training forward every expert's bias moves by
+``γ · sign(mean load − load_i)`` (the loads are this routing group's proposals), which pushes tokens
+away from overloaded experts without a balance loss in the gradient ("auxiliary-loss-free
+balancing"). A small complementary balance loss (``aux_coef``) is kept, as in the paper.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from locmoe.routing.base import Router, RoutingContext, gate_logits
+from locmoe.routing.capacity import capacity_from_factor
+from locmoe.routing.losses import load_balance_loss
+from locmoe.routing.options import DeepSeekOptions
+from locmoe.routing.plan import RoutingPlan
+from locmoe.routing.topk import proposals_plan
+
+GROUP_SCORE_EXPERTS = 2  # a group's score sums this many of its highest biased affinities (DeepSeek-V3)
+
+
+def group_limited_top_k(biased: torch.Tensor, top_k: int, num_groups: int, top_groups: int) -> torch.Tensor:
+    """``(S, k)`` int64: the top-``k`` experts of ``biased (S, n)`` among the ``top_groups`` best of
+    ``num_groups`` equal groups (a group's score: the sum of its two highest entries), best first."""
+    num_tokens, num_experts = biased.shape
+    if num_groups > 1 and top_groups < num_groups:
+        grouped = biased.view(num_tokens, num_groups, num_experts // num_groups)
+        per_group = min(GROUP_SCORE_EXPERTS, grouped.shape[-1])
+        group_scores = grouped.topk(per_group, dim=-1).values.sum(dim=-1)
+        kept_groups = group_scores.topk(top_groups, dim=-1).indices
+        allowed = torch.zeros_like(group_scores, dtype=torch.bool).scatter_(1, kept_groups, True)
+        allowed = allowed[:, :, None].expand_as(grouped).reshape(num_tokens, num_experts)
+        biased = biased.masked_fill(~allowed, float("-inf"))
+    return biased.topk(top_k, dim=-1).indices
+
+
+def sigmoid_routing_plan(
+    logits: torch.Tensor,
+    score_bias: torch.Tensor,
+    options: DeepSeekOptions,
+    capacity: int | None,
+) -> RoutingPlan:
+    """DeepSeek-V3's selection (module docstring) from gate logits ``(S, n)`` and the bias ``(n,)``;
+    pure function of its inputs. ``router_probs`` are the normalised affinities ``s / Σ_i s`` (for the
+    balance loss and the metrics)."""
+    scores = torch.sigmoid(logits.float())
+    proposed = group_limited_top_k(scores.detach() + score_bias.float(), options.top_k, options.num_groups,
+                                   options.top_groups)
+    gates = scores.gather(1, proposed)
+    if options.renormalize:
+        gates = gates / (gates.sum(dim=-1, keepdim=True) + 1e-20)
+    gates = gates * options.routed_scaling
+    probs = scores / scores.sum(dim=-1, keepdim=True)
+    losses: dict[str, torch.Tensor] = {}
+    if options.aux_coef > 0:
+        losses["load_balance"] = load_balance_loss(probs, proposed, logits.shape[1], options.aux_coef)
+    return proposals_plan(proposed, gates.to(logits.dtype), probs, capacity, losses)
+
+
+def updated_bias(score_bias: torch.Tensor, proposals_per_expert: torch.Tensor, rate: float) -> torch.Tensor:
+    """The bias after one auxiliary-loss-free balancing update: ``b_i + γ · sign(mean load − load_i)``."""
+    load = proposals_per_expert.to(score_bias.dtype)
+    return score_bias + rate * torch.sign(load.mean() - load)
+
+
+class DeepSeekRouter(Router):
+    """``deepseek``: a learned linear gate ``d -> n`` (no bias), sigmoid affinities, the
+    score-correction buffer ``score_bias (n,)`` (float32; updated in training when
+    ``bias_update_rate`` > 0), group-limited top-k (module docstring).
+
+    Options: :class:`locmoe.routing.options.DeepSeekOptions`. Metric ``bias_range``: the largest
+    minus the smallest bias after the forward.
+
+    Under expert parallelism with the local routing scope every rank updates its own copy of the bias
+    from its own tokens, as LocMoE+'s capacity state (checkpoints keep rank 0's); the global routing
+    scope gives every rank the same tokens and so the same bias.
+    """
+
+    name = "deepseek"
+    Options = DeepSeekOptions
+    options: DeepSeekOptions
+
+    def __init__(self, d_model: int, num_experts: int, options: DeepSeekOptions | None = None) -> None:
+        super().__init__(d_model, num_experts, options)
+        self.gate = nn.Linear(d_model, num_experts, bias=False)
+        self.score_bias: torch.Tensor
+        self.register_buffer("score_bias", torch.zeros(num_experts, dtype=torch.float32))
+
+    @property
+    def top_k(self) -> int:
+        return self.options.top_k
+
+    def route(self, x: torch.Tensor, context: RoutingContext) -> RoutingPlan:
+        options = self.options
+        capacity = None
+        if options.capacity_factor is not None:
+            capacity = capacity_from_factor(options.capacity_factor, x.shape[0], self.num_experts, options.top_k)
+        plan = sigmoid_routing_plan(gate_logits(self.gate, x), self.score_bias, options, capacity)
+        if self.training and options.bias_update_rate > 0:
+            with torch.no_grad():
+                self.score_bias.copy_(updated_bias(self.score_bias, plan.proposals_per_expert,
+                                                   options.bias_update_rate))
+        plan.metrics["bias_range"] = (self.score_bias.max() - self.score_bias.min()).detach()
+        return plan
