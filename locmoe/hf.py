@@ -483,8 +483,10 @@ def export_hf(model: nn.Module) -> nn.Module:
     """Put the model's own blocks back in place of the :class:`LocMoEBlock` wrappers (in place; returns
     ``model``), so ``save_pretrained`` writes a standard checkpoint that ``from_pretrained`` loads.
 
-    Only a ``topk`` router routing as the original block does (its ``top_k``, dropless, its
-    renormalisation) has an equivalent; any other raises ``ValueError`` saying why, before anything is
+    Only the router that routes as the original block does has an equivalent: ``topk`` with its
+    ``top_k``, dropless, its renormalisation; on DeepSeek-V3, ``deepseek`` with its ``top_k``, groups,
+    renormalisation and scaling, dropless (the trained correction bias goes back into the block). Any
+    other raises ``ValueError`` saying why (and pointing to :func:`save_locmoe`), before anything is
     changed. locmoe's router losses are training-time terms and have no place in the exported model.
     """
     blocks = locmoe_blocks(model)
