@@ -185,6 +185,9 @@ def _add_eval_arguments(parser: argparse.ArgumentParser) -> None:
                              "linux-docs, linux-docs-networking or a PATH; the run's other data settings and the "
                              "checkpoint's tokenizer): e.g. what a model continued on domain text forgot of its "
                              "pretraining")
+    parser.add_argument("--validation-fraction", metavar="F",
+                        help="with --corpus: the share of that corpus held out (default: the run's "
+                             "data.validation_fraction; the domain preset scores its domain with 0.1)")
     parser.add_argument("--cloze", default="0", metavar="N",
                         help="also a multiple-choice cloze test of N questions built from the validation text "
                              "(true continuation vs 3 from other passages; accuracy with a 95 %% interval; 0 = off)")
@@ -205,8 +208,12 @@ def _non_negative_int(name: str, text: str) -> int:
 def _run_eval(args: argparse.Namespace) -> int:
     batches = _non_negative_int("--batches", args.batches)
     cloze = ClozeSettings(_non_negative_int("--cloze", args.cloze), _non_negative_int("--cloze-seed", args.cloze_seed))
+    if args.validation_fraction is not None and args.corpus is None:
+        raise ValueError("--validation-fraction needs --corpus (a run's own split is the one it trained beside)")
     path, state, config, model = checkpoint_model(args.checkpoint)
     data = config.data if args.corpus is None else replace(config.data, corpus=args.corpus)
+    if args.validation_fraction is not None:
+        data = replace(data, validation_fraction=parse_field("validation_fraction", args.validation_fraction))
     tokenizer = BPETokenizer.from_json(state["tokenizer"])
     result = held_out_scores(model, tokenizer, data, config.train.batch_size, batches, config.train.precision, cloze)
     result = {"checkpoint": str(path), "step": int(state["step"]), **result}

@@ -194,7 +194,9 @@ class TrainConfig:
     checkpoint holds under the same name and shape (a ``topk`` run continued as ``topk``, ``switch``
     or ``expert_choice`` keeps its trained gate; a LocMoE+ run keeps its capacity state) and builds the
     rest as this run's router does (the GrAP routers of ``locmoe``/``locmoe_plus`` have no learned
-    gate); ``"fresh"`` builds every router tensor anew (design §9).
+    gate); ``"fresh"`` builds every router tensor anew (design §9). Note that ``locmoe`` continued as
+    ``locmoe`` keeps its fixed capacity, which was measured on the source run's routing-group size:
+    continue it with ``"fresh"`` when the batch size or sequence length changes.
 
     ``log_every`` = ``N`` prints a plain line every ``N`` steps (step, loss, lr, tokens/s, mean drop
     rate, validation loss when evaluated) for logs that a progress bar garbles; 0 (default) = every

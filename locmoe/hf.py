@@ -468,6 +468,7 @@ def _hf_block(block: LocMoEBlock) -> nn.Module:
         restored.experts.gate_up_proj = nn.Parameter(gate_up)
         restored.experts.down_proj = nn.Parameter(experts.w_out.transpose(1, 2).contiguous())
     if block.hf_routing.sigmoid:
+        block.moe.router.apply_due_update()  # a step that ended after the last forward counts too
         restored.gate.e_score_correction_bias = block.moe.router.score_bias.detach().clone()
         restored.shared_experts = block.shared_expert
     elif block.shared_expert is not None:
@@ -539,15 +540,15 @@ def save_locmoe(model: nn.Module, folder: str | Path) -> Path:
     save_model(model, str(folder / WEIGHTS_FILE))
     routing = {"format": ROUTING_FORMAT, "model_class": type(model).__name__, "router": router,
                "options": json.loads(options), "blocks": [name for name, _ in blocks],
-               "add_aux_loss": hasattr(model, _AUX_HOOK)}
+               "add_aux_loss": hasattr(model, _AUX_HOOK), "dtype": str(model.dtype).removeprefix("torch.")}
     (folder / ROUTING_FILE).write_text(json.dumps(routing, indent=1) + "\n")
     return folder
 
 
 def load_locmoe(folder: str | Path) -> nn.Module:
-    """The model :func:`save_locmoe` wrote to ``folder``: built from its config (no download), its
-    blocks swapped with the saved router and options, every saved tensor loaded strictly; in eval
-    mode. ``ValueError`` naming what is missing or does not fit."""
+    """The model :func:`save_locmoe` wrote to ``folder``: built from its config (no download) in the
+    saved model's dtype, its blocks swapped with the saved router and options, every saved tensor
+    loaded strictly; in eval mode. ``ValueError`` naming what is missing or does not fit."""
     folder = Path(folder)
     routing_path = folder / ROUTING_FILE
     if not routing_path.is_file():
@@ -559,7 +560,10 @@ def load_locmoe(folder: str | Path) -> nn.Module:
     model_class = getattr(transformers, routing["model_class"], None)
     if model_class is None:
         raise ValueError(f"{routing_path}: transformers has no model class {routing['model_class']!r}")
-    model = model_class(config)
+    dtype = getattr(torch, str(routing.get("dtype", "float32")), None)
+    if not isinstance(dtype, torch.dtype):
+        raise ValueError(f"{routing_path}: dtype {routing.get('dtype')!r} is not a torch dtype")
+    model = model_class(config).to(dtype)  # the routers' state buffers keep their own dtype
     swapped = replace_moe_blocks(model, routing["router"], copy_gate=False, add_aux_loss=routing["add_aux_loss"],
                                  **routing["options"])
     if swapped != routing["blocks"]:

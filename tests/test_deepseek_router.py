@@ -6,6 +6,7 @@ import math
 
 import pytest
 import torch
+import torch.utils.checkpoint
 
 from locmoe import MoELayer
 from locmoe.routing import build_router
@@ -56,22 +57,75 @@ def test_selection_and_gates_match_the_reference(seed):
     plan.validate()
 
 
-def test_the_bias_moves_tokens_away_from_overloaded_experts():
-    router = build_router("deepseek", 16, 4, top_k=1, bias_update_rate=0.01)
+def _skewed_router(rate: float = 0.01):
+    router = build_router("deepseek", 16, 4, top_k=1, bias_update_rate=rate)
     with torch.no_grad():
         router.gate.weight.zero_()
         router.gate.weight[0, 0] = 5.0  # every token with x_0 > 0 prefers expert 0
+    return router
+
+
+def _step(router, x, optimizer) -> torch.Tensor:
+    """One training step: forward, a loss through the gate values, optimiser step."""
+    plan = router(x)
+    optimizer.zero_grad()
+    plan.gate_weights.sum().backward()
+    optimizer.step()
+    return plan.tokens_per_expert
+
+
+def test_the_bias_moves_tokens_away_from_overloaded_experts_once_per_step():
+    router = _skewed_router()
+    optimizer = torch.optim.SGD(router.parameters(), lr=0.0)  # steps change nothing but the version
     x = torch.randn(256, 16).abs()
     router.train()
-    first = router(x).tokens_per_expert.clone()
-    assert first[0] == 256 and router.score_bias[0] < 0 < router.score_bias[1]
+    first = _step(router, x, optimizer)
+    assert first[0] == 256 and torch.equal(router.score_bias, torch.zeros(4))  # not before the step ends
+    router(x[:8])  # the next forward applies the first step's update, then routes
+    assert router.score_bias[0] == pytest.approx(-0.01) and router.score_bias[1] == pytest.approx(0.01)
     for _ in range(200):
-        plan = router(x)
-    assert plan.tokens_per_expert.max() < 256 and (plan.tokens_per_expert > 0).sum() > 1
+        loads = _step(router, x, optimizer)
+    assert loads.max() < 256 and (loads > 0).sum() > 1
     router.eval()
+    router(x)  # the last training step's update is still due: the first forward after it applies it
+    assert torch.equal(router.pending_load, torch.zeros(4))
     before = router.score_bias.clone()
     router(x)
-    assert torch.equal(router.score_bias, before)  # evaluation never moves it
+    router(x)
+    assert torch.equal(router.score_bias, before)  # evaluation adds no load and makes no step
+
+
+def test_micro_batches_and_recomputed_forwards_make_one_update_per_step():
+    """Two micro-batches and a gradient-checkpointed forward (recomputed in backward) before one
+    optimiser step: one update of γ, and the recomputation routes with the bias it was run with."""
+    router = _skewed_router(rate=0.1)
+    optimizer = torch.optim.SGD(router.parameters(), lr=0.0)
+    x = torch.randn(64, 16).abs()
+    router.train()
+    for half in (x[:32], x[32:]):
+        weights = torch.utils.checkpoint.checkpoint(lambda h: router(h).gate_weights, half, use_reentrant=False)
+        weights.sum().backward()
+    assert torch.equal(router.score_bias, torch.zeros(4))
+    optimizer.step()
+    router(x[:4])
+    torch.testing.assert_close(router.score_bias, torch.tensor([-0.1, 0.1, 0.1, 0.1]))
+
+
+def test_a_cast_model_keeps_the_bias_in_float32():
+    router = _skewed_router()
+    with torch.no_grad():
+        router.score_bias.fill_(3.0 + 2**-12)  # below bf16's resolution at 3
+    router.to(torch.bfloat16)
+    assert router.gate.weight.dtype == torch.bfloat16
+    assert router.score_bias.dtype == torch.float32 and float(router.score_bias[0]) == 3.0 + 2**-12
+    assert router.pending_load.dtype == torch.float32
+
+
+def test_float64_inputs_route_in_float64():
+    logits = torch.randn(10, 8, dtype=torch.float64)
+    plan = sigmoid_routing_plan(logits, torch.zeros(8), DeepSeekOptions(top_k=2), None)
+    scores = torch.sigmoid(logits).gather(1, plan.expert_ids)
+    torch.testing.assert_close(plan.gate_weights, scores / scores.sum(-1, keepdim=True), rtol=1e-12, atol=0)
 
 
 def test_updated_bias_is_the_sign_rule():

@@ -92,6 +92,10 @@ def test_the_scores_are_the_checkpoints_own(tmp_path, cache_dir):  # noqa: F811
     general = _eval_json(["--checkpoint", str(plan.base.run_dir), "--corpus", "python-docs"])
     assert general["val_loss"] == pytest.approx(report["base"]["general"]["val_loss"], rel=1e-6)
     assert general["corpus"].startswith("python-docs")
+    base_domain = _eval_json(["--checkpoint", str(plan.base.run_dir), "--corpus", str(tmp_path / "net.txt"),
+                              "--validation-fraction", "0.1", "--cloze", "12"])
+    assert base_domain["val_loss"] == pytest.approx(report["base"]["domain"]["val_loss"], rel=1e-6)
+    assert base_domain["cloze_accuracy"] == report["base"]["domain"]["cloze_accuracy"]
 
 
 def test_the_claims_pair_seeds_and_decide_like_the_comparison():
@@ -130,7 +134,8 @@ def test_an_unfetchable_domain_corpus_is_one_line_and_exit_2_with_nothing_writte
     assert main(["compare", "--preset", "domain", "--out", str(out), "--cache-dir", str(tmp_path / "cache"),
                  "--seeds", "0"]) == 2
     error = capsys.readouterr().err.strip().splitlines()
-    assert error[-1].endswith("cannot be fetched: E: Unable to locate package linux-doc"), error
+    expected = "cannot be fetched: E: Unable to locate package linux-doc (apt-get update may help)"
+    assert error[-1].endswith(expected), error
     assert len([line for line in error if not line.startswith("fetching")]) == 1
     assert not out.exists() and not (tmp_path / "cache" / "corpora" / "linux-docs-networking.txt").exists()
 
@@ -161,6 +166,11 @@ def test_preset_flags_are_checked(tmp_path, capsys):
     assert "--base-steps='0' is invalid; allowed: an integer >= 1" in capsys.readouterr().err
     assert main(["compare", "--quick", "--cloze", "5", "--out", str(tmp_path / "d")]) == 2
     assert "--cloze belongs to the domain preset" in capsys.readouterr().err
+    assert main(["compare", "--preset", "domain", "--routers", "locmoe_plus,switch@matched",
+                 "--out", str(tmp_path / "d")]) == 2
+    assert "@matched is not available in the domain preset" in capsys.readouterr().err
+    assert main(["eval", "--checkpoint", str(tmp_path), "--validation-fraction", "0.1"]) == 2
+    assert "--validation-fraction needs --corpus" in capsys.readouterr().err
     assert not (tmp_path / "d").exists()
 
 

@@ -122,6 +122,10 @@ def domain_plan(
     continued = start.with_overrides({**BASE_ROUTING, **CONTINUED_OVERRIDES, "progress": False, **overrides,
                                       "init_from": str(base_config.run_dir), "out": str(Path(out_dir) / "runs" / "x")})
     chosen = tuple(contenders) if contenders else tuple(Contender(name, name) for name in DOMAIN_ROUTERS)
+    matched = [c.label for c in chosen if c.matched_to is not None]
+    if matched:
+        raise ValueError(f"contender {matched[0]!r}: @matched is not available in the domain preset; give the "
+                         "capacity factor directly (@cfX)")
     return DomainPlan(base_config, continued, chosen, tuple(seeds) if seeds else DOMAIN_SEEDS,
                       cloze or ClozeSettings(CLOZE_QUESTIONS))
 

@@ -29,6 +29,7 @@ EMBEDDED = "python-docs"
 EMBEDDED_FILE = "python-3.11-docs.txt"
 LINUX = ("linux-docs", "linux-docs-networking")
 FETCH_SCRIPT = Path(__file__).resolve().parent / "fetch_linux_docs.sh"
+FETCH_TIMEOUT_S = 900  # the package is about 40 MB
 
 
 @dataclass(frozen=True)
@@ -103,7 +104,8 @@ class CorpusUnavailable(ValueError):
 def fetch_linux_docs(cache_dir: str | Path | None = None) -> None:
     """Fetch both Linux corpora into ``cache_dir`` with ``fetch_linux_docs.sh`` (Debian ``linux-doc``,
     GPL-2; needs ``apt-get`` and a Debian archive). ``CorpusUnavailable`` when that fails: nothing
-    half-written stays behind (the script writes each file whole, then the checksums last)."""
+    half-written stays behind (the script builds and checks every file in a work folder, then moves
+    them into the cache, the checksums last)."""
     folder = resolve_cache_dir(cache_dir)
     if shutil.which("apt-get") is None or shutil.which("dpkg-deb") is None:
         raise CorpusUnavailable(
@@ -111,12 +113,18 @@ def fetch_linux_docs(cache_dir: str | Path | None = None) -> None:
             "apt-get and dpkg-deb, which this machine lacks"
         )
     print(f"fetching the Linux docs corpus (Debian linux-doc, GPL-2) into {folder / 'corpora'} ...", file=sys.stderr)
-    done = subprocess.run(["sh", str(FETCH_SCRIPT), str(folder)], capture_output=True, text=True, check=False)
+    try:
+        done = subprocess.run(["sh", str(FETCH_SCRIPT), str(folder)], capture_output=True, text=True, check=False,
+                              timeout=FETCH_TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        raise CorpusUnavailable(f"the Linux docs corpus (Debian linux-doc) was not fetched within {FETCH_TIMEOUT_S} s; "
+                                "check the network and the apt sources") from None
     if done.returncode != 0:
         reasons = [line.strip() for line in (done.stderr + done.stdout).splitlines() if line.strip()]
         errors = [line for line in reasons if line.startswith(("E:", "fetch_linux_docs.sh:"))] or reasons
         reason = errors[-1] if errors else f"exit status {done.returncode}"
-        raise CorpusUnavailable(f"the Linux docs corpus (Debian linux-doc) cannot be fetched: {reason}")
+        hint = " (apt-get update may help)" if "Unable to locate package" in reason else ""
+        raise CorpusUnavailable(f"the Linux docs corpus (Debian linux-doc) cannot be fetched: {reason}{hint}")
 
 
 def load_linux(name: str, cache_dir: str | Path | None = None, fetch: bool = True) -> Corpus:

@@ -17,7 +17,7 @@ out_dir="$cache/corpora"
 version=${LINUX_DOC_VERSION-}
 
 work=$(mktemp -d)
-trap 'rm -rf "$work"' EXIT
+trap 'rm -rf "$work"; rm -f "$out_dir"/*.part' EXIT
 mkdir -p "$out_dir"
 cd "$work"
 
@@ -31,16 +31,29 @@ docs=$(find tree/usr/share/doc -maxdepth 2 -type d -name Documentation | head -n
 [ -n "$docs" ] || { echo "fetch_linux_docs.sh: no Documentation/ folder in $real" >&2; exit 1; }
 
 # Debian gzips the larger files; small ones stay plain. Print each source uncompressed, in order.
+# Everything is built in the work folder and checked (non-empty) first; only then do the files move
+# into the cache, the checksums last, so an interrupted or failed fetch leaves no half-written corpus.
+staged="$work/out"
+mkdir -p "$staged"
 concat() {  # concat DIR OUTPUT
-    find "$1" -type f \( -name '*.rst' -o -name '*.rst.gz' \) -print0 | LC_ALL=C sort -z |
-        xargs -0 -n 64 sh -c 'for f; do case "$f" in *.gz) gzip -dc "$f" ;; *) cat "$f" ;; esac; done' sh > "$2.part"
-    mv "$2.part" "$2"
+    [ -d "$1" ] || { echo "fetch_linux_docs.sh: no folder $1 in $real" >&2; exit 1; }
+    find "$1" -type f \( -name '*.rst' -o -name '*.rst.gz' \) -print0 | LC_ALL=C sort -z > "$work/list"
+    xargs -0 -n 64 sh -c 'for f; do case "$f" in *.gz) gzip -dc "$f" || exit 255 ;; *) cat "$f" || exit 255 ;; esac; done' \
+        sh < "$work/list" > "$2" || { echo "fetch_linux_docs.sh: could not read the sources under $1" >&2; exit 1; }
+    [ -s "$2" ] || { echo "fetch_linux_docs.sh: no reST sources under $1" >&2; exit 1; }
 }
-concat "$docs" "$out_dir/linux-docs.txt"
-concat "$docs/networking" "$out_dir/linux-docs-networking.txt"
+concat "$docs" "$staged/linux-docs.txt"
+concat "$docs/networking" "$staged/linux-docs-networking.txt"
 copyright=$(find tree/usr/share/doc -maxdepth 2 -name copyright | head -n 1)
-cp "$copyright" "$out_dir/COPYING-linux-doc.txt"
-(cd "$out_dir" && sha256sum linux-docs.txt linux-docs-networking.txt > SHA256SUMS)
+[ -n "$copyright" ] || { echo "fetch_linux_docs.sh: no copyright file in $real" >&2; exit 1; }
+cp "$copyright" "$staged/COPYING-linux-doc.txt"
+(cd "$staged" && sha256sum linux-docs.txt linux-docs-networking.txt > SHA256SUMS)
+
+# Into the cache: the old checksums go first (a corpus without them is refetched), the new ones last.
+rm -f "$out_dir/SHA256SUMS"
+for name in linux-docs.txt linux-docs-networking.txt COPYING-linux-doc.txt SHA256SUMS; do
+    cp "$staged/$name" "$out_dir/$name.part" && mv "$out_dir/$name.part" "$out_dir/$name"
+done
 
 echo "package: $real"
 echo "linux-docs:            $(wc -c < "$out_dir/linux-docs.txt") bytes"

@@ -55,6 +55,10 @@ class Router(nn.Module, metaclass=abc.ABCMeta):
     name: str = "router"
     Options: type[RouterOptions] = RouterOptions
     needs_token_ids: bool = False
+    state_buffers: tuple[str, ...] = ()
+    """Buffers holding training state (LocMoE+'s capacity EMA, DeepSeek's correction bias) that keep
+    their own dtype when the module is cast (``model.to(torch.bfloat16)``, a bf16 Hugging Face model):
+    they move to the new device, never to a coarser dtype (:meth:`_apply`)."""
 
     def __init__(self, d_model: int, num_experts: int, options: RouterOptions | None = None) -> None:
         super().__init__()
@@ -82,6 +86,19 @@ class Router(nn.Module, metaclass=abc.ABCMeta):
                 f"router {self.name!r} routes by token id: pass token_ids (shape (...,) matching x's leading dims)"
             )
         return self.route(x, context)
+
+    def _apply(self, fn, recurse=True):  # noqa: ANN001, ANN202 - nn.Module's signature
+        """``nn.Module._apply`` (``.to``, ``.cuda``, ``.half`` ...), except that :attr:`state_buffers`
+        keep their dtype and values: each is moved, uncast, to the device the cast one landed on."""
+        kept = {name: self._buffers[name] for name in self.state_buffers if self._buffers.get(name) is not None}
+        result = super()._apply(fn, recurse)
+        for name, original in kept.items():
+            moved = self._buffers[name]
+            if moved is not None and moved.dtype != original.dtype:
+                # A meta tensor has no values to keep (``to_empty``): only its dtype is restored.
+                kept_values = moved.to(original.dtype) if original.is_meta else original.to(device=moved.device)
+                self._buffers[name] = kept_values
+        return result
 
     def extra_repr(self) -> str:
         return ", ".join(f"{name}={value:.4g}" if isinstance(value, float) else f"{name}={value}"

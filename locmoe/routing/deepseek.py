@@ -10,10 +10,12 @@ uses the biased affinity ``s_{i,t} + b_i``; the gate value uses the unbiased one
 3. gate values ``g_{i,t} = s_{i,t}``, divided by their sum over the ``k`` (``renormalize``), times the
    routed scaling factor.
 
-The bias is not learned by gradient: after each training forward every expert's bias moves by
-``γ · sign(mean load − load_i)`` (the loads are this routing group's proposals), which pushes tokens
-away from overloaded experts without a balance loss in the gradient ("auxiliary-loss-free
-balancing"). A small complementary balance loss (``aux_coef``) is kept, as in the paper.
+The bias is not learned by gradient: at the end of each training step every expert's bias moves by
+``γ · sign(mean load − load_i)``, the loads being the experts' proposals over the step's training
+forwards, which pushes tokens away from overloaded experts without a balance loss in the gradient
+("auxiliary-loss-free balancing"). A small complementary balance loss (``aux_coef``) is kept, as in
+the paper. A group's score is the sum of its two highest biased affinities, Hugging Face's rule (the
+paper sums the top ``K_r / M``, also two for DeepSeek-V3's 8 experts over 4 groups).
 """
 
 from __future__ import annotations
@@ -55,7 +57,7 @@ def sigmoid_routing_plan(
     """DeepSeek-V3's selection (module docstring) from gate logits ``(S, n)`` and the bias ``(n,)``;
     pure function of its inputs. ``router_probs`` are the normalised affinities ``s / Σ_i s`` (for the
     balance loss and the metrics)."""
-    scores = torch.sigmoid(logits.float())
+    scores = torch.sigmoid(logits.to(torch.promote_types(logits.dtype, torch.float32)))
     proposed = group_limited_top_k(scores.detach() + score_bias.float(), options.top_k, options.num_groups,
                                    options.top_groups)
     gates = scores.gather(1, proposed)
@@ -77,40 +79,65 @@ def updated_bias(score_bias: torch.Tensor, proposals_per_expert: torch.Tensor, r
 
 class DeepSeekRouter(Router):
     """``deepseek``: a learned linear gate ``d -> n`` (no bias), sigmoid affinities, the
-    score-correction buffer ``score_bias (n,)`` (float32; updated in training when
-    ``bias_update_rate`` > 0), group-limited top-k (module docstring).
+    score-correction buffer ``score_bias (n,)``, group-limited top-k (module docstring).
 
     Options: :class:`locmoe.routing.options.DeepSeekOptions`. Metric ``bias_range``: the largest
-    minus the smallest bias after the forward.
+    minus the smallest bias.
 
-    Under expert parallelism with the local routing scope every rank updates its own copy of the bias
-    from its own tokens, as LocMoE+'s capacity state (checkpoints keep rank 0's); the global routing
-    scope gives every rank the same tokens and so the same bias.
+    The bias update happens once per optimiser step **(ours: when, not how)**. Every training forward
+    adds its proposals to the buffer ``pending_load``; the update (:meth:`apply_bias_update`) runs at
+    the first forward after the gate's weights changed in place (the optimiser stepped, or a
+    checkpoint was loaded), before that forward routes. So the micro-batches of a gradient-accumulation
+    step count as one step, a forward recomputed for gradient checkpointing routes with the bias of
+    the forward it recomputes (its loads count twice, which the sign rule does not see), and a resumed
+    run repeats an uninterrupted one (``pending_load`` is in the state dict). With a frozen gate, call
+    :meth:`apply_bias_update` after each step. ``score_bias`` and ``pending_load`` stay float32 when the
+    model is cast (:attr:`Router.state_buffers`). With expert or data parallelism each replica updates
+    its own bias from its own tokens, like LocMoE+'s capacity state (checkpoints keep rank 0's); the
+    global routing scope gives every rank of a group the same tokens.
     """
 
     name = "deepseek"
     Options = DeepSeekOptions
     options: DeepSeekOptions
+    state_buffers = ("score_bias", "pending_load")
 
     def __init__(self, d_model: int, num_experts: int, options: DeepSeekOptions | None = None) -> None:
         super().__init__(d_model, num_experts, options)
         self.gate = nn.Linear(d_model, num_experts, bias=False)
         self.score_bias: torch.Tensor
+        self.pending_load: torch.Tensor
         self.register_buffer("score_bias", torch.zeros(num_experts, dtype=torch.float32))
+        self.register_buffer("pending_load", torch.zeros(num_experts, dtype=torch.float32))
+        self._gate_version: int | None = None  # the gate weight's version when pending_load last grew
 
     @property
     def top_k(self) -> int:
         return self.options.top_k
 
+    @torch.no_grad()
+    def apply_bias_update(self) -> None:
+        """Move the bias by the loads of the forwards since the last update, then forget them (a no-op
+        when there were none: every load is 0, every sign 0)."""
+        self.score_bias.copy_(updated_bias(self.score_bias, self.pending_load, self.options.bias_update_rate))
+        self.pending_load.zero_()
+
+    def apply_due_update(self) -> None:
+        """Apply the bias update if a step ended since the loads were counted (the gate's weights
+        changed in place since then); what every forward does first."""
+        if self.options.bias_update_rate > 0 and self.gate.weight._version != self._gate_version:
+            self.apply_bias_update()
+            self._gate_version = self.gate.weight._version
+
     def route(self, x: torch.Tensor, context: RoutingContext) -> RoutingPlan:
         options = self.options
+        self.apply_due_update()  # the step the pending loads belong to has ended
         capacity = None
         if options.capacity_factor is not None:
             capacity = capacity_from_factor(options.capacity_factor, x.shape[0], self.num_experts, options.top_k)
         plan = sigmoid_routing_plan(gate_logits(self.gate, x), self.score_bias, options, capacity)
         if self.training and options.bias_update_rate > 0:
             with torch.no_grad():
-                self.score_bias.copy_(updated_bias(self.score_bias, plan.proposals_per_expert,
-                                                   options.bias_update_rate))
+                self.pending_load.add_(plan.proposals_per_expert.to(self.pending_load.dtype))
         plan.metrics["bias_range"] = (self.score_bias.max() - self.score_bias.min()).detach()
         return plan

@@ -214,6 +214,7 @@ class LocMoEPlusRouter(GrAPRouter):
     name = "locmoe_plus"
     Options = LocMoEPlusOptions
     options: LocMoEPlusOptions
+    state_buffers = ("capacity_state",)
 
     def __init__(self, d_model: int, num_experts: int, options: LocMoEPlusOptions | None = None) -> None:
         super().__init__(d_model, num_experts, options)

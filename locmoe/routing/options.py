@@ -157,9 +157,10 @@ class DeepSeekOptions(RouterOptions):
             highest biased affinities (DeepSeek-V3: 4).
         renormalize: divide the ``k`` gate values by their sum (DeepSeek-V3: yes).
         routed_scaling: multiplies the gate values (DeepSeek-V3: 2.5).
-        bias_update_rate: ``γ`` of the bias update: after each training forward, every expert's bias
-            moves by ``γ · sign(mean load − its load)`` (its proposals), so overloaded experts are
-            picked less; 0 = a fixed bias. Default 0.001 (DeepSeek-V3's rate for most of training).
+        bias_update_rate: ``γ`` of the bias update: once per optimiser step, every expert's bias moves
+            by ``γ · sign(mean load − its load)`` (its proposals over the step's forwards), so
+            overloaded experts are picked less; 0 = a fixed bias. Default 0.001 (DeepSeek-V3's rate for
+            most of training). :class:`locmoe.routing.deepseek.DeepSeekRouter` says when it applies.
         aux_coef: ``α`` of the complementary balance loss (the Switch loss on the normalised
             affinities ``s / Σ s``, per routing group rather than per sequence **(ours)**), 1e-4.
         capacity_factor: ``None`` (default) = dropless, as DeepSeek-V3; else ``C = ceil(cf · k · S / n)``

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import lzma
+import os
 import random
 
 import pytest
@@ -146,3 +147,42 @@ def test_a_tiny_corpus_still_gets_a_validation_block():
     assert train == ["one\n"] and validation == ["two\n"]
     with pytest.raises(ValueError, match="too small"):
         split_text("one line", 0.05, 100)
+
+
+def _fake_debian(folder, networking: str) -> dict:
+    """``apt-get`` and ``dpkg-deb`` stand-ins whose package holds ``Documentation/a.rst`` and, under
+    ``networking/``, the file ``networking`` names (``""``: no networking folder); the PATH to use."""
+    folder.mkdir()
+    (folder / "apt-get").write_text('#!/bin/sh\ncase "$2" in linux-doc) touch linux-doc_1_all.deb ;; '
+                                    '*) touch linux-doc-6.1_1_all.deb ;; esac\n')
+    docs = '"$3/usr/share/doc/linux-doc-6.1/Documentation"'
+    lines = ['#!/bin/sh', 'if [ "$1" = "-f" ]; then echo "linux-doc-6.1 (= 6.1.1)"; exit 0; fi',
+             f'mkdir -p {docs}', f"printf 'Sockets\\n' > {docs}/a.rst",
+             'echo copyright > "$3/usr/share/doc/linux-doc-6.1/copyright"']
+    if networking:
+        lines += [f"mkdir -p {docs}/networking", f"printf 'not gzip' > {docs}/networking/{networking}"]
+    (folder / "dpkg-deb").write_text("\n".join(lines) + "\n")
+    for tool in ("apt-get", "dpkg-deb"):
+        (folder / tool).chmod(0o755)
+    return {"PATH": f"{folder}:{os.environ['PATH']}"}
+
+
+@pytest.mark.parametrize(("networking", "reason"), [
+    ("", "no folder .*/networking"),                     # a package without the networking docs
+    ("b.rst.gz", "could not read the sources under"),    # a damaged gzip
+])
+def test_a_failed_fetch_says_why_in_one_line_and_leaves_nothing(tmp_path, monkeypatch, networking, reason):
+    for key, value in _fake_debian(tmp_path / "bin", networking).items():
+        monkeypatch.setenv(key, value)
+    with pytest.raises(corpus_module.CorpusUnavailable, match=reason) as failure:
+        corpus_module.fetch_linux_docs(tmp_path / "cache")
+    assert "\n" not in str(failure.value)
+    assert list((tmp_path / "cache" / "corpora").iterdir()) == []  # no corpus, no sums, no .part
+
+
+def test_a_fetch_writes_both_corpora_and_their_sums(tmp_path, monkeypatch):
+    for key, value in _fake_debian(tmp_path / "bin", "c.rst").items():
+        monkeypatch.setenv(key, value)
+    corpus_module.fetch_linux_docs(tmp_path / "cache")
+    assert corpus_module.load_corpus("linux-docs-networking", tmp_path / "cache").text == "not gzip"
+    assert corpus_module.load_corpus("linux-docs", tmp_path / "cache").text == "Sockets\nnot gzip"

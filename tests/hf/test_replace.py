@@ -197,10 +197,15 @@ def test_deepseek_v3_exports_back_and_round_trips_through_save_pretrained(tmp_pa
     model = deepseek_v3(seed=7)
     ids = torch.randint(3, VOCAB, (2, 7))
     replace_moe_blocks(model, router="deepseek", bias_update_rate=0.05)
+    original = model.model.layers[0].mlp.moe.router.score_bias.clone()
     model.train()
-    model(input_ids=ids, labels=ids).loss.backward()  # one training forward moves the bias
+    model(input_ids=ids, labels=ids).loss.backward()
+    torch.optim.SGD(model.parameters(), lr=1e-3).step()  # the step's end: its loads move the bias
     model.eval()
-    bias = model.model.layers[0].mlp.moe.router.score_bias.clone()
+    router = model.model.layers[0].mlp.moe.router
+    router.apply_due_update()
+    bias = router.score_bias.clone()
+    assert not torch.equal(bias, original) and bias.dtype == torch.float32
     with torch.no_grad():
         swapped = model(ids).logits
     exported = export_hf(model)
@@ -332,3 +337,20 @@ def test_load_locmoe_refuses_a_folder_it_did_not_write(tmp_path):
         load_locmoe(tmp_path / "plain")
     with pytest.raises(ValueError, match="has no locmoe block to save"):
         save_locmoe(model, tmp_path / "nothing")
+
+
+def test_a_bf16_model_reloads_in_bf16_with_its_float32_router_state(tmp_path):
+    model = deepseek_v3(seed=9).to(torch.bfloat16)
+    ids = torch.randint(3, VOCAB, (2, 7))
+    replace_moe_blocks(model, router="deepseek")
+    router = model.model.layers[0].mlp.moe.router
+    assert router.gate.weight.dtype == torch.bfloat16 and router.score_bias.dtype == torch.float32
+    with torch.no_grad():
+        expected = model(ids).logits
+    save_locmoe(model, tmp_path / "bf16")
+    loaded = load_locmoe(tmp_path / "bf16")
+    assert loaded.dtype == torch.bfloat16
+    reloaded = loaded.model.layers[0].mlp.moe.router
+    assert reloaded.score_bias.dtype == torch.float32 and torch.equal(reloaded.score_bias, router.score_bias)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(ids).logits, expected, rtol=0, atol=0)
