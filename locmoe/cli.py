@@ -187,7 +187,8 @@ def _add_eval_arguments(parser: argparse.ArgumentParser) -> None:
                              "pretraining")
     parser.add_argument("--validation-fraction", metavar="F",
                         help="with --corpus: the share of that corpus held out (default: the run's "
-                             "data.validation_fraction; the domain preset scores its domain with 0.1)")
+                             "data.validation_fraction; the domain preset scores the domain with 0.1 and the "
+                             "general corpus with 0.05)")
     parser.add_argument("--cloze", default="0", metavar="N",
                         help="also a multiple-choice cloze test of N questions built from the validation text "
                              "(true continuation vs 3 from other passages; accuracy with a 95 %% interval; 0 = off)")
