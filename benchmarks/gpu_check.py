@@ -78,7 +78,6 @@ TAIL_CHARS = 3000  # of a failed subprocess's output, kept in the JSON
 TOTAL_BUDGET_S = 465.0  # hard cap over all steps: the 8 minutes, less start-up and the summary
 FLOOR_TARGET = 1.25  # our best backend's time over the grouped-GEMM floor
 AGREEMENT_MIN_ROWS = 0.98  # share of rows two contenders must agree on (bf16 near-ties may flip a few)
-TRAIN_FLAGS = ("--device", "--precision", "--compile", "--deterministic", "--experts-backend")
 OPTIONAL_MODULES = ("pytest", "hypothesis", "scipy", "sklearn", "numpy", "tokenizers", "tqdm", "matplotlib",
                     "safetensors", "transformers")
 
@@ -350,14 +349,6 @@ def pytest_step(mode: Mode, budget: float, selected: bool) -> Check:
 # --------------------------------------------------------------------------------------------------
 
 
-def train_flags(deadline: Deadline) -> tuple[set[str], str | None]:
-    """The flags of :data:`TRAIN_FLAGS` that ``locmoe train --help`` lists, or an error."""
-    outcome = run_command([sys.executable, "-m", "locmoe", "train", "--help"], deadline.cap(60.0))
-    if not outcome.ok:
-        return set(), f"`locmoe train --help` failed, {outcome.why(60.0)}"
-    return {flag for flag in TRAIN_FLAGS if re.search(rf"(?<![\w-]){re.escape(flag)}(?![\w-])", outcome.output)}, None
-
-
 def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
     """``metrics.jsonl`` of a run (a torn line is skipped); empty if there is none."""
     path = run_dir / "metrics.jsonl"
@@ -378,25 +369,20 @@ def median_tokens_per_s(records: list[dict[str, Any]], skip: int = 10) -> float 
     return statistics.median(values) if values else None
 
 
-def train_command(mode: Mode, out: Path, steps: int, flags: set[str], *extra: str) -> list[str]:
+def train_command(mode: Mode, out: Path, steps: int, *extra: str) -> list[str]:
     command = [sys.executable, "-m", "locmoe", "train", "--corpus", "python-docs", "--steps", str(steps),
                "--eval-every", "0", "--eval-batches", "4", "--checkpoint-every", "50", "--progress", "false",
                "--seed", "0", "--out", str(out), "--device", mode.device, "--precision", mode.precision,
                *mode.model_args, *extra]
-    if "--compile" in flags and "--compile" not in extra:
+    if "--compile" not in extra:
         command += ["--compile", "false"]
     return command
 
 
-def missing_flags(flags: set[str], needed: tuple[str, ...]) -> str | None:
-    absent = [flag for flag in needed if flag not in flags]
-    return f"`locmoe train --help` has no {', '.join(absent)} yet" if absent else None
-
-
-def training_run(check: Check, mode: Mode, out: Path, flags: set[str], compile_: bool, timeout: float) -> Check:
+def training_run(check: Check, mode: Mode, out: Path, compile_: bool, timeout: float) -> Check:
     """One ``--steps N`` run: it must finish, log every step, and its lm_loss must fall."""
     extra = ("--compile", "true") if compile_ else ()
-    outcome = run_command(train_command(mode, out, mode.train_steps, flags, *extra), timeout)
+    outcome = run_command(train_command(mode, out, mode.train_steps, *extra), timeout)
     check.seconds = outcome.seconds
     records = read_metrics(out)
     details: dict[str, Any] = {"steps_logged": len(records), "tokens_per_s_median": median_tokens_per_s(records)}
@@ -413,16 +399,16 @@ def training_run(check: Check, mode: Mode, out: Path, flags: set[str], compile_:
     return check.finish("passed", summary, **details)
 
 
-def resume_runs(check: Check, mode: Mode, root: Path, flags: set[str], deadline: Deadline) -> Check:
+def resume_runs(check: Check, mode: Mode, root: Path, deadline: Deadline) -> Check:
     """Run A: ``resume_steps`` straight; run B: ``--stop-after resume_stop``, then ``--resume``. The
     ``loss`` of every step after the stop must be the same float in both."""
     env = child_env({"CUBLAS_WORKSPACE_CONFIG": os.environ.get("CUBLAS_WORKSPACE_CONFIG", ":4096:8")})
     deterministic = ("--deterministic", "true")
     total, stop = mode.resume_steps, mode.resume_stop
     runs = {
-        "A": train_command(mode, root / "A", total, flags, *deterministic),
-        "B1": train_command(mode, root / "B", total, flags, *deterministic, "--stop-after", str(stop)),
-        "B2": train_command(mode, root / "B", total, flags, *deterministic, "--stop-after", "0", "--resume"),
+        "A": train_command(mode, root / "A", total, *deterministic),
+        "B1": train_command(mode, root / "B", total, *deterministic, "--stop-after", str(stop)),
+        "B2": train_command(mode, root / "B", total, *deterministic, "--stop-after", "0", "--resume"),
     }
     for name, command in runs.items():
         timeout = deadline.cap(90.0)
@@ -455,30 +441,16 @@ def train_step(mode: Mode, seconds: float, cuda: bool | None, selected: bool) ->
     if mode.device == "cuda" and cuda is False:
         return [check.finish("skipped", "no CUDA device (torch.cuda.is_available() is False)") for check in checks]
     budget = Deadline(seconds)
-    flags, error = train_flags(budget)
-    if error:
-        return [check.finish("failed", error) for check in checks]
     plain, resume, compiled = checks
-    for check in checks:
-        check.details["train_flags_found"] = sorted(flags)
     with tempfile.TemporaryDirectory(prefix="gpu_check_train_") as root:
-        needed = ("--device", "--precision")
-        if reason := missing_flags(flags, needed):
-            plain.finish("skipped", reason)
-        else:
-            training_run(plain, mode, Path(root) / "plain", flags, False, budget.cap(120.0))
-        if reason := missing_flags(flags, (*needed, "--deterministic")):
-            resume.finish("skipped", reason)
-        else:
-            resume_runs(resume, mode, Path(root) / "resume", flags, budget)
+        training_run(plain, mode, Path(root) / "plain", False, budget.cap(120.0))
+        resume_runs(resume, mode, Path(root) / "resume", budget)
         if not mode.compile:
             compiled.finish("skipped", "--cpu-smoke does not compile (compilation would dominate a tiny run)")
-        elif reason := missing_flags(flags, (*needed, "--compile")):
-            compiled.finish("skipped", reason)
         elif budget.left() < 20:
             compiled.finish("skipped", "the training budget was spent before the compiled run")
         else:
-            training_run(compiled, mode, Path(root) / "compiled", flags, True, budget.left())
+            training_run(compiled, mode, Path(root) / "compiled", True, budget.left())
     return checks
 
 

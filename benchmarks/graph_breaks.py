@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import collections
-import json
 import logging
 import sys
 import time
@@ -28,6 +27,9 @@ import torch
 import torch._dynamo as dynamo
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import write_json  # noqa: E402
+
 from locmoe import MoELayer, available_routers  # noqa: E402
 from locmoe.provenance import cpu_model, git_commit  # noqa: E402
 
@@ -77,7 +79,8 @@ def main() -> None:
             try:
                 rows.append(count_breaks(router, backend, device, args.d_model, args.tokens))
             except Exception as error:  # noqa: BLE001 - a backend that cannot run here is reported, not fatal
-                rows.append({"router": router, "backend": backend, "error": str(error).splitlines()[0][:200]})
+                first_line = (str(error).splitlines() or [type(error).__name__])[0]
+                rows.append({"router": router, "backend": backend, "error": first_line[:200]})
     print(f"graph breaks of one MoELayer forward (pack, bf16 autocast, d={args.d_model}, n=8) on {device}")
     print(f"{'router':14s} {'backend':9s} {'breaks':>6s} {'in experts+dispatch':>20s}  sites")
     for row in rows:
@@ -93,7 +96,7 @@ def main() -> None:
             "date": time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime()), "torch": torch.__version__,
             "device": str(device), "cpu": cpu_model(), **git_commit(), "rows": rows,
         }
-        args.output.write_text(json.dumps(record, indent=1) + "\n", encoding="utf-8")
+        write_json(args.output, record)
 
 
 if __name__ == "__main__":

@@ -30,6 +30,9 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import paired_ratio, write_json  # noqa: E402
+
 from locmoe.provenance import cpu_model, git_commit  # noqa: E402
 
 CONTENDERS = [
@@ -110,15 +113,16 @@ def main() -> None:
             "name": name,
             "a_median_ms": 1000 * statistics.median(a_times),
             "b_median_ms": 1000 * statistics.median(b_times),
-            "b_over_a_paired_median": statistics.median(ratios),
+            "b_over_a_paired_median": paired_ratio(b_times, a_times),
             "b_over_a_min": min(ratios),
             "b_over_a_max": max(ratios),
             "a_times_s": a_times,
             "b_times_s": b_times,
         })
+    commits = {"a": git_commit(args.a), "b": git_commit(args.b)}  # each runs git twice: once per tree
     print(f"\nlayer forward+backward, d={args.d}, S={args.S}, f=4d, n=8, float32, {args.threads} threads")
-    print(f"A = {args.a} ({git_commit(args.a)['commit']}), B = {args.b} ({git_commit(args.b)['commit']}, "
-          f"uncommitted changes: {git_commit(args.b)['dirty']}); {args.rounds} rounds each")
+    print(f"A = {args.a} ({commits['a']['commit']}), B = {args.b} ({commits['b']['commit']}, "
+          f"uncommitted changes: {commits['b']['dirty']}); {args.rounds} rounds each")
     print(f"{'contender':30s} {'A ms':>9s} {'B ms':>9s} {'B/A paired':>11s} {'range':>14s}")
     for row in rows:
         print(f"{row['name']:30s} {row['a_median_ms']:9.1f} {row['b_median_ms']:9.1f} "
@@ -128,14 +132,14 @@ def main() -> None:
             "benchmark": "layer_ab",
             "command": " ".join([Path(sys.executable).name, *sys.argv]),
             "date": time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime()),
-            "a": {"tree": str(args.a), **git_commit(args.a)},
-            "b": {"tree": str(args.b), **git_commit(args.b)},
+            "a": {"tree": str(args.a), **commits["a"]},
+            "b": {"tree": str(args.b), **commits["b"]},
             "config": {"d": args.d, "S": args.S, "rounds": args.rounds, "inner": args.inner, "threads": args.threads},
             "cpu": cpu_model(),
             "rows": rows,
             "seconds": time.time() - started,
         }
-        args.output.write_text(json.dumps(record, indent=1) + "\n", encoding="utf-8")
+        write_json(args.output, record)
 
 
 if __name__ == "__main__":

@@ -9,8 +9,9 @@ The model's sparse MoE blocks are swapped for locmoe layers that reuse its exper
 attention mask keeps padding out of routing. The data is the text of locmoe's embedded corpus
 (the Python documentation) tokenised with the model's own tokenizer, or, with ``--tiny``, random token
 ids. After training, ``--save DIR`` writes the model with ``save_pretrained`` when its router has a
-Hugging Face equivalent (``topk``; ``locmoe.hf.export_hf``), else with ``locmoe.hf.save_locmoe``
-(config, router and options, weights and router state), which ``locmoe.hf.load_locmoe`` rebuilds.
+Hugging Face equivalent (``topk``, or ``deepseek`` on DeepSeek-V3; ``locmoe.hf.export_hf``), else
+with ``locmoe.hf.save_locmoe`` (config, router and options, weights and router state), which
+``locmoe.hf.load_locmoe`` rebuilds.
 """
 
 from __future__ import annotations
@@ -51,7 +52,7 @@ def batches(args: argparse.Namespace, vocab: int, generator: torch.Generator):  
             mask = (torch.arange(args.seq_len)[None, :] < lengths[:, None]).long()
             yield ids.masked_fill(mask == 0, 0), mask
     tokenizer = transformers.AutoTokenizer.from_pretrained(args.model)
-    text = load_corpus("python-docs", Path(args.cache_dir), max_chars=args.max_chars).text
+    text = load_corpus("python-docs", max_chars=args.max_chars).text
     tokens = torch.tensor(tokenizer(text)["input_ids"])
     windows = tokens.numel() // args.seq_len
     while True:
@@ -113,7 +114,8 @@ def train_with_trainer(model: transformers.PreTrainedModel, data, args: argparse
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     source = parser.add_mutually_exclusive_group(required=True)
-    source.add_argument("--model", help="a local folder or hub name of a Mixtral / Qwen2-MoE / OLMoE model")
+    source.add_argument("--model", help="a local folder or hub name of a Mixtral, Qwen2-MoE, OLMoE, Qwen3-MoE or "
+                        "DeepSeek-V3 model")
     source.add_argument("--tiny", action="store_true", help="a tiny random Mixtral instead")
     parser.add_argument("--router", default="locmoe_plus")
     parser.add_argument("--router-options", default="{}", help='JSON, e.g. \'{"tau": 0.8}\'')
@@ -122,7 +124,6 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--seq-len", type=int, default=128)
     parser.add_argument("--lr", type=float, default=1e-4)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--cache-dir", default=str(Path.home() / ".cache" / "locmoe"))
     parser.add_argument("--max-chars", type=int, default=2_000_000)
     parser.add_argument("--save", help="folder to save the trained model in")
     parser.add_argument("--trainer", choices=("loop", "hf"), default="loop",

@@ -54,6 +54,7 @@ from locmoe.export import EXPORT_FORMATS, checkpoint_model, export_checkpoint
 from locmoe.routing.registry import available_routers, options_class
 from locmoe.run_summary import format_summary
 from locmoe.train import train
+from locmoe.validation import parse_integer_flag
 
 EXIT_USAGE = 2
 
@@ -196,19 +197,10 @@ def _add_eval_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", action="store_true", help="print the result as JSON")
 
 
-def _non_negative_int(name: str, text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        value = -1
-    if value < 0:
-        raise ValueError(f"{name}={text!r} is invalid; allowed: an integer >= 0")
-    return value
-
-
 def _run_eval(args: argparse.Namespace) -> int:
-    batches = _non_negative_int("--batches", args.batches)
-    cloze = ClozeSettings(_non_negative_int("--cloze", args.cloze), _non_negative_int("--cloze-seed", args.cloze_seed))
+    batches = parse_integer_flag("--batches", args.batches, 0)
+    cloze = ClozeSettings(parse_integer_flag("--cloze", args.cloze, 0),
+                          parse_integer_flag("--cloze-seed", args.cloze_seed, 0))
     if args.validation_fraction is not None and args.corpus is None:
         raise ValueError("--validation-fraction needs --corpus (a run's own split is the one it trained beside)")
     path, state, config, model = checkpoint_model(args.checkpoint)
@@ -264,9 +256,9 @@ def _run_sample(args: argparse.Namespace) -> int:
 
     import torch
 
-    tokens = _non_negative_int("--max-new-tokens", args.max_new_tokens)
-    top_k = _non_negative_int("--top-k", args.top_k)
-    seed = _non_negative_int("--seed", args.seed)
+    tokens = parse_integer_flag("--max-new-tokens", args.max_new_tokens, 0)
+    top_k = parse_integer_flag("--top-k", args.top_k, 0)
+    seed = parse_integer_flag("--seed", args.seed, 0)
     try:
         temperature = float(args.temperature)
     except ValueError:

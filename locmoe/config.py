@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from locmoe.device import PRECISIONS, check_device_text
-from locmoe.dispatch import DISPATCH_MODES, ROUTING_SCOPES
+from locmoe.dispatch import DISPATCH_MODES, ROUTING_SCOPES, check_routing_scope
 from locmoe.experts import ACTIVATIONS, available_backends
 from locmoe.routing import RouterOptions, available_routers, make_options
 from locmoe.validation import config_choice, config_integer, config_number, invalid, is_finite_number, is_integer
@@ -111,7 +111,9 @@ class ModelConfig:
             settings = self.router_settings()
         except ValueError as error:
             raise ValueError(f"model.router_options for router {self.router!r}: {error}") from None
-        if self.routing_scope == "global" and getattr(settings, "scope", "batch") != "batch":
+        try:
+            check_routing_scope(self.routing_scope, settings)
+        except ValueError:
             invalid("model.routing_scope", self.routing_scope,
                     f"local, or global with the router's scope='batch' (it is {settings.scope!r})")
 

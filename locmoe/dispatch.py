@@ -21,12 +21,24 @@ import torch
 from torch import nn
 
 from locmoe.experts import GroupedExperts
-from locmoe.routing import DROPPED, Router, RoutingContext, RoutingPlan
+from locmoe.routing import DROPPED, Router, RouterOptions, RoutingContext, RoutingPlan
 from locmoe.routing.selection import count_per_expert
 from locmoe.validation import check_choice
 
 DISPATCH_MODES = ("pad", "pack")
 ROUTING_SCOPES = ("local", "global")
+
+
+def check_routing_scope(routing_scope: str, options: RouterOptions) -> None:
+    """``ValueError`` if ``routing_scope="global"`` (all tokens of the expert-parallel group form one
+    routing group) contradicts a router's own ``scope`` option (a router option of LocMoE+ that makes
+    each sequence its own group): the one rule every way of building or sharding a layer applies."""
+    scope = getattr(options, "scope", "batch")
+    if routing_scope == "global" and scope != "batch":
+        raise ValueError(
+            f"routing_scope='global' routes all tokens of the expert-parallel group as one group; the router's "
+            f"scope={scope!r} contradicts it (use scope='batch')"
+        )
 
 
 @dataclass
@@ -36,29 +48,21 @@ class DispatchOrder:
     Attributes:
         slot_index: ``(A,)`` index into the flattened ``(S*K)`` assignment slots.
         token_index: ``(A,)`` the token of each sorted assignment.
-        expert_index: ``(A,)`` its expert (non-decreasing).
-        position: ``(A,)`` its 0-based position among its expert's tokens.
         tokens_per_expert: ``(n,)`` int64 counts, summing to ``A``.
     """
 
     slot_index: torch.Tensor
     token_index: torch.Tensor
-    expert_index: torch.Tensor
-    position: torch.Tensor
     tokens_per_expert: torch.Tensor
-
-    @property
-    def num_assignments(self) -> int:
-        return self.slot_index.shape[0]
 
 
 def sort_by_expert(expert_ids: torch.Tensor, num_experts: int, *, keep_dropped: bool = False) -> DispatchOrder:
     """Sort the slots of ``expert_ids (S, K)`` by expert with one stable sort.
 
     By default only the kept slots, which sizes the outputs by their number: one host
-    synchronisation. ``keep_dropped=True`` keeps every slot, the dropped ones last (their
-    ``expert_index`` is ``n``, their ``position`` meaningless): fixed-size outputs and no
-    synchronisation, for backends that take the counts as a device tensor.
+    synchronisation. ``keep_dropped=True`` keeps every slot, the dropped ones last: fixed-size
+    outputs and no synchronisation, for backends that take the counts as a device tensor (each
+    computes its rows' places from the counts itself).
     """
     slots_per_token = expert_ids.shape[1]
     flat = expert_ids.reshape(-1)
@@ -66,14 +70,9 @@ def sort_by_expert(expert_ids: torch.Tensor, num_experts: int, *, keep_dropped: 
     order = torch.argsort(sort_key, stable=True)
     counts = count_per_expert(expert_ids, num_experts)
     slot_index = order if keep_dropped else order[: int(counts.sum())]
-    expert_index = sort_key[slot_index]
-    starts = torch.cumsum(counts, dim=0) - counts
-    position = torch.arange(slot_index.shape[0], device=flat.device) - starts[expert_index.clamp(max=num_experts - 1)]
     return DispatchOrder(
         slot_index=slot_index,
         token_index=torch.div(slot_index, slots_per_token, rounding_mode="floor"),
-        expert_index=expert_index,
-        position=position,
         tokens_per_expert=counts,
     )
 

@@ -13,9 +13,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from locmoe.cloze import build_questions, cloze_accuracy
+import numpy as np
+
+from locmoe.cloze import ClozeQuestion, build_questions, cloze_accuracy
 from locmoe.config import DataConfig
-from locmoe.data import BPETokenizer, prepare_data
+from locmoe.data import BPETokenizer
+from locmoe.data.dataset import prepare_validation
 from locmoe.model import GPT
 from locmoe.train import evaluate
 from locmoe.validation import check_integer
@@ -48,6 +51,45 @@ def cloze_sizes(seq_len: int) -> tuple[int, int]:
     return min(CONTEXT_TOKENS, seq_len - continuation), continuation
 
 
+@dataclass(frozen=True)
+class HeldOut:
+    """What a model is scored on: a corpus's validation ids (tokenised with the model's tokenizer) and
+    the cloze questions built from them (none when the test is off). Built once, it scores any number
+    of models that share the tokenizer and context length."""
+
+    corpus: str
+    ids: np.ndarray
+    questions: tuple[ClozeQuestion, ...] = ()
+
+
+def held_out_set(
+    tokenizer: BPETokenizer, data: DataConfig, seq_len: int, cloze: ClozeSettings | None = None
+) -> HeldOut:
+    """The validation split of ``data.corpus`` under ``tokenizer`` (only that split is tokenised) and,
+    when ``cloze.questions`` > 0, its cloze questions sized for a context of ``seq_len``."""
+    prepared = prepare_validation(data, tokenizer)
+    questions: tuple[ClozeQuestion, ...] = ()
+    if cloze is not None and cloze.questions:
+        context, continuation = cloze_sizes(seq_len)
+        questions = tuple(build_questions(prepared.validation_ids, cloze.questions, context, continuation,
+                                          cloze.distractors, cloze.seed))
+    return HeldOut(prepared.corpus_name, prepared.validation_ids, questions)
+
+
+def score(
+    model: GPT, held_out: HeldOut, batch_size: int, max_batches: int = 0, precision: str = "auto"
+) -> dict[str, Any]:
+    """``model``'s validation loss and perplexity on ``held_out`` (``max_batches`` batches of
+    ``batch_size``; 0 = all of it) and, when it has questions, its cloze accuracy with a Wilson 95 %
+    interval. Returns ``corpus``, ``val_loss``, ``val_perplexity``, ``val_tokens`` and the ``cloze_*``
+    fields of :func:`locmoe.cloze.cloze_accuracy`."""
+    result: dict[str, Any] = {"corpus": held_out.corpus}
+    result.update(evaluate(model, held_out.ids, batch_size, max_batches, precision=precision))
+    if held_out.questions:
+        result.update(cloze_accuracy(model, list(held_out.questions)))
+    return result
+
+
 def held_out_scores(
     model: GPT,
     tokenizer: BPETokenizer,
@@ -57,18 +99,5 @@ def held_out_scores(
     precision: str = "auto",
     cloze: ClozeSettings | None = None,
 ) -> dict[str, Any]:
-    """``model``'s validation loss and perplexity on the validation split of ``data.corpus``
-    (``max_batches`` batches of ``batch_size``; 0 = the whole split), tokenised with ``tokenizer``,
-    and, when ``cloze.questions`` > 0, its cloze accuracy with a Wilson 95 % interval.
-
-    Returns ``corpus``, ``val_loss``, ``val_perplexity``, ``val_tokens`` and the ``cloze_*`` fields
-    of :func:`locmoe.cloze.cloze_accuracy`."""
-    prepared = prepare_data(data, tokenizer)
-    result: dict[str, Any] = {"corpus": prepared.corpus_name}
-    result.update(evaluate(model, prepared.validation_ids, batch_size, max_batches, precision=precision))
-    if cloze is not None and cloze.questions:
-        context, continuation = cloze_sizes(model.config.seq_len)
-        questions = build_questions(prepared.validation_ids, cloze.questions, context, continuation,
-                                    cloze.distractors, cloze.seed)
-        result.update(cloze_accuracy(model, questions))
-    return result
+    """:func:`score` on :func:`held_out_set` of ``data`` under ``tokenizer`` (one model, one corpus)."""
+    return score(model, held_out_set(tokenizer, data, model.config.seq_len, cloze), batch_size, max_batches, precision)

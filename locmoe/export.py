@@ -29,10 +29,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
-import tempfile
 from dataclasses import dataclass
-from importlib import metadata as package_metadata
 from pathlib import Path
 from typing import Any
 
@@ -40,11 +37,12 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from locmoe.atomic_file import write_atomic
+from locmoe.atomic_file import atomic_path, write_atomic
 from locmoe.checkpoint import resolve_checkpoint
 from locmoe.config import ModelConfig, RunConfig
 from locmoe.model import GPT, build_model
 from locmoe.parallel.checkpoint import load_consolidated_state_dict
+from locmoe.provenance import package_versions
 
 EXPORT_FORMATS = ("safetensors",)
 EXPORT_VERSION = 1
@@ -64,14 +62,6 @@ class ExportResult:
     step: int
     tensors: int
     bytes: int
-
-
-def locmoe_version() -> str:
-    """The installed locmoe's version (package metadata), ``"unknown"`` when it is not installed."""
-    try:
-        return package_metadata.version("locmoe")
-    except package_metadata.PackageNotFoundError:
-        return "unknown"
 
 
 def check_format(name: str) -> str:
@@ -138,22 +128,6 @@ def _refuse_existing(paths: list[Path], force: bool) -> None:
             raise ValueError(f"{str(path)!r} exists and is not a file; refusing to overwrite it")
 
 
-def _save_atomic(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str]) -> None:
-    """``save_file`` into a temporary file in ``path``'s folder, then rename it over ``path``: a
-    reader (or a crash) never sees half a file."""
-    handle, temp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(handle)
-    try:
-        save_file(tensors, temp_name, metadata=metadata)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(temp_name, 0o666 & ~umask)  # mkstemp makes 0600 files; give the usual permissions
-        os.replace(temp_name, path)
-    except BaseException:
-        Path(temp_name).unlink(missing_ok=True)
-        raise
-
-
 def export_checkpoint(
     checkpoint: str | Path, out: str | Path, *, format: str = "safetensors", force: bool = False
 ) -> ExportResult:
@@ -175,7 +149,7 @@ def export_checkpoint(
     meta = {
         "format": "pt",  # the safetensors convention for a PyTorch state dict
         "locmoe_export": str(EXPORT_VERSION),
-        "locmoe_version": locmoe_version(),
+        "locmoe_version": package_versions()["locmoe"] or "unknown",
         "model_config": json.dumps(dataclasses.asdict(config.model), sort_keys=True),
         "vocab_size": str(config.data.vocab_size),
         "step": str(int(state["step"])),
@@ -189,7 +163,8 @@ def export_checkpoint(
     else:
         meta["tokenizer_file"] = sidecar.name
         write_atomic(sidecar, tokenizer.encode("utf-8"))
-    _save_atomic(tensors, out, meta)
+    with atomic_path(out) as temp:
+        save_file(tensors, str(temp), metadata=meta)
     return ExportResult(out, sidecar, path, int(state["step"]), len(tensors), out.stat().st_size)
 
 

@@ -17,7 +17,7 @@ For ``transformers==5.23`` (the ``hf`` extra):
 
 How the pieces meet the Hugging Face model:
 
-* **What the decoder layer expects.** The four decoder layers call ``hidden_states = self.mlp(x)`` and
+* **What the decoder layer expects.** The five models' decoder layers call ``hidden_states = self.mlp(x)`` and
   take one tensor ``(B, T, d)``; the wrapper returns that. Qwen2-MoE's sigmoid-gated shared expert is
   kept as it is (the same modules) and added to the routed output as the original block does.
 * **Router logits** (``output_router_logits=True`` and the model's own load-balancing loss). In 5.23
@@ -143,9 +143,13 @@ class HFRouting:
     def router(self) -> str:
         return "deepseek" if self.sigmoid else "topk"
 
+    def topk_options(self) -> dict[str, Any]:
+        """The block's ``k`` and renormalisation, dropless: what ``topk`` takes from any block."""
+        return {"top_k": self.top_k, "capacity_factor": None, "renormalize": self.renormalize}
+
     def own_options(self) -> dict[str, Any]:
         """The options with which :attr:`router` routes as the block does."""
-        options: dict[str, Any] = {"top_k": self.top_k, "capacity_factor": None, "renormalize": self.renormalize}
+        options = self.topk_options()
         if self.sigmoid:
             options.update(num_groups=self.num_groups, top_groups=self.top_groups, routed_scaling=self.routed_scaling)
         return options
@@ -270,11 +274,6 @@ def _moe_blocks(model: nn.Module) -> list[tuple[str, nn.Module]]:
     ]
 
 
-def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
-    parent_name, _, child = name.rpartition(".")
-    setattr(model.get_submodule(parent_name) if parent_name else model, child, module)
-
-
 def _hooks_installed(model: nn.Module) -> bool:
     """Whether the model already installed its output-recording hooks (they are installed once, on the
     first forward that asks for a recorded output, on the modules present then)."""
@@ -299,7 +298,7 @@ def _router_options(router: str, routing: HFRouting, options: dict[str, Any]) ->
     if router == routing.router:
         return {**routing.own_options(), **options}
     if router == "topk":
-        return {"top_k": routing.top_k, "capacity_factor": None, "renormalize": routing.renormalize, **options}
+        return {**routing.topk_options(), **options}
     return dict(options)
 
 
@@ -408,7 +407,7 @@ def replace_moe_blocks(
         )
         # The model's own recording hooks never reach this module (they match router classes): ours.
         install_output_capuring_hook(wrapper.router_logits, _ROUTER_LOGITS_KEY, 0)
-        _set_submodule(model, name, wrapper)
+        model.set_submodule(name, wrapper)
         del block  # the original experts are freed here, one block at a time
         replaced.append(name)
     if add_aux_loss and not hasattr(model, _AUX_HOOK):
@@ -502,15 +501,12 @@ def export_hf(model: nn.Module) -> nn.Module:
         restored = _hf_block(block)
         if hooked:  # the model hooks its router classes once; a router added afterwards needs its hook
             install_output_capuring_hook(restored.gate, _ROUTER_LOGITS_KEY, 0)
-        _set_submodule(model, name, restored)
-    handle = getattr(model, _AUX_HOOK, None)
-    if handle is not None:
-        handle.remove()
-        delattr(model, _AUX_HOOK)
-    handle = getattr(model, _MASK_HOOK, None)
-    if handle is not None:
-        handle.remove()
-        delattr(model, _MASK_HOOK)
+        model.set_submodule(name, restored)
+    for hook in (_AUX_HOOK, _MASK_HOOK):
+        handle = getattr(model, hook, None)
+        if handle is not None:
+            handle.remove()
+            delattr(model, hook)
     return model
 
 
@@ -563,7 +559,9 @@ def load_locmoe(folder: str | Path) -> nn.Module:
     dtype = getattr(torch, str(routing.get("dtype", "float32")), None)
     if not isinstance(dtype, torch.dtype):
         raise ValueError(f"{routing_path}: dtype {routing.get('dtype')!r} is not a torch dtype")
-    model = model_class(config).to(dtype)  # the routers' state buffers keep their own dtype
+    # Built in the saved dtype (its random initial weights are overwritten below); the routers' state
+    # buffers keep their own dtype (Router.state_buffers).
+    model = model_class._from_config(config, dtype=dtype)
     swapped = replace_moe_blocks(model, routing["router"], copy_gate=False, add_aux_loss=routing["add_aux_loss"],
                                  **routing["options"])
     if swapped != routing["blocks"]:

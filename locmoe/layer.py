@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from locmoe.dispatch import Dispatcher, LocalDispatcher
+from locmoe.dispatch import Dispatcher, LocalDispatcher, check_routing_scope
 from locmoe.experts import GroupedExperts
 from locmoe.metrics import (
     ClusterStatistics,
@@ -53,11 +53,7 @@ def _layer_parts(
     (router, then experts)."""
     dispatcher = LocalDispatcher(dispatch, routing_scope)
     built_router = build_router(router, d_model, num_experts, top_k=top_k, **router_options)
-    if routing_scope == "global" and getattr(built_router.options, "scope", "batch") != "batch":
-        raise ValueError(
-            f"routing_scope='global' routes all tokens of the expert-parallel group as one group; the router's "
-            f"scope={built_router.options.scope!r} contradicts it (use scope='batch')"
-        )
+    check_routing_scope(routing_scope, built_router.options)  # before the experts draw their weights
     experts = GroupedExperts(num_experts, d_model, d_ff, activation, experts_backend)
     return built_router, dispatcher, experts
 
@@ -106,6 +102,7 @@ class MoELayer(nn.Module):
         else:
             router, dispatcher, experts = _layer_parts(*args, **kwargs)
         check_integer("ch_interval", ch_interval, low=0)
+        check_routing_scope(dispatcher.routing_scope, router.options)
         if experts.d_model != router.d_model:
             raise ValueError(f"the experts' d_model={experts.d_model} differs from the router's {router.d_model}")
         self.d_model = router.d_model
@@ -319,16 +316,33 @@ class MoELayer(nn.Module):
         return f"d_model={self.d_model}, num_experts={self.num_experts}, ch_interval={self.ch_interval}"
 
 
+def find_moe_layers(model: nn.Module) -> dict[str, MoELayer]:
+    """Every ``MoELayer`` inside ``model`` by its module path (``blocks.1.ffn``, ...), in module order."""
+    return {path: module for path, module in model.named_modules() if isinstance(module, MoELayer)}
+
+
 def read_metrics(layers: dict[str, MoELayer]) -> dict[str, dict[str, float | int | list]]:
     """Each layer's ``last_metrics``, read together: deferred metrics computed, then every layer's
     tensors copied to the host at once (one device synchronisation for all the layers)."""
     pending = {name: layer for name, layer in layers.items() if layer._metrics_cache is None}
-    combined: dict[str, object] = {}
-    for name, layer in pending.items():
-        for key, value in resolve_deferred(layer._metric_tensors).items():
-            combined[f"{name}\0{key}"] = value
-    values = to_python(combined)  # type: ignore[arg-type]
-    for name, layer in pending.items():
-        layer._metrics_cache = {key: values[f"{name}\0{key}"] for key in layer._metric_tensors}
+    for name, metrics in metrics_to_python([metric_tensors(pending)])[0].items():
+        pending[name]._metrics_cache = metrics
     return {name: layer._metrics_cache for name, layer in layers.items()}  # type: ignore[misc]
 
+
+def metric_tensors(layers: dict[str, MoELayer]) -> dict[str, dict[str, object]]:
+    """Each layer's metrics of its last forward as they are (tensors on the device, deferred metrics
+    computed): a snapshot taken without a device synchronisation, for :func:`metrics_to_python`."""
+    return {name: resolve_deferred(layer._metric_tensors) for name, layer in layers.items()}
+
+
+def metrics_to_python(
+    snapshots: list[dict[str, dict[str, object]]],
+) -> list[dict[str, dict[str, float | int | list]]]:
+    """Snapshots of :func:`metric_tensors` (e.g. one per micro-batch of a step) as plain Python
+    values, all copied to the host at once (one device synchronisation for all of them)."""
+    combined = {f"{index}\0{name}\0{key}": value for index, snapshot in enumerate(snapshots)
+                for name, metrics in snapshot.items() for key, value in metrics.items()}
+    values = to_python(combined)  # type: ignore[arg-type]
+    return [{name: {key: values[f"{index}\0{name}\0{key}"] for key in metrics} for name, metrics in snapshot.items()}
+            for index, snapshot in enumerate(snapshots)]

@@ -35,28 +35,18 @@ from torch import nn
 
 from locmoe.config import ModelConfig
 from locmoe.dispatch import LocalDispatcher
-from locmoe.layer import MoELayer, read_metrics
+from locmoe.layer import MoELayer, metric_tensors, read_metrics
+from locmoe.routing import available_routers, router_class
 from locmoe.validation import check_integer, check_number
 
 LOSS_CHUNK_TOKENS = 512  # rows of the output projection per softmax chunk in GPT.loss (speed only)
 
-# Routers whose decision for a token alone is the decision the router makes for that token: token
-# choice, where a token proposes its experts from its own features (or id) and a group of one token
-# never exceeds a capacity (every capacity is at least 1 slot per expert, and a token's proposals go
-# to distinct experts). Decoding with the KV cache routes each new token alone, so only these may use it.
-KV_CACHE_ROUTERS = ("switch", "topk", "hash", "locmoe", "tcr", "locmoe_plus", "deepseek")
-# Why the others may not (GPT.kv_cache_blocker reports it; generate then recomputes the context).
-NO_KV_CACHE_REASONS = {
-    "expert_choice": (
-        "experts choose their tokens among all tokens of the routing group, so a token's experts depend on "
-        "the tokens beside it, later ones included; alone, it would be taken by every expert (each has a "
-        "slot to spare), a dense mixture the model never computed in training"
-    ),
-    "ecr": (
-        "experts choose their tokens among all tokens of the routing group (expert choice on GrAP affinities), "
-        "so a token alone would be taken by every expert, a dense mixture the model never computed in training"
-    ),
-}
+# The routers that decode with the KV cache (each new token routed alone gets the experts it would get
+# in a group), and why the others may not (GPT.kv_cache_blocker reports it; generate then recomputes the
+# context): each router class says so itself (Router.alone_differs).
+KV_CACHE_ROUTERS = tuple(name for name in available_routers() if router_class(name).alone_differs is None)
+NO_KV_CACHE_REASONS = {name: router_class(name).alone_differs for name in available_routers()
+                       if router_class(name).alone_differs is not None}
 # A nucleus whose probability mass falls short of top_p by at most this much counts as reaching it
 # (float rounding of the running sum, e.g. 0.5 + 0.3 vs 0.8, must not add one more token).
 _TOP_P_SLACK = 1e-6
@@ -367,6 +357,11 @@ class GPT(nn.Module):
         device synchronisation for all layers."""
         return read_metrics(self.moe_layers)
 
+    def routing_metric_tensors(self) -> dict[str, dict[str, object]]:
+        """:meth:`routing_metrics` before the host copy (:func:`locmoe.layer.metric_tensors`): a snapshot
+        of the last forward's metrics taken without a device synchronisation."""
+        return metric_tensors(self.moe_layers)
+
     def parameter_counts(self) -> dict[str, int]:
         """``total`` parameters (tied weights once) and ``active`` per token: each MoE layer counts
         ``top_k`` experts' weights instead of all ``n`` (k = 1 for every router except ``topk``).
@@ -385,16 +380,16 @@ class GPT(nn.Module):
         """Why :meth:`generate` cannot decode this model with a KV cache, or ``None`` if it can.
 
         The cache routes each new token alone through every MoE layer; that is the router's own
-        decision for the token only for the token-choice routers of :data:`KV_CACHE_ROUTERS`. The
+        decision for the token only for the token-choice routers (:attr:`Router.alone_differs` is
+        ``None``; :data:`KV_CACHE_ROUTERS`). The
         expert-choice routers (``expert_choice``, ``ecr``) cannot decode one token at a time: an
         expert picks tokens by comparing them with the others of the group (later ones included), and a
         lone token would be picked by every expert; they keep the full recompute.
         """
         for name, layer in self.moe_layers.items():
-            router = layer.router_name
-            if router not in KV_CACHE_ROUTERS:
-                why = NO_KV_CACHE_REASONS.get(router, "it is not known to route a lone token as it does in a group")
-                return f"router {router!r} ({name}) cannot decode one token at a time: {why}"
+            why = layer.router.alone_differs
+            if why is not None:
+                return f"router {layer.router.name!r} ({name}) cannot decode one token at a time: {why}"
         return None
 
     def new_kv_cache(self) -> KVCache:

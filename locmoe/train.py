@@ -13,7 +13,7 @@ same loop through an :class:`~locmoe.parallel.ExpertParallelRuntime` (``config.p
 layers' experts are sharded over the expert-parallel group, every rank draws the same global batch
 and takes its block of rows (so the data order is the single-process run's), gradients are
 synchronised and clipped by the global norm, the logged losses are means over the ranks and the MoE
-metrics are merged over them (:func:`locmoe.metrics.merge_rank_metrics`), every step logs the bytes
+metrics are merged over them (:func:`locmoe.parallel.rank_metrics.merge_rank_metrics`), every step logs the bytes
 the all-to-alls moved (``traffic``), a stop request on any rank stops every rank at the same step,
 and only global rank 0 writes files. Without ``torchrun`` the runtime is a single process and all of
 this reduces to the plain loop; ``parallel.simulated_nodes`` then simulates a topology in it.
@@ -79,8 +79,15 @@ from locmoe.config import ModelConfig, RunConfig, TrainConfig, to_toml
 from locmoe.data.dataset import PreparedData, prepare_data
 from locmoe.data.loader import BatchLoader, validation_batches
 from locmoe.data.tokenizer import BPETokenizer
-from locmoe.device import forward_precision, local_rank, resolve_device, to_device, use_deterministic_algorithms
-from locmoe.layer import MoELayer
+from locmoe.device import (
+    forward_precision,
+    local_rank,
+    resolve_device,
+    resolve_precision,
+    to_device,
+    use_deterministic_algorithms,
+)
+from locmoe.layer import find_moe_layers, metrics_to_python
 from locmoe.metrics import ClusterStatistics
 from locmoe.model import GPT, build_model, compile_blocks
 from locmoe.parallel.rank_metrics import merge_rank_metrics
@@ -319,8 +326,9 @@ def _setup(
             _initialise_from(parts, *source)
     records = read_metrics(config.run_dir / _METRICS, step)
     runtime.barrier("run directory read")  # no rank reads a file the writer is about to rewrite
-    session = session_record(str(runtime.device), torch.get_num_threads(), runtime.world_size, command)
+    session: dict[str, Any] = {}  # provenance: the writer's alone (session_record runs git)
     if runtime.is_writer:  # from here on we write (the writer only)
+        session = session_record(str(runtime.device), torch.get_num_threads(), runtime.world_size, command)
         _write_run_files(config, records)
         _record_session(config.run_dir, session)
     state = RunState(
@@ -367,11 +375,20 @@ def _check_output_and_resume(
             f"run on {saved_ranks} rank(s)",
             stacklevel=4,  # the line that called train()
         )
+    # "auto" device and precision pass check_compatible as words; what they meant may differ here.
+    ran_on = (resumed[1].get("device_type"), resumed[1].get("precision"))
+    runs_on = (runtime.device.type, resolve_precision(train_config.precision, runtime.device))
+    if ran_on[0] is not None and ran_on != runs_on and writer:
+        warnings.warn(
+            f"resuming {resumed[0]}, trained on {ran_on[0]} in {ran_on[1]}, on {runs_on[0]} in {runs_on[1]}: "
+            "the losses from here on differ from an uninterrupted run",
+            stacklevel=4,
+        )
     return resumed
 
 
 def _existing_run_files(run_dir: Path) -> list[str]:
-    names = ("metrics.jsonl", "summary.json", "config.json")
+    names = (_METRICS, "summary.json", "config.json")
     return [n for n in names if (run_dir / n).exists()] + [p.name for p in list_checkpoints(run_dir)]
 
 
@@ -493,7 +510,7 @@ def _initialise_from(parts: RunParts, path: Path, saved: dict[str, Any]) -> None
     ``path``): every weight outside the routers, and the router tensors ``train.init_router`` keeps
     (:class:`locmoe.config.TrainConfig`; the data already uses its tokenizer). ``ValueError`` naming
     what does not fit."""
-    routers = tuple(f"{name}.router." for name in _moe_layer_paths(parts.model))
+    routers = tuple(f"{name}.router." for name in find_moe_layers(parts.model))
     kept = {key: value for key, value in saved["model"].items() if not key.startswith(routers)}
     missing = sorted(key for key in parts.model.state_dict() if not key.startswith(routers) and key not in kept)
     if missing:
@@ -517,11 +534,6 @@ def matching_router_tensors(
         if key.startswith(prefixes) and key in own
         and tuple(own[key].shape) == tuple(value.shape) and own[key].dtype == value.dtype
     }
-
-
-def _moe_layer_paths(model: nn.Module) -> list[str]:
-    """Module paths of the model's MoE layers (``blocks.1.ffn``, ...)."""
-    return [path for path, module in model.named_modules() if isinstance(module, MoELayer)]
 
 
 def _write_run_files(config: RunConfig, records: list[dict[str, Any]]) -> None:
@@ -641,7 +653,8 @@ def _optimise(
     """Forward, backward, clip and update for optimiser step ``step`` (1-based), in ``train.grad_accum``
     micro-batches (:class:`locmoe.config.TrainConfig`); return the loss, LM loss and aux loss (means
     over the micro-batches and ranks) and the gradient norm before clipping (global), and each
-    micro-batch's MoE metrics (one list entry per micro-batch; empty for a model without MoE layers)."""
+    micro-batch's MoE metrics (one list entry per micro-batch, empty without accumulation), read with
+    one device synchronisation for all the micro-batches."""
     train_config, runtime, model = parts.config.train, parts.runtime, parts.model
     micro_batches = train_config.grad_accum
     parts.optimizer.zero_grad(set_to_none=True)
@@ -654,15 +667,15 @@ def _optimise(
         loss = lm_loss + aux_loss
         (loss / micro_batches).backward()
         totals += torch.stack([loss.detach(), lm_loss.detach(), aux_loss.detach()]).float() / micro_batches
-        if micro_batches > 1 and hasattr(model, "routing_metrics"):
-            per_micro_batch.append(model.routing_metrics())
+        if micro_batches > 1:
+            per_micro_batch.append(model.routing_metric_tensors())  # no synchronisation per micro-batch
     max_norm = train_config.grad_clip if train_config.grad_clip > 0 else math.inf
     grad_norm = runtime.finish_backward(model, max_norm, step)
     parts.optimizer.step()
     parts.scheduler.step()
     logged = runtime.mean_over_ranks(totals, step)
     values = torch.cat([logged, grad_norm.detach().reshape(1).to(logged.dtype)]).tolist()  # the step's one sync
-    return values, per_micro_batch
+    return values, metrics_to_python(per_micro_batch)
 
 
 def _merge_micro_batches(per_micro_batch: list[dict[str, dict[str, Any]]]) -> dict[str, dict[str, Any]] | None:
@@ -679,12 +692,8 @@ def _merge_micro_batches(per_micro_batch: list[dict[str, dict[str, Any]]]) -> di
 def _micro_batches(
     count: int, inputs: torch.Tensor, targets: torch.Tensor, topology: dict[str, torch.Tensor]
 ) -> list[dict[str, Any]]:
-    """This rank's rows cut into ``count`` equal micro-batches (in order)."""
-    if inputs.shape[0] % count:
-        raise ValueError(
-            f"this rank's {inputs.shape[0]} sequences do not split into train.grad_accum={count} micro-batches; "
-            f"allowed: batch_size a multiple of grad_accum × ranks"
-        )
+    """This rank's rows cut into ``count`` equal micro-batches (in order; ``TrainConfig`` and the run's
+    start check that they divide)."""
     pieces = zip(inputs.chunk(count), targets.chunk(count), *(value.chunk(count) for value in topology.values()),
                  strict=True)
     return [
@@ -720,6 +729,8 @@ def _checkpoint(parts: RunParts, state: RunState) -> None:
         "elapsed_s": state.elapsed(),
         "config": config.to_dict(),
         "world_size": runtime.world_size,
+        "device_type": runtime.device.type,
+        "precision": resolve_precision(config.train.precision, runtime.device),
         "model": runtime.model_state(parts.model),
         "optimizer": runtime.optimizer_state(parts.model, parts.optimizer),
         "scheduler": parts.scheduler.state_dict(),

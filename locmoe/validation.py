@@ -99,3 +99,15 @@ def config_choice(name: str, value: object, choices: Sequence[str]) -> None:
     """One of ``choices``, else :func:`invalid` listing them."""
     if value not in choices:
         invalid(name, value, ", ".join(choices))
+
+
+def parse_integer_flag(flag: str, text: str, low: int) -> int:
+    """A command-line integer ``text`` of ``flag`` that must be ``>= low``; else ``ValueError`` in the
+    CLI's one-line form ("--flag='x' is invalid; allowed: an integer >= low")."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = low - 1
+    if value < low:
+        raise ValueError(f"{flag}={text!r} is invalid; allowed: an integer >= {low}")
+    return value

@@ -35,6 +35,16 @@ def test_fixed_capacity_routers_need_no_host_sync_with_grouped_gemm(router, disp
 
 
 @pytest.mark.parametrize("dispatch", ["pad", "pack"])
+def test_deepseek_with_a_capacity_needs_no_host_sync_with_grouped_gemm(dispatch):
+    """``deepseek`` is dropless by default (pad then sizes its buffers by the largest load: one sync);
+    with a capacity factor it is a fixed-capacity router, its once-per-step bias update included."""
+    layer = MoELayer(32, 64, 4, router="deepseek", capacity_factor=1.25, dispatch=dispatch,
+                     experts_backend="grouped")
+    sites = _forward_syncs(layer, torch.randn(4, 16, 32))
+    assert sites == {INPUT_CHECK: 1}, sites
+
+
+@pytest.mark.parametrize("dispatch", ["pad", "pack"])
 def test_locmoe_plus_needs_one_host_sync_for_its_capacity(dispatch):
     layer = MoELayer(32, 64, 4, router="locmoe_plus", dispatch=dispatch, experts_backend="grouped")
     sites = _forward_syncs(layer, torch.randn(4, 16, 32))

@@ -270,6 +270,20 @@ def test_an_unusable_out_path_is_refused_before_any_work(cache_dir, tmp_path, mo
     assert a_file.read_text() == "not a folder"
 
 
+def test_resuming_where_auto_means_another_device_or_precision_says_so(cache_dir, tmp_path):  # noqa: F811
+    """``device``/``precision`` "auto" compare equal as words; a checkpoint records what they meant, so
+    a CUDA bf16 run resumed on a CPU (float32) is said out loud."""
+    config = tiny_config(cache_dir, tmp_path / "run", router="switch", steps=4, checkpoint_every=2, stop_after=2)
+    train(config)
+    path = list_checkpoints(config.run_dir)[-1]
+    state = load_checkpoint(path)
+    assert (state["device_type"], state["precision"]) == ("cpu", "float32")
+    state.update(device_type="cuda", precision="bfloat16")  # as if trained on a GPU with precision "auto"
+    save_checkpoint(config.run_dir, 2, {k: v for k, v in state.items() if k != "format"}, keep=2)
+    with pytest.warns(UserWarning, match=r"trained on cuda in bfloat16, on cpu in float32: the losses from here"):
+        train(config.with_overrides({"stop_after": 0}), resume=True)
+
+
 def test_resuming_on_another_number_of_ranks_says_the_trajectory_changes(cache_dir, tmp_path):  # noqa: F811
     config = tiny_config(cache_dir, tmp_path / "run", router="switch", steps=4, checkpoint_every=2, stop_after=2)
     train(config)

@@ -104,7 +104,7 @@ class PairedTest:
         }
 
 
-def _by_seed(runs: Sequence[dict], label: str, key: str | Callable[[dict], float | None]) -> dict[int, float]:
+def by_seed(runs: Sequence[dict], label: str, key: str | Callable[[dict], float | None]) -> dict[int, float]:
     values = {}
     for run in runs:
         if run.get("label") != label:
@@ -115,7 +115,7 @@ def _by_seed(runs: Sequence[dict], label: str, key: str | Callable[[dict], float
     return values
 
 
-def _paired(a: dict[int, float], b: dict[int, float], fn: Callable[[float, float], float]) -> list[float]:
+def paired(a: dict[int, float], b: dict[int, float], fn: Callable[[float, float], float]) -> list[float]:
     return [fn(a[seed], b[seed]) for seed in sorted(set(a) & set(b))]
 
 
@@ -123,11 +123,11 @@ def _router_of(runs: Sequence[dict], label: str) -> str | None:
     return next((run.get("router") for run in runs if run.get("label") == label), None)
 
 
-def _missing(name: str, paper: str, needs: str) -> Claim:
+def missing_claim(name: str, paper: str, needs: str) -> Claim:
     return Claim(name, paper, f"not measured: needs {needs}", None)
 
 
-def _verdict_note(test: PairedTest) -> str:
+def verdict_note(test: PairedTest) -> str:
     if len(test.values) < MIN_SEEDS:
         return f" — not tested: {len(test.values)} paired seed(s), a claim needs {MIN_SEEDS}"
     return ""
@@ -155,28 +155,28 @@ def token_reduction_claim(runs: Sequence[dict]) -> Claim:
     mismatch = _dispatch_mismatch(runs, (LOCMOE_PLUS, BASELINE))
     if mismatch:
         return Claim(name, paper, f"not compared: {mismatch}", None)
-    padded = PairedTest(_paired(_by_seed(runs, LOCMOE_PLUS, "padded_slots"), _by_seed(runs, BASELINE, "padded_slots"),
+    padded = PairedTest(paired(by_seed(runs, LOCMOE_PLUS, "padded_slots"), by_seed(runs, BASELINE, "padded_slots"),
                                 lambda p, b: 1.0 - p / b), TOKEN_REDUCTION_TARGET, "above")
-    kept = PairedTest(_paired(_by_seed(runs, LOCMOE_PLUS, "tokens_kept"), _by_seed(runs, BASELINE, "tokens_kept"),
+    kept = PairedTest(paired(by_seed(runs, LOCMOE_PLUS, "tokens_kept"), by_seed(runs, BASELINE, "tokens_kept"),
                               lambda p, b: 1.0 - p / b), TOKEN_REDUCTION_TARGET, "above")
     if not padded.values and not kept.values:
-        return _missing(name, paper, f"{LOCMOE_PLUS} and {BASELINE} runs with the same seeds")
+        return missing_claim(name, paper, f"{LOCMOE_PLUS} and {BASELINE} runs with the same seeds")
     measured = (f"padded slots (n·C): {padded.summary.format(3)} fewer; kept assignments: "
                 f"{kept.summary.format(3)} fewer (fractions of Switch's)")
     primary = padded if padded.values else kept
     details = {"padded": padded.details(), "kept": kept.details(), "per_seed": primary.values,
                "target": TOKEN_REDUCTION_TARGET,
                "meets_v1_60pct": PairedTest(primary.values, 0.60, "above").holds}
-    return Claim(name, paper, measured + _verdict_note(primary), primary.holds, details)
+    return Claim(name, paper, measured + verdict_note(primary), primary.holds, details)
 
 
 def loss_parity_claim(runs: Sequence[dict]) -> Claim:
     name, paper = "val_loss_within_2pct", "no convergence penalty: final validation loss within 2 % of Switch"
-    test = PairedTest(_paired(_by_seed(runs, LOCMOE_PLUS, "final_val_loss"), _by_seed(runs, BASELINE, "final_val_loss"),
+    test = PairedTest(paired(by_seed(runs, LOCMOE_PLUS, "final_val_loss"), by_seed(runs, BASELINE, "final_val_loss"),
                               lambda p, b: p / b - 1.0), LOSS_TOLERANCE, "below")
     if not test.values:
-        return _missing(name, paper, f"{LOCMOE_PLUS} and {BASELINE} runs with the same seeds")
-    return Claim(name, paper, f"LocMoE+ val loss {_percent(test)} relative to Switch" + _verdict_note(test),
+        return missing_claim(name, paper, f"{LOCMOE_PLUS} and {BASELINE} runs with the same seeds")
+    return Claim(name, paper, f"LocMoE+ val loss {_percent(test)} relative to Switch" + verdict_note(test),
                  test.holds, {**test.details(), "tolerance": LOSS_TOLERANCE})
 
 
@@ -185,17 +185,17 @@ def iso_compute_claim(runs: Sequence[dict]) -> Claim:
     LocMoE+'s measured mean capacity (same seed). Holds if LocMoE+'s loss is lower."""
     name, paper = "beats_switch_at_equal_compute", (
         "(ours) LocMoE+ reaches a lower val loss than Switch cut to the same expert capacity")
-    test = PairedTest(_paired(_by_seed(runs, LOCMOE_PLUS, "final_val_loss"), _by_seed(runs, MATCHED, "final_val_loss"),
+    test = PairedTest(paired(by_seed(runs, LOCMOE_PLUS, "final_val_loss"), by_seed(runs, MATCHED, "final_val_loss"),
                               lambda p, m: p / m - 1.0), 0.0, "below")
     if not test.values:
-        return _missing(name, paper, f"{LOCMOE_PLUS} and {MATCHED} runs with the same seeds")
-    slot_ratio = summarize(_paired(_by_seed(runs, LOCMOE_PLUS, "padded_slots"), _by_seed(runs, MATCHED, "padded_slots"),
+        return missing_claim(name, paper, f"{LOCMOE_PLUS} and {MATCHED} runs with the same seeds")
+    slot_ratio = summarize(paired(by_seed(runs, LOCMOE_PLUS, "padded_slots"), by_seed(runs, MATCHED, "padded_slots"),
                                    lambda p, m: p / m))
-    kept_ratio = summarize(_paired(_by_seed(runs, LOCMOE_PLUS, "tokens_kept"), _by_seed(runs, MATCHED, "tokens_kept"),
+    kept_ratio = summarize(paired(by_seed(runs, LOCMOE_PLUS, "tokens_kept"), by_seed(runs, MATCHED, "tokens_kept"),
                                    lambda p, m: p / m))
     measured = (f"LocMoE+ val loss {_percent(test)} relative to {MATCHED} (padded slots LocMoE+/matched "
                 f"{slot_ratio.format(3)}, kept {kept_ratio.format(3)})")
-    return Claim(name, paper, measured + _verdict_note(test), test.holds,
+    return Claim(name, paper, measured + verdict_note(test), test.holds,
                  {**test.details(), "padded_slot_ratio": slot_ratio.mean, "kept_ratio": kept_ratio.mean})
 
 
@@ -221,7 +221,7 @@ def capacity_trend_claim(runs: Sequence[dict]) -> Claim:
     plus = [run for run in runs
             if run.get("label") == LOCMOE_PLUS and (run.get("capacity_by_layer") or run.get("capacity"))]
     if not plus:
-        return _missing(name, paper, f"{LOCMOE_PLUS} runs with a per-step capacity series")
+        return missing_claim(name, paper, f"{LOCMOE_PLUS} runs with a per-step capacity series")
     per_run = {}
     for run in plus:
         layers = run.get("capacity_by_layer") or {"layer": run["capacity"]}
@@ -249,22 +249,23 @@ def capacity_trend_claim(runs: Sequence[dict]) -> Claim:
 
 def locality_balance_claim(runs: Sequence[dict]) -> Claim:
     name, paper = "locality_improves_balance", "aux + locality loss balances load better than aux alone (lower load CV)"
-    test = PairedTest(_paired(_by_seed(runs, LOCMOE_PLUS, "load_cv"), _by_seed(runs, NO_LOCALITY, "load_cv"),
+    test = PairedTest(paired(by_seed(runs, LOCMOE_PLUS, "load_cv"), by_seed(runs, NO_LOCALITY, "load_cv"),
                               lambda w, wo: wo - w), 0.0, "above")
     if not test.values:
-        return _missing(name, paper, f"{LOCMOE_PLUS} and {NO_LOCALITY} (locality_coef=0) runs")
-    return Claim(name, paper, f"load CV lower by {test.summary.format(3)} with the locality loss" + _verdict_note(test),
+        return missing_claim(name, paper, f"{LOCMOE_PLUS} and {NO_LOCALITY} (locality_coef=0) runs")
+    return Claim(name, paper, f"load CV lower by {test.summary.format(3)} with the locality loss" + verdict_note(test),
                  test.holds, test.details())
 
 
 def remote_share_claim(runs: Sequence[dict]) -> Claim:
     name, paper = "locality_lowers_remote_share", "the locality loss lowers the share of tokens sent to other nodes"
-    test = PairedTest(_paired(_by_seed(runs, LOCMOE_PLUS, "remote_share"), _by_seed(runs, NO_LOCALITY, "remote_share"),
+    test = PairedTest(paired(by_seed(runs, LOCMOE_PLUS, "remote_share"), by_seed(runs, NO_LOCALITY, "remote_share"),
                               lambda w, wo: wo - w), 0.0, "above")
     if not test.values:
-        return _missing(name, paper, f"{LOCMOE_PLUS} and {NO_LOCALITY} runs with a topology (--simulated-nodes > 1)")
+        needs = f"{LOCMOE_PLUS} and {NO_LOCALITY} runs with a topology (--simulated-nodes > 1)"
+        return missing_claim(name, paper, needs)
     return Claim(name, paper, f"remote share lower by {test.summary.format(3)} (absolute) with the locality loss"
-                 + _verdict_note(test), test.holds, test.details())
+                 + verdict_note(test), test.holds, test.details())
 
 
 def specialisation_claim(runs: Sequence[dict]) -> Claim:
@@ -276,13 +277,13 @@ def specialisation_claim(runs: Sequence[dict]) -> Claim:
     labels = sorted({run["label"] for run in runs if run.get("ch_index") is not None})
     rivals = [label for label in labels if label != LOCMOE_PLUS and label == _router_of(runs, label)]
     if LOCMOE_PLUS not in labels or not rivals:
-        return _missing(name, paper, f"{LOCMOE_PLUS} and at least one other router's runs with a CH index")
-    plus = _by_seed(runs, LOCMOE_PLUS, "ch_index")
-    tests = {label: PairedTest(_paired(plus, _by_seed(runs, label, "ch_index"), lambda p, o: p - o), 0.0, "above")
+        return missing_claim(name, paper, f"{LOCMOE_PLUS} and at least one other router's runs with a CH index")
+    plus = by_seed(runs, LOCMOE_PLUS, "ch_index")
+    tests = {label: PairedTest(paired(plus, by_seed(runs, label, "ch_index"), lambda p, o: p - o), 0.0, "above")
              for label in labels if label != LOCMOE_PLUS}
     verdicts = [tests[label].holds for label in rivals]
     holds = False if False in verdicts else (None if None in verdicts else True)
-    means = {label: summarize(list(_by_seed(runs, label, "ch_index").values())) for label in labels}
+    means = {label: summarize(list(by_seed(runs, label, "ch_index").values())) for label in labels}
     best_other = max(rivals, key=lambda label: means[label].mean)
     measured = (f"LocMoE+ CH {means[LOCMOE_PLUS].format(4)}; best other: {best_other} {means[best_other].format(4)} "
                 "(validation batches, first-choice labels, mean of the second half's evaluations)")
@@ -300,11 +301,11 @@ def step_time_claim(runs: Sequence[dict]) -> Claim:
     if modes - {"pack"}:
         return Claim(name, paper, "not compared: the step-time claim needs packed dispatch (pad pays for padding "
                      "whatever the router keeps)", None)
-    test = PairedTest(_paired(_by_seed(runs, LOCMOE_PLUS, "step_time_median_s"),
-                              _by_seed(runs, BASELINE, "step_time_median_s"), lambda p, b: p / b - 1.0), 0.0, "below")
+    test = PairedTest(paired(by_seed(runs, LOCMOE_PLUS, "step_time_median_s"),
+                              by_seed(runs, BASELINE, "step_time_median_s"), lambda p, b: p / b - 1.0), 0.0, "below")
     if not test.values:
-        return _missing(name, paper, f"{LOCMOE_PLUS} and {BASELINE} runs with step times")
-    return Claim(name, paper, f"LocMoE+ median step time {_percent(test)} relative to Switch" + _verdict_note(test),
+        return missing_claim(name, paper, f"{LOCMOE_PLUS} and {BASELINE} runs with step times")
+    return Claim(name, paper, f"LocMoE+ median step time {_percent(test)} relative to Switch" + verdict_note(test),
                  test.holds, test.details())
 
 

@@ -35,6 +35,7 @@ from locmoe.compare.runner import (
 )
 from locmoe.config import RunConfig, field_types, load_config_file, parse_field
 from locmoe.evaluation import ClozeSettings
+from locmoe.validation import parse_integer_flag
 
 DEFAULT_PRESET = "quick"
 DEFAULT_OUT = "runs/compare"
@@ -97,19 +98,24 @@ def parse_seeds(text: str) -> tuple[int, ...]:
     return tuple(seeds)
 
 
-def resolve_comparison(args: argparse.Namespace) -> tuple[RunConfig, list[Contender], tuple[int, ...], Path]:
-    """The shared base config, contenders, seeds and output directory; raises ``ValueError`` on bad input."""
+def field_overrides(args: argparse.Namespace) -> dict[str, object]:
+    """The ``--FIELD`` flags as typed config values; ``ValueError`` for a flag a comparison sets per run."""
     refused = [name for name in ("router", "seed") if hasattr(args, f"refused_{name}")]
     if refused:
         name = refused[0]
         raise ValueError(f"--{name.replace('_', '-')} is set per run by compare; use {PER_RUN_FIELDS[name]} instead")
-    args.preset = args.preset or DEFAULT_PRESET
-    base, seeds = preset_config(args.preset)
-    overrides = {
+    return {
         key[len("field_"):]: parse_field(key[len("field_"):], text)
         for key, text in vars(args).items()
         if key.startswith("field_")
     }
+
+
+def resolve_comparison(args: argparse.Namespace) -> tuple[RunConfig, list[Contender], tuple[int, ...], Path]:
+    """The shared base config, contenders, seeds and output directory; raises ``ValueError`` on bad input."""
+    overrides = field_overrides(args)
+    args.preset = args.preset or DEFAULT_PRESET
+    base, seeds = preset_config(args.preset)
     if args.config:
         base = load_config_file(args.config, base, overrides)
     base = base.with_overrides(overrides)
@@ -124,31 +130,14 @@ def resolve_comparison(args: argparse.Namespace) -> tuple[RunConfig, list[Conten
     return base, contenders, seeds, Path(args.out or DEFAULT_OUT)
 
 
-def _positive_int(flag: str, text: str, low: int) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        value = low - 1
-    if value < low:
-        raise ValueError(f"{flag}={text!r} is invalid; allowed: an integer >= {low}")
-    return value
-
-
 def resolve_domain(args: argparse.Namespace) -> DomainPlan:
     """The domain preset's plan from the arguments; raises ``ValueError`` on bad input."""
-    refused = [name for name in ("router", "seed") if hasattr(args, f"refused_{name}")]
-    if refused:
-        raise ValueError(f"--{refused[0]} is set per run by compare; use {PER_RUN_FIELDS[refused[0]]} instead")
-    overrides = {
-        key[len("field_"):]: parse_field(key[len("field_"):], text)
-        for key, text in vars(args).items()
-        if key.startswith("field_")
-    }
+    overrides = field_overrides(args)
     start = load_config_file(args.config, RunConfig(), {}) if args.config else None
     contenders = parse_contenders(args.routers.split(",")) if args.routers else None
     seeds = parse_seeds(args.seeds) if args.seeds is not None else None
-    base_steps = _positive_int("--base-steps", args.base_steps, 1) if args.base_steps is not None else None
-    cloze = ClozeSettings(_positive_int("--cloze", args.cloze, 0)) if args.cloze is not None else None
+    base_steps = parse_integer_flag("--base-steps", args.base_steps, 1) if args.base_steps is not None else None
+    cloze = ClozeSettings(parse_integer_flag("--cloze", args.cloze, 0)) if args.cloze is not None else None
     return domain_plan(Path(args.out or DOMAIN_OUT), overrides, contenders, seeds, base_steps, cloze, start)
 
 

@@ -24,26 +24,34 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 from locmoe.atomic_file import write_atomic
-from locmoe.checkpoint import latest_checkpoint
 from locmoe.cloze import wilson_interval
 from locmoe.compare import plots
-from locmoe.compare.claims import LOSS_TOLERANCE, MIN_SEEDS, PairedTest
-from locmoe.compare.report import labels_in_order, provenance
+from locmoe.compare.claims import (
+    LOCMOE_PLUS,
+    LOSS_TOLERANCE,
+    MIN_SEEDS,
+    Claim,
+    PairedTest,
+    by_seed,
+    missing_claim,
+    paired,
+    verdict_note,
+)
+from locmoe.compare.report import claims_table, labels_in_order, options_section, provenance
 from locmoe.compare.runner import ComparisonInterrupted, Contender, check_saved_run, run_one, run_record
 from locmoe.compare.stats import summarize
-from locmoe.config import DataConfig, RunConfig, field_owners
+from locmoe.config import RunConfig, field_owners
 from locmoe.data import BPETokenizer, load_corpus
-from locmoe.evaluation import ClozeSettings, held_out_scores
+from locmoe.evaluation import ClozeSettings, HeldOut, held_out_set, score
 from locmoe.export import checkpoint_model
 from locmoe.train import train
 
-BASELINE = "topk"
-LOCMOE_PLUS = "locmoe_plus"
+BASELINE = "topk"  # the continued base's own routing (the comparison report's baseline is switch)
 DOMAIN_CORPUS = "linux-docs-networking"
 GENERAL_CORPUS = "python-docs"
 DOMAIN_ROUTERS = (BASELINE, "switch", "locmoe", LOCMOE_PLUS)
@@ -74,14 +82,13 @@ SCORES_VERSION = 1
 class DomainPlan:
     """Everything a domain comparison runs: the base run's config, the continued runs' shared config
     (``init_from``, ``router`` and ``seed`` are set per run), the contenders, the seeds, the cloze
-    test and the general-corpus batches to score (0 = its whole validation split)."""
+    test (the domain and general validation splits are scored whole)."""
 
     base: RunConfig
     continued: RunConfig
     contenders: tuple[Contender, ...]
     seeds: tuple[int, ...]
     cloze: ClozeSettings = ClozeSettings(CLOZE_QUESTIONS)
-    general_batches: int = 0
 
     @property
     def out_dir(self) -> Path:
@@ -155,40 +162,45 @@ def check_domain_corpus(plan: DomainPlan) -> None:
 
 
 def _score_settings(plan: DomainPlan, config: RunConfig) -> dict[str, Any]:
-    return {"version": SCORES_VERSION, "domain": asdict(_domain_data(plan)), "general": asdict(_general_data(plan)),
-            "cloze": asdict(plan.cloze), "general_batches": plan.general_batches,
-            "batch_size": config.train.batch_size, "precision": config.train.precision}
+    return {"version": SCORES_VERSION, "domain": asdict(plan.continued.data), "general": asdict(plan.base.data),
+            "cloze": asdict(plan.cloze), "batch_size": config.train.batch_size, "precision": config.train.precision}
 
 
-def _domain_data(plan: DomainPlan) -> DataConfig:
-    return replace(plan.continued.data, data_seed=0)
+HeldOutSets = Callable[[str, int], tuple[HeldOut, HeldOut]]
 
 
-def _general_data(plan: DomainPlan) -> DataConfig:
-    return replace(plan.base.data, data_seed=0)
+def held_out_sets(plan: DomainPlan) -> HeldOutSets:
+    """``(tokenizer JSON, context length) -> (domain set with its cloze questions, general set)``,
+    each built once and reused for every model that shares them (all the runs of a plan do)."""
+    built: dict[tuple[str, int], tuple[HeldOut, HeldOut]] = {}
+
+    def sets(tokenizer_json: str, seq_len: int) -> tuple[HeldOut, HeldOut]:
+        if (tokenizer_json, seq_len) not in built:
+            tokenizer = BPETokenizer.from_json(tokenizer_json)
+            built[tokenizer_json, seq_len] = (held_out_set(tokenizer, plan.continued.data, seq_len, plan.cloze),
+                                              held_out_set(tokenizer, plan.base.data, seq_len))
+        return built[tokenizer_json, seq_len]
+
+    return sets
 
 
-def score_run(plan: DomainPlan, config: RunConfig) -> dict[str, Any]:
-    """The domain and general held-out scores of ``config``'s newest checkpoint, read from its
-    ``scores.json`` when that was written for the same checkpoint step and settings, else computed
-    and written there."""
+def score_run(plan: DomainPlan, config: RunConfig, step: int, sets: HeldOutSets) -> dict[str, Any]:
+    """The domain and general held-out scores of ``config``'s finished run (its summary says it ended
+    at ``step``), read from its ``scores.json`` when that was written for the same step and settings,
+    else computed from its newest checkpoint and written there."""
     path = config.run_dir / SCORES_FILE
     settings = _score_settings(plan, config)
-    found = latest_checkpoint(config.run_dir)
-    if found is None:
-        raise ValueError(f"{config.run_dir} holds no checkpoint to score")
-    step = int(found[1]["step"])
     if path.is_file():
         saved = json.loads(path.read_text())
         if saved.get("step") == step and saved.get("settings") == settings:
             return saved
-    _, state, _, model = checkpoint_model(config.run_dir)
-    tokenizer = BPETokenizer.from_json(state["tokenizer"])
-    domain = held_out_scores(model, tokenizer, _domain_data(plan), config.train.batch_size, 0,
-                             config.train.precision, plan.cloze)
-    general = held_out_scores(model, tokenizer, _general_data(plan), config.train.batch_size, plan.general_batches,
-                              config.train.precision)
-    scores = {"step": step, "settings": settings, "domain": domain, "general": general}
+    checkpoint, state, _, model = checkpoint_model(config.run_dir)
+    if int(state["step"]) != step:
+        raise ValueError(f"{checkpoint} is at step {int(state['step'])}, but the run's summary ended at step {step}")
+    domain_set, general_set = sets(state["tokenizer"], model.config.seq_len)
+    batch_size, precision = config.train.batch_size, config.train.precision
+    scores = {"step": step, "settings": settings, "domain": score(model, domain_set, batch_size, 0, precision),
+              "general": score(model, general_set, batch_size, 0, precision)}
     write_atomic(path, json.dumps(scores, indent=1).encode())
     return scores
 
@@ -198,7 +210,6 @@ def run_domain(
     *,
     train_fn: Callable[..., dict] | None = None,
     on_run: Callable[[str], None] = print,
-    command: Sequence[str] | None = None,
 ) -> dict:
     """Train (or reuse) the base and every continued run, score them, write the report; return it.
 
@@ -211,11 +222,12 @@ def run_domain(
     for config in [plan.base] + [config for _, _, config in configs]:
         check_saved_run(config.run_dir, config)
     total = len(configs) + 1
+    sets = held_out_sets(plan)
     on_run(f"[1/{total}] base ({BASELINE} k=2 on {plan.base.data.corpus}) -> {plan.base.run_dir}")
     base_summary = run_one(plan.base, train_fn, on_run)
     if base_summary.get("status") != "completed":
         raise ComparisonInterrupted(plan.base.run_dir, base_summary.get("signal"))
-    base_scores = score_run(plan, plan.base)
+    base_scores = score_run(plan, plan.base, base_summary["step"], sets)
     on_run(f"      domain perplexity {base_scores['domain']['val_perplexity']:.2f}, "
            f"general perplexity {base_scores['general']['val_perplexity']:.2f}")
     runs = []
@@ -224,7 +236,7 @@ def run_domain(
         summary = run_one(config, train_fn, on_run)
         if summary.get("status") != "completed":
             raise ComparisonInterrupted(config.run_dir, summary.get("signal"))
-        scores = score_run(plan, config)
+        scores = score_run(plan, config, summary["step"], sets)
         record = {**run_record(contender, config, summary), "domain": scores["domain"], "general": scores["general"],
                   "elapsed_s": summary.get("wall_time_s")}
         on_run(f"      domain perplexity {scores['domain']['val_perplexity']:.2f}, cloze "
@@ -233,26 +245,10 @@ def run_domain(
         runs.append(record)
     base = {"run_dir": str(plan.base.run_dir), "steps": base_summary["step"], "domain": base_scores["domain"],
             "general": base_scores["general"], "elapsed_s": base_summary.get("wall_time_s")}
-    return write_domain_report(plan, base, runs, command)
+    return write_domain_report(plan, base, runs)
 
 
 # --- the report ---------------------------------------------------------------------------------
-
-
-def _per_seed(runs: Sequence[dict], label: str, value: Callable[[dict], float | None]) -> dict[int, float]:
-    found = {}
-    for run in runs:
-        if run["label"] == label:
-            number = value(run)
-            if number is not None and math.isfinite(number):
-                found[int(run["seed"])] = float(number)
-    return found
-
-
-def _paired(runs: Sequence[dict], label: str, baseline_label: str, value: Callable[[dict], float | None],
-            combine: Callable[[float, float], float]) -> list[float]:
-    mine, baseline = _per_seed(runs, label, value), _per_seed(runs, baseline_label, value)
-    return [combine(mine[seed], baseline[seed]) for seed in sorted(set(mine) & set(baseline))]
 
 
 def _domain_loss(run: dict) -> float:
@@ -279,18 +275,14 @@ def _difference(mine: float, baseline: float) -> float:
     return mine - baseline
 
 
-def _claim(name: str, paper: str, what: str, test: PairedTest, unit: str, baseline: str) -> dict[str, Any]:
-    summary = test.summary
+def _claim(name: str, paper: str, what: str, test: PairedTest, unit: str, baseline: str) -> Claim:
     if not test.values:
-        return {"name": name, "paper": paper, "measured": f"not measured: needs {LOCMOE_PLUS} and {baseline} runs "
-                "with the same seeds", "holds": None, "details": {}}
-    suffix = " %" if unit == "%" else " points"
-    measured = f"{what} {100 * summary.mean:+.2f}{suffix}"
+        return missing_claim(name, paper, f"{LOCMOE_PLUS} and {baseline} runs with the same seeds")
+    summary = test.summary
+    measured = f"{what} {100 * summary.mean:+.2f}{' %' if unit == '%' else ' points'}"
     if summary.count > 1:
         measured += f" ± {100 * summary.spread:.2f} (seeds: {summary.count})"
-    if summary.count < MIN_SEEDS:
-        measured += f" — not tested: {summary.count} paired seed(s), a claim needs {MIN_SEEDS}"
-    return {"name": name, "paper": paper, "measured": measured, "holds": test.holds, "details": test.details()}
+    return Claim(name, paper, measured + verdict_note(test), test.holds, test.details())
 
 
 # The baselines LocMoE+ is held against: the base's own routing continued, and the papers' baseline.
@@ -305,30 +297,30 @@ def domain_claims(runs: Sequence[dict]) -> list[dict[str, Any]]:
     every comparison claim is (design §6.8): domain loss within 2 %, fewer expert slots, cloze
     accuracy above the baseline's (the papers' TeleQnA gain), general loss within 2 % (no extra
     forgetting)."""
-    claims = []
+    claims: list[Claim] = []
     for label, name, role in CLAIM_BASELINES:
         if label != BASELINE and not any(run["label"] == label for run in runs):
             continue
         suffix = f"_vs_{label}"
 
-        def paired(value: Callable[[dict], float | None], combine: Callable[[float, float], float],
-                   _label: str = label) -> list[float]:
-            return _paired(runs, LOCMOE_PLUS, _label, value, combine)
+        def against(value: Callable[[dict], float | None], combine: Callable[[float, float], float],
+                    _label: str = label) -> list[float]:
+            return paired(by_seed(runs, LOCMOE_PLUS, value), by_seed(runs, _label, value), combine)
 
         claims += [
             _claim(f"domain_loss_within_2pct{suffix}", f"domain perplexity comparable to {role} (Fig. 6)",
                    f"LocMoE+ domain val loss vs {name}:",
-                   PairedTest(paired(_domain_loss, _ratio), LOSS_TOLERANCE, "below"), "%", label),
+                   PairedTest(against(_domain_loss, _ratio), LOSS_TOLERANCE, "below"), "%", label),
             _claim(f"fewer_expert_slots{suffix}", "each expert processes far fewer tokens",
-                   f"LocMoE+ expert slots vs {name}:", PairedTest(paired(_slots, _ratio), 0.0, "below"), "%", label),
+                   f"LocMoE+ expert slots vs {name}:", PairedTest(against(_slots, _ratio), 0.0, "below"), "%", label),
             _claim(f"domain_qa_above{suffix}", "domain QA above the baseline (TeleQnA 68.8 vs 62.1, Table 1)",
                    f"LocMoE+ cloze accuracy minus {name}'s:",
-                   PairedTest(paired(_cloze, _difference), 0.0, "above"), "points", label),
+                   PairedTest(against(_cloze, _difference), 0.0, "above"), "points", label),
             _claim(f"general_loss_within_2pct{suffix}", "general ability kept (Table 2: MMLU 70.4 vs 71.8)",
                    f"LocMoE+ general val loss vs {name}:",
-                   PairedTest(paired(_general_loss, _ratio), LOSS_TOLERANCE, "below"), "%", label),
+                   PairedTest(against(_general_loss, _ratio), LOSS_TOLERANCE, "below"), "%", label),
         ]
-    return claims
+    return [claim.to_dict() for claim in claims]
 
 
 def _cloze_cell(accuracies: Sequence[float], questions: int) -> str:
@@ -342,8 +334,9 @@ def _cloze_cell(accuracies: Sequence[float], questions: int) -> str:
     return f"{mean:.3f} [{low:.3f}, {high:.3f}]"
 
 
-def results_table(base: dict, runs: Sequence[dict], questions: int) -> list[str]:
-    """Markdown: the base, then one row per contender (mean ± std over seeds)."""
+def results_table(base: dict, runs: Sequence[dict], questions: int, moe_layers: int) -> list[str]:
+    """Markdown: the base, then one row per contender (mean ± std over seeds); ``moe_layers`` is the
+    model's number of MoE layers (the slots per token are per layer)."""
     header = ["model", "seeds", "domain ppl", "domain loss fall from base (nats)", "cloze accuracy [95 %]",
               "general ppl", "general loss rise from base (nats)", "expert slots / token / MoE layer",
               "slots vs topk", "drop rate", "train time (s)", "step time (s)"]
@@ -358,7 +351,7 @@ def results_table(base: dict, runs: Sequence[dict], questions: int) -> list[str]
     for label in labels_in_order(runs):
         group = [r for r in runs if r["label"] == label]
         slots = summarize([_slots(r) for r in group])
-        per_token = summarize([_slots(r) / (r["steps"] * r["tokens_per_step"] * _moe_layers(r)) for r in group])
+        per_token = summarize([_slots(r) / (r["steps"] * r["tokens_per_step"] * moe_layers) for r in group])
         cells = [
             f"`{label}`", ",".join(str(r["seed"]) for r in group),
             summarize([r["domain"]["val_perplexity"] for r in group]).format(4),
@@ -376,42 +369,18 @@ def results_table(base: dict, runs: Sequence[dict], questions: int) -> list[str]
     return lines
 
 
-def _moe_layers(run: dict) -> int:
-    return max(1, len(run.get("capacity_by_layer") or {}) or 1)
+PLOT_FILE = "domain_val_loss.png"
 
 
-def _plot(runs: Sequence[dict], out_dir: Path) -> str | None:
-    """Domain validation loss over the continued steps, one line per run, coloured by router."""
-    if not runs:
-        return None
-    plt = plots.pyplot()
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    colours = {label: plt.get_cmap("tab10")(i % 10) for i, label in enumerate(labels_in_order(runs))}
-    for label in labels_in_order(runs):
-        for index, run in enumerate(r for r in runs if r["label"] == label):
-            curve = run.get("val_curve") or []
-            ax.plot([s for s, _ in curve], [v for _, v in curve], color=colours[label], alpha=0.8,
-                    label=label if index == 0 else None)
-    ax.set_title("Continued training on the domain corpus")
-    ax.set_xlabel("step")
-    ax.set_ylabel("domain validation loss (nats)")
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    name = "domain_val_loss.png"
-    fig.savefig(out_dir / name, dpi=100)
-    plt.close(fig)
-    return name
-
-
-def write_domain_report(plan: DomainPlan, base: dict, runs: Sequence[dict],
-                        command: Sequence[str] | None = None) -> dict:
+def write_domain_report(plan: DomainPlan, base: dict, runs: Sequence[dict]) -> dict:
     """``report.json``, ``report.md`` and the plot in ``plan.out_dir``; returns the JSON."""
     out_dir = plan.out_dir
     out_dir.mkdir(parents=True, exist_ok=True)
-    source = provenance(command)
+    source = provenance()
     claims = domain_claims(runs)
-    plot = _plot(runs, out_dir)
+    drawn = plots.series_plot(runs, "val_curve", out_dir / PLOT_FILE, "Continued training on the domain corpus",
+                              "domain validation loss (nats)", xy=True)
+    plot = drawn.name if drawn else None
     b, c = plan.base, plan.continued
     settings = {
         "preset": "domain",
@@ -424,8 +393,8 @@ def write_domain_report(plan: DomainPlan, base: dict, runs: Sequence[dict],
         "seeds": ",".join(map(str, plan.seeds)),
         "cloze": f"{plan.cloze.questions} questions, {plan.cloze.distractors} distractors, seed {plan.cloze.seed}",
     }
-    report = {"settings": settings, "provenance": source, "base": base, "runs": list(runs), "claims": claims,
-              "plot": plot}
+    report = {"settings": settings, "provenance": source, "base": base, "runs": list(runs),
+              "claims": claims, "plot": plot}
     write_atomic(out_dir / "report.json", json.dumps(report, indent=1, default=float).encode())
     lines = ["# Domain adaptation with a router swap: LocMoE+ against Mixtral-style routing", ""]
     lines += [f"- {key}: `{value}`" for key, value in source.items()]
@@ -448,13 +417,10 @@ def write_domain_report(plan: DomainPlan, base: dict, runs: Sequence[dict],
         "gate; `switch` (top-1, capacity factor 1.1, starting from the base's gate) is the papers' baseline and "
         "spends about as many expert slots as LocMoE+.",
         "",
-        "| claim | paper | measured | verdict |",
-        "|---|---|---|---|",
     ]
-    verdicts = {True: "holds", False: "does not hold", None: "not tested"}
-    lines += [f"| {c['name']} | {c['paper']} | {c['measured']} | **{verdicts[c['holds']]}** |" for c in claims]
+    lines += claims_table(claims)
     lines += ["", "## Results (mean ± std over seeds)", ""]
-    lines += results_table(base, runs, plan.cloze.questions)
+    lines += results_table(base, runs, plan.cloze.questions, len(plan.continued.model.moe_layer_indices))
     lines += [
         "",
         "domain / general ppl = perplexity on the whole validation split of the domain / general corpus; loss "
@@ -465,14 +431,9 @@ def write_domain_report(plan: DomainPlan, base: dict, runs: Sequence[dict],
         "MoE layer (topk k = 2 dropless computes 2); drop rate = share of tokens no expert kept; train time = "
         "wall time of the continued run; step time = median training-step time.",
         "",
-        "## Router options used",
-        "",
     ]
-    for label in labels_in_order(runs):
-        run = next(r for r in runs if r["label"] == label)
-        options = json.dumps(run["router_options"], sort_keys=True)
-        lines.append(f"- `{label}`: router `{run['router']}`, options `{options}`")
+    lines += options_section(runs)
     if plot:
-        lines += ["", "## Plot", "", f"![domain validation loss]({plot})"]
+        lines += ["## Plot", "", f"![domain validation loss]({plot})"]
     write_atomic(out_dir / "report.md", ("\n".join(lines) + "\n").encode())
     return report

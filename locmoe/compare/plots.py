@@ -41,7 +41,7 @@ def _finish(fig, ax, path: Path, title: str, xlabel: str, ylabel: str, **legend:
     return path
 
 
-def _series_plot(runs, key, path: Path, title: str, ylabel: str, labels=None, xy=False) -> Path | None:
+def series_plot(runs, key, path: Path, title: str, ylabel: str, labels=None, xy=False) -> Path | None:
     labels = labels or _labels(runs)
     colours = _colours(_labels(runs))
     fig, ax = pyplot().subplots(figsize=(7, 4))
@@ -131,14 +131,14 @@ def make_plots(runs: Sequence[dict], out_dir: Path) -> dict[str, str]:
     """Write every plot the runs have data for; returns ``{title: file name}``."""
     out_dir.mkdir(parents=True, exist_ok=True)
     made = {
-        "Validation loss": _series_plot(runs, "val_curve", out_dir / "val_loss.png", "Validation loss",
+        "Validation loss": series_plot(runs, "val_curve", out_dir / "val_loss.png", "Validation loss",
                                         "validation loss (nats/token)", xy=True),
-        "Tokens processed per step": _series_plot(runs, "processed_per_step", out_dir / "tokens_processed.png",
+        "Tokens processed per step": series_plot(runs, "processed_per_step", out_dir / "tokens_processed.png",
                                                   "Expert token slots computed per step (all MoE layers)", "slots"),
         "LocMoE+ capacity and k^τ": _capacity_plot(runs, out_dir / "capacity.png"),
         "Compute–quality frontier": _frontier_plot(runs, out_dir / "frontier.png"),
         "Per-expert load CDF": _load_cdf_plot(runs, out_dir / "load_cdf.png"),
-        "Remote share": _series_plot(runs, "remote_share_curve", out_dir / "remote_share.png",
+        "Remote share": series_plot(runs, "remote_share_curve", out_dir / "remote_share.png",
                                      "Share of kept assignments sent to another node", "remote share"),
     }
     return {title: path.name for title, path in made.items() if path is not None}

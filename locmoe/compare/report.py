@@ -117,7 +117,7 @@ def provenance(command: Sequence[str] | None = None) -> dict[str, str]:
     }
 
 
-def _options_section(runs: Sequence[dict]) -> list[str]:
+def options_section(runs: Sequence[dict]) -> list[str]:
     lines = ["## Router options used", "", "Every option each run used (defaults included), so nothing is tuned "
              "behind the reader's back.", ""]
     for label in labels_in_order(runs):
@@ -219,7 +219,7 @@ def write_report(runs: Sequence[dict], out_dir: Path, settings: dict | None = No
                   "at the same compute).", ""]
         for measure in SLOT_MEASURES:
             lines += frontier_table(frontier_points(runs, measure), measure) + [""]
-    lines += [""] + _options_section(runs)
+    lines += [""] + options_section(runs)
     if plots:
         lines += ["## Plots", ""]
         lines += [f"### {title}\n\n![{title}]({name})\n" for title, name in plots.items()]

@@ -56,6 +56,16 @@ def prepare_data(config: DataConfig, tokenizer: BPETokenizer | None = None) -> P
 
     ``tokenizer``: use this one instead of the corpus's own (e.g. the tokenizer of a model trained on
     another corpus, to continue it on this one: its embeddings index that vocabulary)."""
+    return _prepare(config, tokenizer, ("train", "validation"))
+
+
+def prepare_validation(config: DataConfig, tokenizer: BPETokenizer) -> PreparedData:
+    """:func:`prepare_data` for scoring a model: only the validation split is tokenised (``train_ids``
+    is empty), with the model's ``tokenizer``; the ids share :func:`prepare_data`'s cache."""
+    return _prepare(config, tokenizer, ("validation",))
+
+
+def _prepare(config: DataConfig, tokenizer: BPETokenizer | None, splits: tuple[str, ...]) -> PreparedData:
     cache_dir = resolve_cache_dir(config.cache_dir)
     corpus = load_corpus(config.corpus, cache_dir, config.max_chars)
     train_blocks, validation_blocks = split_text(corpus.text, config.validation_fraction, config.split_block_chars)
@@ -69,8 +79,10 @@ def prepare_data(config: DataConfig, tokenizer: BPETokenizer | None = None) -> P
         )
     key = hashlib.sha256(f"{tokenizer.fingerprint}:{corpus.sha256}:{split}".encode()).hexdigest()[:16]
     folder = cache_dir / "tokens" / key
-    streams = {}
+    streams = {"train": np.zeros(0, dtype=np.int32)}
     for name, blocks in (("train", train_blocks), ("validation", validation_blocks)):
+        if name not in splits:
+            continue
         ids = _load_ids(folder / f"{name}.npy")
         if ids is None:
             ids = tokenizer.encode_blocks(blocks)

@@ -29,7 +29,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from locmoe.layer import MoELayer
+from locmoe.layer import MoELayer, find_moe_layers
 from locmoe.parallel.data_parallel import is_expert_parameter
 from locmoe.parallel.groups import ExpertParallelGroups
 from locmoe.parallel.shard import is_sharded
@@ -40,10 +40,6 @@ EXPERT_IDS = "expert_ids"
 
 def _prefix(path: str) -> str:
     return f"{path}." if path else ""
-
-
-def _moe_layers(model: nn.Module) -> dict[str, MoELayer]:
-    return {path: module for path, module in model.named_modules() if isinstance(module, MoELayer)}
 
 
 def _gather_blocks(shard: torch.Tensor, groups: ExpertParallelGroups, what: str) -> torch.Tensor:
@@ -75,7 +71,7 @@ def consolidated_state_dict(model: nn.Module, groups: ExpertParallelGroups | Non
     global expert ids of every MoE layer (``arange(n)`` for an unsharded one, which holds them all)."""
     groups = groups or ExpertParallelGroups.single_process()
     state = dict(model.state_dict())
-    for path, layer in _moe_layers(model).items():
+    for path, layer in find_moe_layers(model).items():
         if not is_sharded(layer):
             state[f"{_prefix(path)}{EXPERT_IDS}"] = torch.arange(layer.num_experts)
             continue
@@ -121,7 +117,7 @@ def load_consolidated_state_dict(
     Each MoE layer's experts are checked against the model (number, ids, shapes) and sharded layers
     keep their own block. Not collective."""
     state = dict(state)
-    for path, layer in _moe_layers(model).items():
+    for path, layer in find_moe_layers(model).items():
         prefix = _prefix(path)
         expert_keys = {name: f"{prefix}experts.{name}" for name, _ in layer.experts.named_parameters()}
         missing = [key for key in expert_keys.values() if key not in state]
@@ -149,7 +145,7 @@ def load_consolidated_state_dict(
 def _expert_parameter_layers(model: nn.Module) -> dict[str, tuple[str, MoELayer]]:
     """Parameter name -> (layer path, layer) for every expert parameter (sharded or not)."""
     owners = {}
-    for path, layer in _moe_layers(model).items():
+    for path, layer in find_moe_layers(model).items():
         for name, _ in layer.experts.named_parameters():
             owners[f"{_prefix(path)}experts.{name}"] = (path, layer)
     return owners

@@ -5,8 +5,8 @@ differently under ``torchrun``:
 
 * :meth:`build_model` — wrap a model builder: build the single-process model (same seed, so the
   initial weights do not depend on the number of ranks), shard its MoE layers, make every replica
-  start identical. A ``locmoe_plus`` option ``scope="global"`` becomes the layers' global routing
-  scope (all tokens of the expert-parallel group form one routing group; in one process, the batch).
+  start identical. ``model.routing_scope="global"`` makes all tokens of the expert-parallel group one
+  routing group (in one process, the batch).
 * :meth:`local_rows` — this rank's rows of the global batch (every rank draws the same global batch
   from the same loader, so ``--batch-size`` means the same tokens per step on any number of ranks).
 * :meth:`token_nodes` — the node of every token under simulated nodes (one process), else ``None``.
@@ -40,7 +40,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from locmoe.layer import MoELayer
+from locmoe.layer import find_moe_layers
 from locmoe.parallel.checkpoint import (
     consolidated_optimizer_state,
     consolidated_state_dict,
@@ -137,9 +137,8 @@ class ExpertParallelRuntime:
         elif self.simulated_nodes:
             # N single-rank nodes: expert e on node e // (n / N), as N ranks would hold them.
             nodes = Topology(tuple(range(self.simulated_nodes)), 1)
-            for module in model.modules():
-                if isinstance(module, MoELayer):
-                    module.set_expert_nodes(nodes.expert_nodes(module.num_experts))
+            for module in find_moe_layers(model).values():
+                module.set_expert_nodes(nodes.expert_nodes(module.num_experts))
         return model
 
     def token_nodes(self, inputs: torch.Tensor, stream_fraction: torch.Tensor | None = None) -> torch.Tensor | None:

@@ -15,7 +15,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from locmoe.layer import MoELayer
+from locmoe.dispatch import check_routing_scope
+from locmoe.layer import MoELayer, find_moe_layers
 from locmoe.parallel.dispatcher import AllToAllDispatcher
 from locmoe.parallel.groups import ExpertParallelGroups
 
@@ -46,6 +47,7 @@ def shard_layer(
     """
     if not isinstance(layer, MoELayer) or is_sharded(layer):
         raise ValueError(f"expected a single-process MoELayer to shard, got {type(layer).__name__}")
+    check_routing_scope(routing_scope or layer.routing_scope, layer.router.options)
     dispatcher = AllToAllDispatcher(
         groups,
         layer.num_experts,
@@ -69,8 +71,8 @@ def shard_experts(model: nn.Module, groups: ExpertParallelGroups | None, **optio
     """:func:`shard_layer` every ``MoELayer`` in ``model``, each named by its module path; returns the
     paths. ``options``: ``hierarchical``, ``routing_scope``."""
     names = []
-    for path, module in model.named_modules():
-        if isinstance(module, MoELayer) and not is_sharded(module):
+    for path, module in find_moe_layers(model).items():
+        if not is_sharded(module):
             shard_layer(module, groups, name=path or "moe", **options)  # type: ignore[arg-type]
             names.append(path)
     return names

@@ -10,7 +10,8 @@ instead of hanging forever. The process group's own timeout (set to the same val
 On CUDA tensors (the ``cpu:gloo,cuda:nccl`` group of a GPU run) ``work.wait`` only orders the CUDA
 streams and returns at once: there the guard is the process group's timeout, whose NCCL watchdog
 aborts the communicator and ends the process with an error naming the collective, so a dead or
-stalled rank still fails every rank rather than hanging (not verified here: this machine has no GPU).
+stalled rank still fails every rank rather than hanging (the CUDA path is untested: no test machine has
+had a GPU yet).
 """
 
 from __future__ import annotations

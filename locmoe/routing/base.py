@@ -55,6 +55,11 @@ class Router(nn.Module, metaclass=abc.ABCMeta):
     name: str = "router"
     Options: type[RouterOptions] = RouterOptions
     needs_token_ids: bool = False
+    alone_differs: str | None = None
+    """Why a token routed alone (a routing group of one, as KV-cached decoding routes each new token)
+    would not get the experts this router gives it in a group, or ``None`` when it would: token choice,
+    where a token proposes its experts from its own features (or id) and a group of one token never
+    exceeds a capacity (every capacity is at least one slot per expert)."""
     state_buffers: tuple[str, ...] = ()
     """Buffers holding training state (LocMoE+'s capacity EMA, DeepSeek's correction bias) that keep
     their own dtype when the module is cast (``model.to(torch.bfloat16)``, a bf16 Hugging Face model):

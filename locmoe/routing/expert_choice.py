@@ -47,6 +47,11 @@ class ExpertChoiceRouter(Router):
     name = "expert_choice"
     Options = ExpertChoiceOptions
     options: ExpertChoiceOptions
+    alone_differs = (
+        "experts choose their tokens among all tokens of the routing group, so a token's experts depend on "
+        "the tokens beside it, later ones included; alone, it would be taken by every expert (each has a "
+        "slot to spare), a dense mixture the model never computed in training"
+    )
 
     def __init__(self, d_model: int, num_experts: int, options: ExpertChoiceOptions | None = None) -> None:
         super().__init__(d_model, num_experts, options)

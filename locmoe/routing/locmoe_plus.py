@@ -288,6 +288,10 @@ class ECRRouter(GrAPRouter):
 
     name = "ecr"
     Options = ECROptions
+    alone_differs = (
+        "experts choose their tokens among all tokens of the routing group (expert choice on GrAP affinities), "
+        "so a token alone would be taken by every expert, a dense mixture the model never computed in training"
+    )
 
     def route(self, x: torch.Tensor, context: RoutingContext) -> RoutingPlan:
         scores = self.score(x)
