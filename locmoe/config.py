@@ -18,7 +18,7 @@ from typing import Any
 from locmoe.device import PRECISIONS, check_device_text
 from locmoe.dispatch import DISPATCH_MODES, ROUTING_SCOPES, check_routing_scope
 from locmoe.experts import ACTIVATIONS, available_backends
-from locmoe.routing import RouterOptions, available_routers, make_options
+from locmoe.routing import RouterOptions, available_routers, make_options, router_class
 from locmoe.validation import config_choice, config_integer, config_number, invalid, is_finite_number, is_integer
 
 if sys.version_info >= (3, 11):
@@ -111,11 +111,12 @@ class ModelConfig:
             settings = self.router_settings()
         except ValueError as error:
             raise ValueError(f"model.router_options for router {self.router!r}: {error}") from None
+        scope = router_class(self.router).scope_of(settings)
         try:
-            check_routing_scope(self.routing_scope, settings)
+            check_routing_scope(self.routing_scope, scope)
         except ValueError:
             invalid("model.routing_scope", self.routing_scope,
-                    f"local, or global with the router's scope='batch' (it is {settings.scope!r})")
+                    f"local, or global with the router's scope='batch' (it is {scope!r})")
 
     def router_keywords(self) -> dict[str, Any]:
         """The router options as keywords for ``MoELayer``/``build_router``: ``router_options`` plus

@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from locmoe.experts import GroupedExperts
-from locmoe.routing import DROPPED, Router, RouterOptions, RoutingContext, RoutingPlan
+from locmoe.routing import DROPPED, Router, RoutingContext, RoutingPlan
 from locmoe.routing.selection import count_per_expert
 from locmoe.validation import check_choice
 
@@ -29,15 +29,15 @@ DISPATCH_MODES = ("pad", "pack")
 ROUTING_SCOPES = ("local", "global")
 
 
-def check_routing_scope(routing_scope: str, options: RouterOptions) -> None:
+def check_routing_scope(routing_scope: str, router_scope: str) -> None:
     """``ValueError`` if ``routing_scope="global"`` (all tokens of the expert-parallel group form one
-    routing group) contradicts a router's own ``scope`` option (a router option of LocMoE+ that makes
-    each sequence its own group): the one rule every way of building or sharding a layer applies."""
-    scope = getattr(options, "scope", "batch")
-    if routing_scope == "global" and scope != "batch":
+    routing group) contradicts the router's own scope (:attr:`locmoe.routing.Router.scope`:
+    ``"sequence"`` makes each sequence its own group): the one rule every way of building or sharding
+    a layer applies."""
+    if routing_scope == "global" and router_scope != "batch":
         raise ValueError(
             f"routing_scope='global' routes all tokens of the expert-parallel group as one group; the router's "
-            f"scope={scope!r} contradicts it (use scope='batch')"
+            f"scope={router_scope!r} contradicts it (use scope='batch')"
         )
 
 

@@ -324,7 +324,7 @@ def _build_layer(block: nn.Module, router: str, options: dict[str, Any], copy_ga
         experts.w_gate = nn.Parameter(gate_up[:, :d_ff].transpose(1, 2).contiguous())
         experts.w_in = nn.Parameter(gate_up[:, d_ff:].transpose(1, 2).contiguous())
         experts.w_out = nn.Parameter(down.transpose(1, 2).contiguous())
-    layer = MoELayer(built, LocalDispatcher("pack", "local"), experts)
+    layer = MoELayer.from_parts(built, LocalDispatcher("pack", "local"), experts)
     return layer.to(device)
 
 

@@ -36,36 +36,13 @@ from locmoe.routing import Router, RoutingContext, RoutingPlan, build_router
 from locmoe.validation import check_integer
 
 
-def _layer_parts(
-    d_model: int,
-    d_ff: int,
-    num_experts: int,
-    router: str = "switch",
-    top_k: int | None = None,
-    *,
-    activation: str = "gelu",
-    dispatch: str = "pad",
-    routing_scope: str = "local",
-    experts_backend: str = "auto",
-    **router_options: Any,
-) -> tuple[Router, LocalDispatcher, GroupedExperts]:
-    """The three parts of the convenience constructor, built in the order that fixes the RNG draws
-    (router, then experts)."""
-    dispatcher = LocalDispatcher(dispatch, routing_scope)
-    built_router = build_router(router, d_model, num_experts, top_k=top_k, **router_options)
-    check_routing_scope(routing_scope, built_router.options)  # before the experts draw their weights
-    experts = GroupedExperts(num_experts, d_model, d_ff, activation, experts_backend)
-    return built_router, dispatcher, experts
-
-
 class MoELayer(nn.Module):
     """A drop-in sparse MoE feed-forward block: ``(..., d_model) -> (..., d_model)``.
 
     Two ways to build one:
 
-    * ``MoELayer(router, dispatcher, experts)``: from the three parts (module docstring);
-    * ``MoELayer(d_model, d_ff, num_experts, router="switch", top_k=None, **options)``: the
-      convenience constructor, which builds the parts:
+    * ``MoELayer(d_model, d_ff, num_experts, router="switch", top_k=None, **options)``, which builds
+      the three parts (router first, then the experts' weights: the order that fixes the RNG draws):
 
       - ``router``: a name from :func:`locmoe.available_routers`; ``top_k`` experts per token for
         ``topk`` (``None`` = its default, 2), ``None``/1 for routers that send a token to one expert;
@@ -80,7 +57,10 @@ class MoELayer(nn.Module):
         :mod:`locmoe.routing.options` lists them per router; an omitted one keeps the router's
         default, ``capacity_factor=None`` is dropless (``topk`` only).
 
-    Both forms take ``expert_nodes`` (optional ``(n,)`` node of each expert; with ``token_nodes`` at
+    * :meth:`from_parts` ``(router, dispatcher, experts)``: from three parts built elsewhere (module
+      docstring).
+
+    Both take ``expert_nodes`` (optional ``(n,)`` node of each expert; with ``token_nodes`` at
     forward it enables the locality loss's topology and the ``remote_share`` metric) and
     ``ch_interval`` (compute the Calinski–Harabasz index of the input features labelled by their
     first-choice expert, :func:`locmoe.metrics.specialisation_labels`, every this many training
@@ -93,16 +73,69 @@ class MoELayer(nn.Module):
     # state_dict format version (nn.Module's mechanism): 2 added the ``_forward_count`` buffer.
     _version = 2
 
-    def __init__(self, *args: Any, expert_nodes: torch.Tensor | list[int] | None = None, ch_interval: int = 0,
-                 **kwargs: Any) -> None:
+    def __init__(
+        self,
+        d_model: int,
+        d_ff: int,
+        num_experts: int,
+        router: str = "switch",
+        top_k: int | None = None,
+        *,
+        activation: str = "gelu",
+        dispatch: str = "pad",
+        routing_scope: str = "local",
+        experts_backend: str = "auto",
+        expert_nodes: torch.Tensor | list[int] | None = None,
+        ch_interval: int = 0,
+        **router_options: Any,
+    ) -> None:
         super().__init__()
-        composed = (args and isinstance(args[0], Router)) or isinstance(kwargs.get("router"), Router)
-        if composed:
-            router, dispatcher, experts = self._parts_given(*args, **kwargs)
-        else:
-            router, dispatcher, experts = _layer_parts(*args, **kwargs)
+        if isinstance(d_model, Router) or isinstance(router, Router):
+            raise ValueError("MoELayer(d_model, d_ff, num_experts, router=...) takes a router's name; build a "
+                             "layer from a Router, a dispatcher and experts with MoELayer.from_parts")
+        dispatcher = LocalDispatcher(dispatch, routing_scope)
+        built = build_router(router, d_model, num_experts, top_k=top_k, **router_options)
+        check_routing_scope(routing_scope, built.scope)  # before the experts draw their weights
+        experts = GroupedExperts(num_experts, d_model, d_ff, activation, experts_backend)
+        self._compose(built, dispatcher, experts, expert_nodes, ch_interval)
+
+    @classmethod
+    def from_parts(
+        cls,
+        router: Router,
+        dispatcher: Dispatcher,
+        experts: GroupedExperts,
+        *,
+        expert_nodes: torch.Tensor | list[int] | None = None,
+        ch_interval: int = 0,
+    ) -> MoELayer:
+        """A layer from a router, a dispatcher and the experts (all of them: an expert-parallel layer
+        is built whole and sharded with :func:`locmoe.parallel.shard_layer`)."""
+        if not isinstance(router, Router):
+            raise ValueError(f"router must be a locmoe.routing.Router, got {type(router).__name__}")
+        if not isinstance(experts, GroupedExperts):
+            raise ValueError(f"experts must be a GroupedExperts, got {type(experts).__name__}")
+        if experts.num_experts != router.num_experts:
+            raise ValueError(
+                f"the router routes to {router.num_experts} experts but the experts hold {experts.num_experts}; "
+                "build the layer whole and shard it with locmoe.parallel.shard_layer"
+            )
+        layer = cls.__new__(cls)
+        nn.Module.__init__(layer)
+        layer._compose(router, dispatcher, experts, expert_nodes, ch_interval)
+        return layer
+
+    def _compose(
+        self,
+        router: Router,
+        dispatcher: Dispatcher,
+        experts: GroupedExperts,
+        expert_nodes: torch.Tensor | list[int] | None,
+        ch_interval: int,
+    ) -> None:
+        """Check the parts against each other and hold them (both constructors end here)."""
         check_integer("ch_interval", ch_interval, low=0)
-        check_routing_scope(dispatcher.routing_scope, router.options)
+        check_routing_scope(dispatcher.routing_scope, router.scope)
         if experts.d_model != router.d_model:
             raise ValueError(f"the experts' d_model={experts.d_model} differs from the router's {router.d_model}")
         self.d_model = router.d_model
@@ -131,19 +164,6 @@ class MoELayer(nn.Module):
         # the same steps as an uninterrupted one (saved in checkpoints; see _load_from_state_dict).
         self._forward_count: torch.Tensor
         self.register_buffer("_forward_count", torch.zeros((), dtype=torch.long))
-
-    @staticmethod
-    def _parts_given(
-        router: Router, dispatcher: Dispatcher, experts: GroupedExperts
-    ) -> tuple[Router, Dispatcher, GroupedExperts]:
-        if not isinstance(experts, GroupedExperts):
-            raise ValueError(f"experts must be a GroupedExperts, got {type(experts).__name__}")
-        if experts.num_experts != router.num_experts:
-            raise ValueError(
-                f"the router routes to {router.num_experts} experts but the experts hold {experts.num_experts}; "
-                "build the layer whole and shard it with locmoe.parallel.shard_layer"
-            )
-        return router, dispatcher, experts
 
     @property
     def router_name(self) -> str:
@@ -190,7 +210,7 @@ class MoELayer(nn.Module):
                 raise ValueError(
                     f"token_mask must be a bool tensor (True = a real token), got dtype {token_mask.dtype}"
                 )
-            if getattr(self.router.options, "scope", "batch") == "sequence":
+            if self.router.scope == "sequence":
                 raise ValueError("token_mask makes the real tokens of the input one routing group; the router's "
                                  "scope='sequence' would need equal sequences: use scope='batch'")
         for name, value in (("token_ids", token_ids), ("token_nodes", token_nodes), ("token_mask", token_mask)):

@@ -158,12 +158,16 @@ def test_layer_from_its_three_parts_equals_the_convenience_constructor():
     built = MoELayer(16, 24, 4, router="locmoe_plus", dispatch="pack", tau=0.8)
     torch.manual_seed(0)
     router = build_router("locmoe_plus", 16, 4, tau=0.8)
-    composed = MoELayer(router, LocalDispatcher("pack"), GroupedExperts(4, 16, 24))
+    composed = MoELayer.from_parts(router, LocalDispatcher("pack"), GroupedExperts(4, 16, 24))
     x = torch.randn(3, 8, 16)
     torch.testing.assert_close(composed(x), built(x))
     assert composed.dispatch == "pack" and composed.router.options.tau == 0.8
     with pytest.raises(ValueError, match="the router routes to 4 experts but the experts hold 2"):
-        MoELayer(router, LocalDispatcher(), GroupedExperts(2, 16, 24))
+        MoELayer.from_parts(router, LocalDispatcher(), GroupedExperts(2, 16, 24))
+    with pytest.raises(ValueError, match="takes a router's name.*MoELayer.from_parts"):
+        MoELayer(router, LocalDispatcher(), GroupedExperts(4, 16, 24))  # the parts go to from_parts
+    with pytest.raises(ValueError, match="router must be a locmoe.routing.Router, got str"):
+        MoELayer.from_parts("switch", LocalDispatcher(), GroupedExperts(4, 16, 24))
 
 
 def test_auto_backend_is_resolved_for_the_device_the_weights_are_on():

@@ -47,7 +47,7 @@ def shard_layer(
     """
     if not isinstance(layer, MoELayer) or is_sharded(layer):
         raise ValueError(f"expected a single-process MoELayer to shard, got {type(layer).__name__}")
-    check_routing_scope(routing_scope or layer.routing_scope, layer.router.options)
+    check_routing_scope(routing_scope or layer.routing_scope, layer.router.scope)
     dispatcher = AllToAllDispatcher(
         groups,
         layer.num_experts,

@@ -92,6 +92,19 @@ class Router(nn.Module, metaclass=abc.ABCMeta):
             )
         return self.route(x, context)
 
+    @classmethod
+    def scope_of(cls, options: RouterOptions) -> str:
+        """The routing group a router of this class with ``options`` routes over: ``"batch"`` (every
+        token it is given as one group, the default) or ``"sequence"`` (each sequence of a flattened
+        ``(B, T)`` batch on its own). A classmethod so a configuration can be checked before the router
+        exists (:func:`locmoe.dispatch.check_routing_scope`)."""
+        return "batch"
+
+    @property
+    def scope(self) -> str:
+        """This router's routing group, ``"batch"`` or ``"sequence"`` (:meth:`scope_of`)."""
+        return self.scope_of(self.options)
+
     def _apply(self, fn, recurse=True):  # noqa: ANN001, ANN202 - nn.Module's signature
         """``nn.Module._apply`` (``.to``, ``.cuda``, ``.half`` ...), except that :attr:`state_buffers`
         keep their dtype and values: each is moved, uncast, to the device the cast one landed on."""

@@ -221,11 +221,16 @@ class LocMoEPlusRouter(GrAPRouter):
         self.capacity_state: torch.Tensor
         self.register_buffer("capacity_state", torch.full((), math.nan, dtype=torch.float64))
 
+    @classmethod
+    def scope_of(cls, options: LocMoEPlusOptions) -> str:  # type: ignore[override]
+        """The ``scope`` option: ``"batch"`` or ``"sequence"``."""
+        return options.scope
+
     def route(self, x: torch.Tensor, context: RoutingContext) -> RoutingPlan:
         scores = self.score(x)
         num_tokens = x.shape[0]
         options = self.options
-        group_size = max(1, routing_group_size(num_tokens, options.scope, context.sequence_length))
+        group_size = max(1, routing_group_size(num_tokens, self.scope, context.sequence_length))
         ranking = rank_candidates(
             scores.affinity,
             top_l=options.top_l,

@@ -8,8 +8,10 @@ import copy
 import pytest
 import torch
 
-from locmoe import available_routers
+from locmoe import available_routers, build_router
 from locmoe.config import ModelConfig
+from locmoe.dispatch import LocalDispatcher
+from locmoe.experts import GroupedExperts
 from locmoe.layer import MoELayer
 from locmoe.model import GPT
 from locmoe.parallel import (
@@ -73,6 +75,30 @@ def test_global_routing_scope_is_the_layer_property_the_shard_keeps():
         MoELayer(16, 24, 4, "locmoe_plus", scope="global")
     with pytest.raises(ValueError, match="scope='sequence' contradicts it"):
         MoELayer(16, 24, 4, "locmoe_plus", routing_scope="global", scope="sequence")
+
+
+@pytest.mark.parametrize("router", available_routers())
+def test_the_router_says_its_own_scope_and_every_way_of_building_a_global_layer_asks_it(router):
+    """``Router.scope``: ``"batch"`` unless LocMoE+'s ``scope`` option says ``"sequence"``; the layer,
+    ``from_parts``, ``shard_layer`` and the model config all refuse a global layer around a
+    sequence-scoped router, and accept a batch-scoped one."""
+    built = build_router(router, 16, 4)
+    assert built.scope == "batch" == type(built).scope_of(built.options)
+    if router != "locmoe_plus":
+        return
+    sequence = build_router(router, 16, 4, scope="sequence")
+    assert sequence.scope == "sequence" == type(sequence).scope_of(sequence.options)
+    contradiction = "scope='sequence' contradicts it"
+    with pytest.raises(ValueError, match=contradiction):
+        MoELayer.from_parts(sequence, LocalDispatcher("pad", "global"), GroupedExperts(4, 16, 24))
+    with pytest.raises(ValueError, match=contradiction):
+        shard_layer(MoELayer(16, 24, 4, router, scope="sequence"), routing_scope="global")
+    with pytest.raises(ValueError, match="model.routing_scope.*it is 'sequence'"):
+        ModelConfig(router=router, routing_scope="global", router_options={"scope": "sequence"})
+    assert ModelConfig(router=router, routing_scope="global").routing_scope == "global"
+    batch = build_router(router, 16, 4)
+    layer = MoELayer.from_parts(batch, LocalDispatcher("pad", "global"), GroupedExperts(4, 16, 24))
+    assert layer.routing_scope == "global" and layer.router.scope == "batch"
 
 
 def test_invalid_parallel_options_are_refused():
