@@ -9,14 +9,14 @@
 * the **experts** (:class:`locmoe.experts.GroupedExperts`) hold the stacked FFN weights and compute
   them with an experts backend.
 
-The layer itself only checks its input, calls the three, sums the router losses and records the
-metrics. A one-process layer and an expert-parallel one are the same class with a different
-dispatcher and a shard of the experts.
+The layer itself only checks its input, calls the three, sums the router losses and hands each
+forward to its :class:`locmoe.metrics.MetricsRecorder` (the last plan and the design §5 metrics).
+A one-process layer and an expert-parallel one are the same class with a different dispatcher and a
+shard of the experts.
 """
 
 from __future__ import annotations
 
-import warnings
 from typing import Any
 
 import torch
@@ -26,14 +26,13 @@ from locmoe.dispatch import Dispatcher, LocalDispatcher, check_routing_scope
 from locmoe.experts import GroupedExperts
 from locmoe.metrics import (
     ClusterStatistics,
-    calinski_harabasz,
-    resolve_deferred,
-    routing_metrics,
-    specialisation_labels,
-    to_python,
+    MetricsRecorder,
+    metrics_to_python,
+    read_recorded,
+    recorded_tensors,
+    register_forward_count,
 )
 from locmoe.routing import Router, RoutingContext, RoutingPlan, build_router
-from locmoe.validation import check_integer
 
 
 class MoELayer(nn.Module):
@@ -70,7 +69,8 @@ class MoELayer(nn.Module):
     ``last_metrics`` the design §5 metrics as plain floats/lists (converted on first read).
     """
 
-    # state_dict format version (nn.Module's mechanism): 2 added the ``_forward_count`` buffer.
+    # state_dict format version (nn.Module's mechanism): 2 added the ``_forward_count`` buffer
+    # (locmoe.metrics.register_forward_count, whose load hook reads this version).
     _version = 2
 
     def __init__(
@@ -134,13 +134,12 @@ class MoELayer(nn.Module):
         ch_interval: int,
     ) -> None:
         """Check the parts against each other and hold them (both constructors end here)."""
-        check_integer("ch_interval", ch_interval, low=0)
+        self.recorder = MetricsRecorder(ch_interval)  # last plan, metrics, specialisation statistics
         check_routing_scope(dispatcher.routing_scope, router.scope)
         if experts.d_model != router.d_model:
             raise ValueError(f"the experts' d_model={experts.d_model} differs from the router's {router.d_model}")
         self.d_model = router.d_model
         self.num_experts = router.num_experts
-        self.ch_interval = ch_interval
         self.router = router
         self.dispatcher: Dispatcher = dispatcher
         self.experts = experts
@@ -153,17 +152,10 @@ class MoELayer(nn.Module):
         self.num_nodes: int | None = None
         if expert_nodes is not None:
             self.set_expert_nodes(expert_nodes)
-        # Set by an evaluation that measures specialisation (locmoe.train.evaluate): eval-mode forwards
-        # then add their features, labelled by metrics.specialisation_labels, to it.
-        self.cluster_statistics: ClusterStatistics | None = None
         self.aux_loss: torch.Tensor = torch.zeros(())
-        self.last_plan: RoutingPlan | None = None
-        self._metric_tensors: dict[str, object] = {}
-        self._metrics_cache: dict[str, float | int | list] | None = None
-        # Training forwards so far: a buffer, so a resumed run computes the Calinski–Harabasz index at
-        # the same steps as an uninterrupted one (saved in checkpoints; see _load_from_state_dict).
+        # Training forwards so far, saved in checkpoints (the recorder's Calinski–Harabasz cadence).
         self._forward_count: torch.Tensor
-        self.register_buffer("_forward_count", torch.zeros((), dtype=torch.long))
+        register_forward_count(self)
 
     @property
     def router_name(self) -> str:
@@ -265,37 +257,12 @@ class MoELayer(nn.Module):
         result = self.dispatcher.dispatch(flat, plan, self.experts)
 
         self.aux_loss = sum(plan.losses.values(), flat.new_zeros(()))
-        self.last_plan = plan.detached()  # for inspection; holding the graph would keep it alive
-        self._record_metrics(flat, plan, result.processed_slots, context, result.metrics)
+        self.recorder.record(flat, plan, context, result.processed_slots, result.metrics,
+                             training=self.training, forward_count=self._forward_count)
         output = result.output
         if real is not None:  # padding rows: exactly zero (the residual carries them)
             output = output.new_zeros(leading_shape.numel(), self.d_model).index_copy(0, real, output)
         return output.view(*leading_shape, self.d_model)
-
-    def _record_metrics(
-        self,
-        flat: torch.Tensor,
-        plan: RoutingPlan,
-        processed_slots: torch.Tensor,
-        context: RoutingContext,
-        dispatcher_metrics: dict[str, object],
-    ) -> None:
-        metrics: dict[str, object] = dict(routing_metrics(
-            plan, processed_slots, token_nodes=context.token_nodes, expert_nodes=context.expert_nodes
-        ))
-        for name, value in plan.losses.items():
-            metrics[f"loss_{name}"] = value.detach()
-        if self.training:
-            self._forward_count.add_(1)
-        if self.ch_interval and self.training and int(self._forward_count) % self.ch_interval == 0:
-            metrics["calinski_harabasz"] = torch.tensor(
-                calinski_harabasz(flat, specialisation_labels(plan)), dtype=torch.float64
-            )
-        if self.cluster_statistics is not None and not self.training:
-            self.cluster_statistics.update(flat, specialisation_labels(plan))
-        metrics.update(dispatcher_metrics)
-        self._metric_tensors = metrics
-        self._metrics_cache = None
 
     def __getstate__(self) -> dict:
         """Copies and pickles (``copy.deepcopy`` for an EMA or teacher model, ``torch.save``) carry the
@@ -305,26 +272,24 @@ class MoELayer(nn.Module):
         state["aux_loss"] = self.aux_loss.detach()
         return state
 
-    def _load_from_state_dict(
-        self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
-    ) -> None:
-        """Accept state dicts saved before ``_forward_count`` existed (module version 1, or no version
-        recorded, e.g. a plain ``dict`` copy): the count then restarts at 0 with a warning. A version-2
-        state dict without it is reported missing as usual."""
-        key = f"{prefix}_forward_count"
-        version = local_metadata.get("version")
-        tolerate = key not in state_dict and (version is None or version < 2)
-        super()._load_from_state_dict(
-            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
-        )
-        if tolerate and key in missing_keys:
-            missing_keys.remove(key)
-            self._forward_count.zero_()
-            warnings.warn(
-                f"state dict has no {key!r} (saved by an older locmoe): the layer's training-forward count "
-                f"restarts at 0, so Calinski–Harabasz steps (ch_interval) may shift after this resume",
-                stacklevel=2,
-            )
+    @property
+    def ch_interval(self) -> int:
+        """Training forwards between Calinski–Harabasz indices (0 = never; :class:`MetricsRecorder`)."""
+        return self.recorder.ch_interval
+
+    @property
+    def last_plan(self) -> RoutingPlan | None:
+        """The last forward's routing plan, detached (``None`` before the first forward)."""
+        return self.recorder.last_plan
+
+    @property
+    def cluster_statistics(self) -> ClusterStatistics | None:
+        """Set by an evaluation that measures specialisation (:class:`MetricsRecorder`)."""
+        return self.recorder.cluster_statistics
+
+    @cluster_statistics.setter
+    def cluster_statistics(self, statistics: ClusterStatistics | None) -> None:
+        self.recorder.cluster_statistics = statistics
 
     @property
     def last_metrics(self) -> dict[str, float | int | list]:
@@ -342,27 +307,15 @@ def find_moe_layers(model: nn.Module) -> dict[str, MoELayer]:
 
 
 def read_metrics(layers: dict[str, MoELayer]) -> dict[str, dict[str, float | int | list]]:
-    """Each layer's ``last_metrics``, read together: deferred metrics computed, then every layer's
-    tensors copied to the host at once (one device synchronisation for all the layers)."""
-    pending = {name: layer for name, layer in layers.items() if layer._metrics_cache is None}
-    for name, metrics in metrics_to_python([metric_tensors(pending)])[0].items():
-        pending[name]._metrics_cache = metrics
-    return {name: layer._metrics_cache for name, layer in layers.items()}  # type: ignore[misc]
+    """Each layer's ``last_metrics``, read together with one device synchronisation for all the
+    layers (:func:`locmoe.metrics.read_recorded`)."""
+    return read_recorded({name: layer.recorder for name, layer in layers.items()})
 
 
 def metric_tensors(layers: dict[str, MoELayer]) -> dict[str, dict[str, object]]:
-    """Each layer's metrics of its last forward as they are (tensors on the device, deferred metrics
-    computed): a snapshot taken without a device synchronisation, for :func:`metrics_to_python`."""
-    return {name: resolve_deferred(layer._metric_tensors) for name, layer in layers.items()}
+    """Each layer's metrics of its last forward as they are, without a device synchronisation, for
+    :func:`metrics_to_python` (:func:`locmoe.metrics.recorded_tensors`)."""
+    return recorded_tensors({name: layer.recorder for name, layer in layers.items()})
 
 
-def metrics_to_python(
-    snapshots: list[dict[str, dict[str, object]]],
-) -> list[dict[str, dict[str, float | int | list]]]:
-    """Snapshots of :func:`metric_tensors` (e.g. one per micro-batch of a step) as plain Python
-    values, all copied to the host at once (one device synchronisation for all of them)."""
-    combined = {f"{index}\0{name}\0{key}": value for index, snapshot in enumerate(snapshots)
-                for name, metrics in snapshot.items() for key, value in metrics.items()}
-    values = to_python(combined)  # type: ignore[arg-type]
-    return [{name: {key: values[f"{index}\0{name}\0{key}"] for key in metrics} for name, metrics in snapshot.items()}
-            for index, snapshot in enumerate(snapshots)]
+__all__ = ["MoELayer", "find_moe_layers", "metric_tensors", "metrics_to_python", "read_metrics"]

@@ -2,16 +2,22 @@
 
 ``routing_metrics`` builds a dict of tensors from a plan without synchronising with the device;
 ``to_python`` turns it into plain floats / lists (JSON-serialisable) when someone reads it.
+:class:`MetricsRecorder` is what a :class:`locmoe.MoELayer` keeps of its forwards (the last plan,
+its metrics, the specialisation statistics): the layer calls it once per forward.
 """
 
 from __future__ import annotations
 
 import math
+import warnings
 
 import torch
+from torch import nn
 
+from locmoe.routing.base import RoutingContext
 from locmoe.routing.plan import RoutingPlan
 from locmoe.routing.selection import count_values
+from locmoe.validation import check_integer
 
 
 def routing_metrics(
@@ -203,3 +209,124 @@ def to_python(metrics: dict[str, torch.Tensor | float | int]) -> dict[str, float
                 values = [int(v) for v in values]
             converted[name] = _nest(values, tuple(tensor.shape))
     return converted
+
+
+FORWARD_COUNT = "_forward_count"
+"""The buffer :func:`register_forward_count` gives a layer (its name is a state-dict key)."""
+
+
+def register_forward_count(module: nn.Module) -> None:
+    """Give ``module`` its count of training forwards: a long buffer, so a resumed run computes the
+    Calinski–Harabasz index at the same steps as an uninterrupted one (it is saved in checkpoints),
+    and a load hook that accepts state dicts saved before the count existed (module version 1, or no
+    version recorded, e.g. a plain ``dict`` copy): the count then restarts at 0 with a warning. A
+    state dict of version 2 or later without it is reported missing as usual; the module's class
+    declares ``_version = 2``."""
+    module.register_buffer(FORWARD_COUNT, torch.zeros((), dtype=torch.long))
+    module.register_load_state_dict_pre_hook(_restart_missing_forward_count)
+
+
+def _restart_missing_forward_count(
+    module: nn.Module,
+    state_dict: dict[str, torch.Tensor],
+    prefix: str,
+    local_metadata: dict,
+    *_: object,
+) -> None:
+    """Load hook of :func:`register_forward_count`: a count of 0 for a state dict saved before the
+    count existed (``load_state_dict`` hands its hooks a copy of the state dict to fill)."""
+    key = f"{prefix}{FORWARD_COUNT}"
+    version = local_metadata.get("version")
+    if key in state_dict or (version is not None and version >= 2):
+        return
+    state_dict[key] = torch.zeros_like(getattr(module, FORWARD_COUNT))
+    warnings.warn(
+        f"state dict has no {key!r} (saved by an older locmoe): the layer's training-forward count "
+        f"restarts at 0, so Calinski–Harabasz steps (ch_interval) may shift after this resume",
+        stacklevel=2,
+    )
+
+
+class MetricsRecorder:
+    """What an MoE layer keeps of its forwards (design §5), fed by :meth:`record` once per forward.
+
+    Nothing here synchronises with the device until the metrics are read (:func:`read_recorded`),
+    except the Calinski–Harabasz index on the forwards that compute it.
+
+    Attributes:
+        ch_interval: compute the Calinski–Harabasz index of a training forward's input features,
+            labelled by :func:`specialisation_labels`, every this many training forwards (0 = never).
+        cluster_statistics: set by an evaluation that measures specialisation; eval-mode forwards
+            then add their labelled features to it.
+        last_plan: the last forward's plan, detached (holding the graph would keep it alive).
+        tensors: the last forward's metrics as tensors on the device (deferred ones still functions).
+        python: the same as plain Python values once read (``None`` until then).
+    """
+
+    def __init__(self, ch_interval: int = 0) -> None:
+        check_integer("ch_interval", ch_interval, low=0)
+        self.ch_interval = ch_interval
+        self.cluster_statistics: ClusterStatistics | None = None
+        self.last_plan: RoutingPlan | None = None
+        self.tensors: dict[str, object] = {}
+        self.python: dict[str, float | int | list] | None = None
+
+    def record(
+        self,
+        features: torch.Tensor,
+        plan: RoutingPlan,
+        context: RoutingContext,
+        processed_slots: torch.Tensor,
+        extra: dict[str, object],
+        *,
+        training: bool,
+        forward_count: torch.Tensor,
+    ) -> None:
+        """Keep one forward: the routed ``features (S, d)``, its ``plan`` and the ``context`` it was
+        made with, the slots the experts computed, ``extra`` metrics (the dispatcher's), whether the
+        layer is training, and the layer's ``forward_count`` buffer (a training forward adds 1)."""
+        metrics: dict[str, object] = dict(routing_metrics(
+            plan, processed_slots, token_nodes=context.token_nodes, expert_nodes=context.expert_nodes
+        ))
+        for name, value in plan.losses.items():
+            metrics[f"loss_{name}"] = value.detach()
+        if training:
+            forward_count.add_(1)
+        if self.ch_interval and training and int(forward_count) % self.ch_interval == 0:
+            metrics["calinski_harabasz"] = torch.tensor(
+                calinski_harabasz(features, specialisation_labels(plan)), dtype=torch.float64
+            )
+        if self.cluster_statistics is not None and not training:
+            self.cluster_statistics.update(features, specialisation_labels(plan))
+        metrics.update(extra)
+        self.last_plan = plan.detached()
+        self.tensors = metrics
+        self.python = None
+
+
+def recorded_tensors(recorders: dict[str, MetricsRecorder]) -> dict[str, dict[str, object]]:
+    """Each recorder's metrics of its last forward as they are (tensors on the device, deferred
+    metrics computed): a snapshot taken without a device synchronisation, for :func:`metrics_to_python`."""
+    return {name: resolve_deferred(recorder.tensors) for name, recorder in recorders.items()}
+
+
+def read_recorded(recorders: dict[str, MetricsRecorder]) -> dict[str, dict[str, float | int | list]]:
+    """Each recorder's metrics of its last forward as plain Python values, read together: deferred
+    metrics computed, then every unread recorder's tensors copied to the host at once (one device
+    synchronisation for all of them), and kept (:attr:`MetricsRecorder.python`)."""
+    pending = {name: recorder for name, recorder in recorders.items() if recorder.python is None}
+    for name, metrics in metrics_to_python([recorded_tensors(pending)])[0].items():
+        pending[name].python = metrics
+    return {name: recorder.python for name, recorder in recorders.items()}  # type: ignore[misc]
+
+
+def metrics_to_python(
+    snapshots: list[dict[str, dict[str, object]]],
+) -> list[dict[str, dict[str, float | int | list]]]:
+    """Snapshots of :func:`recorded_tensors` (e.g. one per micro-batch of a step) as plain Python
+    values, all copied to the host at once (one device synchronisation for all of them)."""
+    combined = {f"{index}\0{name}\0{key}": value for index, snapshot in enumerate(snapshots)
+                for name, metrics in snapshot.items() for key, value in metrics.items()}
+    values = to_python(combined)  # type: ignore[arg-type]
+    return [{name: {key: values[f"{index}\0{name}\0{key}"] for key in metrics} for name, metrics in snapshot.items()}
+            for index, snapshot in enumerate(snapshots)]

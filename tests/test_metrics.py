@@ -1,5 +1,6 @@
 """Merging one layer's metrics over the ranks of an expert-parallel step (``merge_rank_metrics``),
-the streaming Calinski–Harabasz statistics (``ClusterStatistics``) and the specialisation labels."""
+the streaming Calinski–Harabasz statistics (``ClusterStatistics``), the specialisation labels and
+the layer's recorder (``MetricsRecorder``)."""
 
 from __future__ import annotations
 
@@ -10,8 +11,9 @@ import pytest
 import torch
 
 from locmoe.layer import MoELayer
-from locmoe.metrics import ClusterStatistics, calinski_harabasz, specialisation_labels
+from locmoe.metrics import ClusterStatistics, MetricsRecorder, calinski_harabasz, read_recorded, specialisation_labels
 from locmoe.parallel.rank_metrics import merge_rank_metrics
+from locmoe.routing import RoutingContext, build_router
 from locmoe.routing.plan import RoutingPlan
 
 
@@ -221,3 +223,35 @@ def test_specialisation_labels_of_real_plans_are_their_top1_experts():
         assert torch.equal(specialisation_labels(plan), plan.top1_expert)
         assert bool(plan.dropped_tokens.any())  # dropped tokens keep their first choice's label
         assert bool((specialisation_labels(plan) >= 0).all())
+
+
+def test_recorder_counts_training_forwards_and_computes_the_index_at_its_cadence_only():
+    """``MetricsRecorder.record`` fed a router's plans directly: a training forward adds 1 to the count
+    it is given, an eval one nothing; the Calinski–Harabasz index appears on every third training
+    forward and equals the index of those features by their top-1 experts; eval forwards feed the
+    cluster statistics instead; reading converts the same tensors to Python values once."""
+    torch.manual_seed(7)
+    router = build_router("switch", 8, 4)
+    recorder, count = MetricsRecorder(ch_interval=3), torch.zeros((), dtype=torch.long)
+    seen = []
+    for step in range(7):
+        features = torch.randn(20, 8)
+        plan = router(features)
+        recorder.record(features, plan, RoutingContext(), torch.tensor(20), {"extra": torch.tensor(step)},
+                        training=True, forward_count=count)
+        metrics = read_recorded({"layer": recorder})["layer"]
+        assert int(count) == step + 1 and metrics["extra"] == step and recorder.last_plan is not None
+        assert plan.gate_weights.requires_grad and not recorder.last_plan.gate_weights.requires_grad
+        assert metrics["tokens_kept"] == int(plan.tokens_per_expert.sum())
+        if "calinski_harabasz" in metrics:
+            seen.append(step + 1)
+            assert metrics["calinski_harabasz"] == pytest.approx(calinski_harabasz(features, plan.top1_expert))
+    assert seen == [3, 6]
+    recorder.cluster_statistics = ClusterStatistics(4, 8)
+    features = torch.randn(20, 8)
+    recorder.record(features, router(features), RoutingContext(), torch.tensor(20), {}, training=False,
+                    forward_count=count)
+    assert int(count) == 7 and float(recorder.cluster_statistics.counts.sum()) == 20
+    assert "calinski_harabasz" not in read_recorded({"layer": recorder})["layer"]
+    with pytest.raises(ValueError, match="ch_interval must be an integer >= 0, got -1"):
+        MetricsRecorder(ch_interval=-1)
