@@ -68,7 +68,7 @@ def target_remote_share(lift: float, placement: Placement) -> float:
     §10.2, ours)."""
     if placement.nodes <= 1:
         return 0.0
-    return (1.0 - lift) * (1.0 - 1.0 / placement.nodes)
+    return min(1.0, max(0.0, (1.0 - lift) * (1.0 - 1.0 / placement.nodes)))
 
 
 @dataclass(frozen=True)
@@ -215,6 +215,8 @@ def step_cost(model: ModelSpec, parallel: ParallelSpec, cluster: ClusterSpec, st
     total_nodes = max(1, -(-parallel.devices // devices_per_node))
     if parallel.dp % parallel.ep:
         raise ValueError(f"ep = {parallel.ep} must divide dp = {parallel.dp} (experts are sharded over TP, ours)")
+    if model.num_experts % parallel.ep:
+        raise ValueError(f"ep = {parallel.ep} must divide the model's {model.num_experts} experts")
     if model.n_layers % parallel.pp:
         raise ValueError(f"pp = {parallel.pp} must divide the model's {model.n_layers} layers")
     sequences_per_step = parallel.dp * parallel.mbs
