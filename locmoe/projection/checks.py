@@ -140,7 +140,8 @@ def mcore_mixtral() -> tuple[ModelSpec, ParallelSpec]:
 
 def check_mcore_mixtral(tolerance: float = 0.20) -> Check:
     """468 TFLOPS per H100 for Mixtral 8x7B; routing force-balanced dropless top-2 (σ = 2, μ = 1); the
-    GEMM efficiency is the dgx-h100 preset's curve, which is not fitted to this figure."""
+    GEMM efficiency is the dgx-h100 preset's curve (DeepGEMM's published H800 table), not fitted to
+    this figure."""
     model, parallel = mcore_mixtral()
     cluster = load_cluster("dgx-h100")
     cost = step_cost(model, parallel, cluster, RoutingStats.balanced("mcore", float(model.top_k)))

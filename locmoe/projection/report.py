@@ -105,7 +105,7 @@ def _variations(cluster: ClusterSpec, parallel: ParallelSpec) -> list[tuple[str,
                 if value == 0.0:
                     continue
             out.append((name, figure.status, f"{value:g}", cluster.with_value(name, value), parallel))
-    if cluster.gemm_curve.status in ("assumed", "fitted"):
+    if cluster.gemm_curve.status in ("assumed", "fitted", "secondary"):  # a proxy curve is uncertain too
         for factor in EFFICIENCY_FACTORS:
             out.append(("gemm_curve", cluster.gemm_curve.status, f"×{factor:g}",
                         replace(cluster, gemm_curve=cluster.gemm_curve.scaled(factor)), parallel))
