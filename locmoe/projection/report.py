@@ -256,28 +256,37 @@ def format_markdown(report: dict[str, Any], plot_name: str | None) -> str:
 
 
 def plot_components(report: dict[str, Any], path: Path) -> None:
-    """Stacked bars: one per (nodes, router), segments = the step's components. matplotlib is
-    imported here, headless, so the CLI does not pay for it unless a plot is drawn."""
+    """Stacked bars, one per (nodes, router), segments = the step's components: left in seconds,
+    right as a share of the baseline's step at the same size (so a shorter bar is a faster router,
+    and the segments show where the difference comes from). matplotlib is imported here, headless,
+    so the CLI does not pay for it unless a plot is drawn."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    bars, labels = [], []
+    bars, labels, scales = [], [], []
+    baseline = report.get("baseline")
     for projection in report["projections"]:
-        for label, r in projection["routers"].items():
+        routers = projection["routers"]
+        reference = routers[baseline]["step_time_s"] if baseline in routers else None
+        for label, r in routers.items():
             bars.append(r["components"])
-            labels.append(f"{projection['nodes']}N\n{label}")
-    fig, ax = plt.subplots(figsize=(max(6.0, 0.55 * len(bars) + 2), 4.5))
-    bottom = [0.0] * len(bars)
-    for component in COMPONENTS:
-        heights = [b[component] for b in bars]
-        ax.bar(range(len(bars)), heights, bottom=bottom, label=component)
-        bottom = [x + h for x, h in zip(bottom, heights, strict=True)]
-    ax.set_xticks(range(len(bars)), labels, fontsize=7, rotation=90)
-    ax.set_ylabel("step time (s)")
-    ax.set_title(f"{report['inputs']['model']['name']} on {report['inputs']['cluster']['name']}: projected step")
-    ax.legend(fontsize=7, ncol=3)
+            labels.append(f"{projection['nodes']}N {label}")
+            scales.append(reference or r["step_time_s"])
+    fig, axes = plt.subplots(1, 2, figsize=(max(10.0, 0.9 * len(bars) + 3), 5.0))
+    for ax, relative in zip(axes, (False, True), strict=True):
+        bottom = [0.0] * len(bars)
+        for component in COMPONENTS:
+            heights = [b[component] / (scale if relative else 1.0) for b, scale in zip(bars, scales, strict=True)]
+            ax.bar(range(len(bars)), heights, bottom=bottom, label=component)
+            bottom = [x + h for x, h in zip(bottom, heights, strict=True)]
+        ax.set_xticks(range(len(bars)), labels, fontsize=7, rotation=90)
+        ax.set_ylabel(f"step time / {baseline or 'own'} step at that size" if relative else "step time (s)")
+    axes[0].set_title("projected step time")
+    axes[1].set_title("relative to the baseline, by component")
+    axes[1].legend(fontsize=7, ncol=2, loc="lower left")
+    fig.suptitle(f"{report['inputs']['model']['name']} on {report['inputs']['cluster']['name']}")
     fig.tight_layout()
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=110)
