@@ -137,6 +137,18 @@ def sensitivity(stats: Sequence[RoutingStats], baseline: str | None, model: Mode
     return rows
 
 
+def _with_overall(projection: dict[str, Any], rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """The sensitivity rows at the largest size, plus each router's overall range relative to the
+    baseline: the run-statistics range and every one-at-a-time variation together."""
+    overall = {}
+    for label, record in projection["routers"].items():
+        if record.get("relative_to_baseline") is None:
+            continue
+        values = [*record["relative_to_baseline_range"], *(row["relative_to_baseline"][label] for row in rows)]
+        overall[label] = [min(values), max(values)]
+    return {"nodes": projection["nodes"], "rows": rows, "relative_to_baseline_overall": overall}
+
+
 def stats_record(s: RoutingStats) -> dict[str, Any]:
     """The run statistics as JSON (point value and range of each)."""
     def triple(r: Any) -> dict[str, float] | None:
@@ -166,8 +178,7 @@ def build_report(stats: Sequence[RoutingStats], baseline: str | None, model: Mod
             "runs": [stats_record(s) for s in stats],
         },
         "projections": projections,
-        "sensitivity": {"nodes": projections[-1]["nodes"],
-                        "rows": sensitivity(stats, baseline, model, cluster, scenarios[-1])},
+        "sensitivity": _with_overall(projections[-1], sensitivity(stats, baseline, model, cluster, scenarios[-1])),
         "checks": [c.as_dict() for c in checks],
     }
 
@@ -245,6 +256,10 @@ def format_markdown(report: dict[str, Any], plot_name: str | None) -> str:
         lines.append(f"| {row['figure']} | {row['status']} | {row['value']} | "
                      + " | ".join(f"{row['step_time_s'][x]:.3f}" for x in labels) + " | "
                      + " | ".join(_pct(row['relative_to_baseline'][x]) for x in labels) + " |")
+    if sens.get("relative_to_baseline_overall"):
+        lines += ["", "Overall range relative to the baseline at this size (run statistics' range and every row "
+                  "above): " + "; ".join(f"`{k}` {_pct(v[0])} … {_pct(v[1])}"
+                                         for k, v in sens["relative_to_baseline_overall"].items())]
     lines += ["", "## Checks", "", "| check | published | modelled | tolerance | verdict | source |",
               "|---|---|---|---|---|---|"]
     for c in report["checks"]:
