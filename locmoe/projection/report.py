@@ -1,4 +1,4 @@
-"""``locmoe project``'s outputs: report.json, report.md and a stacked-bar plot (design §10.5).
+"""``locmoe project``'s outputs: report.json, report.md and a stacked-bar plot (design §10.3).
 
 Per router and cluster size: the step time and its components, all-to-all raw and exposed, tokens/s
 per device, MFU, time relative to the baseline with the range the run's statistics span, the inputs
@@ -91,20 +91,17 @@ def _variations(cluster: ClusterSpec, parallel: ParallelSpec) -> list[tuple[str,
         if figure.status not in ("assumed", "fitted"):
             continue
         efficiency = name.startswith("eff_")
-        factors = EFFICIENCY_FACTORS if efficiency else SENSITIVITY_FACTORS
-        for factor in factors:
-            value = figure.value * factor
-            if efficiency:
-                value = min(value, 1.0)
-            if name == "oversubscription":
-                value = max(1.0, value)
-            if value == figure.value and name not in ("alpha_inter_peer_us",):
-                continue
-            if name == "alpha_inter_peer_us" and figure.value == 0:
-                value = 1.0 if factor > 1 else 0.0
-                if value == 0.0:
-                    continue
-            out.append((name, figure.status, f"{value:g}", cluster.with_value(name, value), parallel))
+        if figure.value == 0:  # a term the preset leaves out: try one unit of it
+            values = [1.0]
+        else:
+            values = [figure.value * f for f in (EFFICIENCY_FACTORS if efficiency else SENSITIVITY_FACTORS)]
+        if efficiency:
+            values = [min(v, 1.0) for v in values]
+        if name == "oversubscription":
+            values = [max(v, 1.0) for v in values]
+        for value in dict.fromkeys(values):
+            if value != figure.value:
+                out.append((name, figure.status, f"{value:g}", cluster.with_value(name, value), parallel))
     if cluster.gemm_curve.status in ("assumed", "fitted", "secondary"):  # a proxy curve is uncertain too
         for factor in EFFICIENCY_FACTORS:
             out.append(("gemm_curve", cluster.gemm_curve.status, f"×{factor:g}",
@@ -215,13 +212,12 @@ def format_markdown(report: dict[str, Any], plot_name: str | None) -> str:
         for label, r in projection["routers"].items():
             lines.append(f"| {projection['nodes']} | `{label}` | "
                          + " | ".join(f"{r['components'][c]:.3f}" for c in COMPONENTS) + " |")
-    mappings = {json.dumps(pr["parallel"], sort_keys=True) for pr in report["projections"]}
     lines += ["", "Mappings: " + "; ".join(
         f"{pr['nodes']} nodes: TP {pr['parallel']['tp']}, PP {pr['parallel']['pp']}, VP {pr['parallel']['vp']}, "
         f"DP {pr['parallel']['dp']}, EP {pr['parallel']['ep']} ({pr['parallel']['placement']}), MBS "
         f"{pr['parallel']['mbs']}, {pr['micro_batches']} micro-batches, dispatcher {pr['parallel']['dispatcher']}, "
         f"dispatch {pr['parallel']['dispatch']}, overlap {pr['parallel']['overlap']:g}"
-        for pr in report["projections"]) + ("" if len(mappings) > 1 else "")]
+        for pr in report["projections"])]
     if plot_name:
         lines += ["", f"![Step time components]({plot_name})"]
     lines += ["", "## Routing statistics used (small runs)", "",

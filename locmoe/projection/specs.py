@@ -322,13 +322,6 @@ class Range:
             raise ValueError(f"range {self.low} ≤ {self.value} ≤ {self.high} does not hold")
 
     @classmethod
-    def of(cls, samples: list[float]) -> Range:
-        if not samples:
-            raise ValueError("a range needs at least one sample")
-        mean = sum(samples) / len(samples)
-        return cls(mean, min(min(samples), mean), max(max(samples), mean))
-
-    @classmethod
     def exact(cls, value: float) -> Range:
         return cls(value, value, value)
 
