@@ -28,7 +28,11 @@ or a hang in one step is recorded as that step's failure and the next step still
    ``torch.nn.functional.grouped_mm`` calls. CUDA events, 3 warm-up rounds, median of 10. Targets:
    our best backend within 1.25x the floor, and faster than both Hugging Face paths. 110 s (what is
    left of the 465 s that all steps share).
-4. Environment facts, probed first (25 s): torch, CUDA, GPU, transformers, which test dependencies
+4. ``gemm``: a bf16 grouped-GEMM efficiency curve (``locmoe project``'s ``[gemm_curve]``): forward
+   ``grouped_mm`` of 8 experts d=4096 x f=14336 (Mixtral) and 64 experts d=2048 x f=768 (fine-grained)
+   at 64 ... 8192 rows per expert, achieved / 989.4 TFLOPS (H100/H200 BF16 dense); written to
+   ``gemm_curve.toml`` beside the JSON in the cluster-file form. 30 s, taken from the layer's share.
+5. Environment facts, probed first (25 s): torch, CUDA, GPU, transformers, which test dependencies
    import, commit (``git`` may be missing on the device).
 
 The summary table at the end says what ran, what passed, what was skipped and why; the exit code is
@@ -76,6 +80,8 @@ ROW_PREFIX = "GPU_CHECK_ROW "  # a worker's result line: this prefix, then one J
 STATUSES = ("passed", "failed", "skipped")
 TAIL_CHARS = 3000  # of a failed subprocess's output, kept in the JSON
 TOTAL_BUDGET_S = 465.0  # hard cap over all steps: the 8 minutes, less start-up and the summary
+GEMM_BUDGET_S = 30.0  # the grouped-GEMM curve (step 4), reserved out of the layer benchmark's share
+GEMM_PEAK_TFLOPS = 989.4  # H100/H200 SXM BF16 dense: the denominator of the efficiency curve
 FLOOR_TARGET = 1.25  # our best backend's time over the grouped-GEMM floor
 AGREEMENT_MIN_ROWS = 0.98  # share of rows two contenders must agree on (bf16 near-ties may flip a few)
 OPTIONAL_MODULES = ("pytest", "hypothesis", "scipy", "sklearn", "numpy", "tokenizers", "tqdm", "matplotlib",
@@ -848,7 +854,83 @@ def _short(error: BaseException) -> str:
     return f"{type(error).__name__}: {str(error).strip().splitlines()[0][:300] if str(error).strip() else ''}"
 
 
-WORKERS: dict[str, Callable[[dict[str, Any]], None]] = {"env": env_worker, "layer": layer_worker}
+def gemm_worker(spec: dict[str, Any]) -> None:
+    """One row per (shape, rows per expert): the median time of a forward grouped GEMM over equal
+    groups and its efficiency against ``spec["peak_tflops"]`` (``torch.bmm`` where this torch has no
+    grouped GEMM on the device, and the row says so)."""
+    import torch
+
+    device, dtype = torch.device(spec["device"]), getattr(torch, spec["dtype"])
+    for experts, d, f in spec["shapes"]:
+        for rows in spec["rows"]:
+            try:
+                x = torch.randn(experts * rows, d, device=device, dtype=dtype)
+                w = torch.randn(experts, d, f, device=device, dtype=dtype)
+                run, kernel = _gemm_runner(x, w, rows)
+                timing = time_rounds(run, lambda: None, device, {**spec, "tokens": experts * rows})
+                tflops = 2.0 * experts * rows * d * f / (timing["median_ms"] * 1e-3) / 1e12
+                emit({"experts": experts, "d": d, "f": f, "rows_per_expert": rows, "kernel": kernel,
+                      "median_ms": timing["median_ms"], "tflops": tflops, "efficiency": tflops / spec["peak_tflops"]})
+            except Exception as error:  # noqa: BLE001 - e.g. out of memory: the row says so
+                emit({"experts": experts, "d": d, "f": f, "rows_per_expert": rows, "error": _short(error)})
+            _free(device)
+
+
+def _gemm_runner(x: torch.Tensor, w: torch.Tensor, rows: int) -> tuple[Callable[[], Any], str]:
+    """A call of the grouped GEMM ``x (E·rows, d) @ w (E, d, f)`` over equal groups, and its kernel's name."""
+    import torch
+
+    offsets = torch.arange(1, w.shape[0] + 1, device=x.device, dtype=torch.int32) * rows
+    try:
+        mm = _grouped_mm_function()
+        mm(x, w, offs=offsets)
+        return (lambda: mm(x, w, offs=offsets)), "grouped_mm"
+    except Exception:  # noqa: BLE001 - no grouped GEMM for this device/dtype: equal groups are a bmm
+        batched = x.view(w.shape[0], rows, w.shape[1])
+        return (lambda: torch.bmm(batched, w)), "bmm"
+
+
+def gemm_curve_toml(rows: list[dict[str, Any]], source: str) -> str:
+    """The first shape's curve as a cluster file's ``[gemm_curve]`` table (locmoe/projection/presets/FORMAT.md);
+    the other shapes follow as comments."""
+    shapes = sorted({(r["experts"], r["d"], r["f"]) for r in rows if "efficiency" in r},
+                    key=lambda s: [(r["experts"], r["d"], r["f"]) for r in rows].index(s))
+    lines = []
+    for index, (experts, d, f) in enumerate(shapes):
+        points = [[r["rows_per_expert"], float(f"{min(1.0, r['efficiency']):.4g}")] for r in rows
+                  if (r.get("experts"), r.get("d"), r.get("f")) == (experts, d, f) and "efficiency" in r]
+        prefix = "" if index == 0 else "# "
+        lines += [f"# {experts} experts, d {d} x f {f}, bf16 forward grouped GEMM, efficiency of "
+                  f"{GEMM_PEAK_TFLOPS} TFLOPS", f"{prefix}[gemm_curve]", f"{prefix}points = {json.dumps(points)}",
+                  f'{prefix}source = "{source}"', f'{prefix}status = "measured"', ""]
+    return "\n".join(lines)
+
+
+def gemm_step(mode: Mode, timeout: float, cuda: bool | None, selected: bool) -> Check:
+    check = Check("gemm", "grouped-GEMM efficiency curve (locmoe project's gemm_curve)")
+    if not selected:
+        return check.finish("skipped", "not selected (--only)")
+    if mode.device == "cuda" and cuda is False:
+        return check.finish("skipped", "no CUDA device (torch.cuda.is_available() is False)")
+    smoke = mode is SMOKE_MODE
+    spec = {"device": mode.device, "dtype": "float32" if smoke else "bfloat16", "peak_tflops": GEMM_PEAK_TFLOPS,
+            "warmup": 1 if smoke else 3, "repeats": 3 if smoke else 10, "contender_s": 2.0,
+            "shapes": [[2, 32, 64], [4, 16, 32]] if smoke else [[8, 4096, 14336], [64, 2048, 768]],
+            "rows": [8, 32] if smoke else [64, 128, 256, 512, 1024, 2048, 4096, 8192]}
+    outcome, rows = run_worker("gemm", spec, timeout)
+    check.seconds = outcome.seconds
+    measured_rows = [r for r in rows if "efficiency" in r]
+    if not measured_rows:
+        return check.finish("failed", f"no row measured ({outcome.why(timeout)})", log_tail=outcome.tail())
+    for r in rows:
+        print(f"  gemm {r['experts']}x d{r['d']} f{r['f']} rows/expert {r['rows_per_expert']}: "
+              + (f"{r['tflops']:.1f} TFLOPS, efficiency {r['efficiency']:.3f} ({r['kernel']})" if "efficiency" in r
+                 else r["error"]))
+    toml = gemm_curve_toml(rows, f"benchmarks/gpu_check.py gemm step, {mode.device}")
+    return check.finish("passed", f"{len(measured_rows)} of {len(rows)} points", rows=rows, gemm_curve_toml=toml)
+
+
+WORKERS: dict[str, Callable[[dict[str, Any]], None]] = {"env": env_worker, "layer": layer_worker, "gemm": gemm_worker}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -896,12 +978,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--cpu-smoke", action="store_true", help="every step on the CPU at tiny sizes (< 1 min)")
-    parser.add_argument("--only", default="pytest,train,layer", help="comma list of steps to run (pytest,train,layer)")
+    parser.add_argument("--only", default="pytest,train,layer,gemm",
+                        help="comma list of steps to run (pytest,train,layer,gemm)")
     parser.add_argument("--output", help="JSON path (default $OUT/gpu_check.json, else benchmarks/results/)")
     parser.add_argument("--worker", choices=sorted(WORKERS), help=argparse.SUPPRESS)
     parser.add_argument("--spec", default="{}", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
-    unknown = set(args.only.split(",")) - {"pytest", "train", "layer"}
+    unknown = set(args.only.split(",")) - {"pytest", "train", "layer", "gemm"}
     if unknown:
         parser.error(f"--only: unknown steps {sorted(unknown)}")
     return args
@@ -926,8 +1009,10 @@ def run_checks(mode: Mode, selected: set[str]) -> tuple[dict[str, Any], list[Che
         checks = [pytest_step(mode, budget, "pytest" in selected)]
     with announce("training smoke", budget := max(deadline.cap(budgets["train"]), deadline.left() - budgets["layer"])):
         checks += train_step(mode, budget, cuda, "train" in selected)
-    with announce("layer benchmark", budget := deadline.left()):
+    with announce("layer benchmark", budget := deadline.left() - (GEMM_BUDGET_S if "gemm" in selected else 0.0)):
         layer_checks, rows = layer_step(mode, budget, cuda, "layer" in selected)
+    with announce("grouped-GEMM curve", budget := deadline.left()):
+        layer_checks.append(gemm_step(mode, budget, cuda, "gemm" in selected))
     return facts, checks + layer_checks, rows
 
 
@@ -947,6 +1032,9 @@ def main(argv: list[str] | None = None) -> int:
         "summary": {status: sum(c.status == status for c in checks) for status in STATUSES},
     }
     write_report(path, payload)
+    curve = next((c.details.get("gemm_curve_toml") for c in checks if c.id == "gemm"), None)
+    if curve:
+        (path.parent / "gemm_curve.toml").write_text(curve, encoding="utf-8")
     print_summary(mode, facts, checks, path, seconds)
     return 1 if any(check.status == "failed" for check in checks) else 0
 

@@ -8,6 +8,8 @@
     locmoe export --checkpoint PATH --out FILE.safetensors [--force]   (weights + metadata, no pickle)
     locmoe compare [--preset quick|standard|frontier|full] [--routers LIST] [--seeds LIST] [--out DIR]
                                                             (see locmoe.compare.cli)
+    locmoe project --run RUN [--run RUN2 ...] --model NAME --cluster NAME [--nodes 1,2,4] | --check
+                                                            (see locmoe.projection.cli)
 
 Every config field is a flag of ``train`` (``--d-model 128`` or ``--d_model 128``), applied over the
 ``--config`` file, which is applied over the defaults (or, with ``--resume``, over the run's saved
@@ -51,6 +53,7 @@ from locmoe.demo import run_demo
 from locmoe.evaluation import ClozeSettings, held_out_scores
 from locmoe.experts import available_backends
 from locmoe.export import EXPORT_FORMATS, checkpoint_model, export_checkpoint
+from locmoe.projection import cli as project_cli
 from locmoe.routing.registry import available_routers, options_class
 from locmoe.run_summary import format_summary
 from locmoe.train import train
@@ -339,6 +342,11 @@ COMMANDS: dict[str, Command] = {
         "train every router with the same data and budget; write report.md, report.json and plots",
         compare_cli.add_compare_arguments,
         compare_cli.run_compare,
+    ),
+    "project": Command(
+        "project runs' routing statistics onto a cluster's training step time; write report.md, report.json, plot",
+        project_cli.add_project_arguments,
+        project_cli.run_project,
     ),
 }
 

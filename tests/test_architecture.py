@@ -27,7 +27,7 @@ TIERS: list[set[str]] = [
     {"locmoe.run_summary", "locmoe.export", "locmoe.cloze"},
     {"locmoe.train"},
     {"locmoe.evaluation"},
-    {"locmoe.compare", "locmoe.demo"},
+    {"locmoe.compare", "locmoe.demo", "locmoe.projection"},
     {"locmoe.cli", "locmoe"},
     {"locmoe.__main__"},
 ]

@@ -22,7 +22,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "benchmarks" / "gpu_check.py"
 CHECK_IDS = ("pytest", "train", "train_resume", "train_compile", "layer", "layer_target_floor",
-             "layer_target_hf_eager", "layer_target_hf_grouped_mm")
+             "layer_target_hf_eager", "layer_target_hf_grouped_mm", "gemm")
 
 
 def _load_gpu_check():
@@ -45,7 +45,9 @@ def smoke(tmp_path_factory) -> tuple[subprocess.CompletedProcess, dict]:
                                text=True, timeout=300)
     report_path = out / "gpu_check.json"
     assert report_path.exists(), completed.stdout[-3000:] + completed.stderr[-3000:]
-    return completed, json.loads(report_path.read_text())
+    report = json.loads(report_path.read_text())
+    report["_gemm_curve_path"] = str(out / "gemm_curve.toml")
+    return completed, report
 
 
 def _checks(report: dict) -> dict[str, dict]:
@@ -87,7 +89,7 @@ def test_layer_table_has_our_layer_and_the_floor(smoke):
     assert _checks(report)["layer"]["status"] == "passed"
     assert "floor[grouped_mm" in completed.stdout
     # Speed targets are not judged at smoke sizes.
-    for check_id in CHECK_IDS[5:]:
+    for check_id in CHECK_IDS[5:8]:
         assert _checks(report)[check_id]["status"] == "skipped"
 
 
@@ -156,3 +158,20 @@ def test_a_hung_step_is_killed_at_its_timeout_with_its_children():
     assert outcome.returncode is None and "started" in outcome.output
     assert time.perf_counter() - start < 20
     assert "timed out" in outcome.why(2.0)
+
+
+def test_gemm_curve_is_written_in_the_cluster_file_form(smoke):
+    import tomllib
+
+    from locmoe.projection.specs import GemmCurve
+
+    _, report = smoke
+    check = _checks(report)["gemm"]
+    assert check["status"] == "passed", check
+    rows = check["details"]["rows"]
+    for row in rows:  # efficiency = 2·E·rows·d·f / time / peak, recomputed from the row's own numbers
+        flops = 2.0 * row["experts"] * row["rows_per_expert"] * row["d"] * row["f"]
+        assert row["efficiency"] == pytest.approx(flops / (row["median_ms"] * 1e-3) / 1e12 / gpu_check.GEMM_PEAK_TFLOPS)
+    table = tomllib.loads(Path(report["_gemm_curve_path"]).read_text())["gemm_curve"]
+    curve = GemmCurve(points=tuple(tuple(p) for p in table["points"]), source=table["source"], status=table["status"])
+    assert curve.status == "measured" and [p[0] for p in curve.points] == [8, 32]
