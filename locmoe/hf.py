@@ -364,7 +364,7 @@ def replace_moe_blocks(
             trained gate (and DeepSeek-V3's correction bias), so it keeps the model's expert preferences;
             GrAP routers (``locmoe``, ``locmoe_plus``, ``tcr``, ``ecr``) have a fixed gate and do not use it.
         add_aux_loss: add locmoe's router losses to ``outputs.loss`` in training (module docstring).
-        options: router options (:mod:`locmoe.routing.options`). For ``topk`` the omitted ones among
+        options: router options (the router's ``Options`` class). For ``topk`` the omitted ones among
             ``top_k``, ``capacity_factor`` and ``renormalize`` default to the model's routing
             (``num_experts_per_tok``, dropless, ``norm_topk_prob`` or ``True`` for Mixtral). ``topk``'s
             own load-balance loss (``aux_coef``, default 0.01) then comes on top of the model's
