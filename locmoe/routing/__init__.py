@@ -1,7 +1,8 @@
 """Routing: pure routing math returning one contract, the :class:`RoutingPlan`.
 
 Layers, lowest first (each imports only from those above it): ``plan`` (the contract), ``selection``
-(capacity cuts and ranking), ``capacity`` (capacity rules and the LocMoE bound), ``losses``,
+(capacity cuts and ranking), ``statistics`` (incomplete beta, δ statistic), ``capacity`` (capacity
+rules and the LocMoE bound), ``losses``,
 ``options`` (the base of the typed router options), ``base`` (the :class:`Router` interface), ``grap``
 and the routers (each with its own options class), ``registry``.
 """

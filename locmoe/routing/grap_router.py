@@ -15,12 +15,13 @@ from dataclasses import dataclass
 import torch
 
 from locmoe.routing.base import Router, RoutingContext
-from locmoe.routing.capacity import delta_statistic, ec_min
+from locmoe.routing.capacity import ec_min
 from locmoe.routing.grap import GrAPGate
 from locmoe.routing.losses import load_balance_loss, locality_loss, z_loss
 from locmoe.routing.options import Options, RouterOptions
 from locmoe.routing.plan import RoutingPlan
 from locmoe.routing.selection import count_per_expert, mask_dropped
+from locmoe.routing.statistics import delta_statistic
 from locmoe.validation import check_number
 
 

@@ -9,10 +9,11 @@ import torch
 from torch import nn
 
 from locmoe.routing.base import RoutingContext
-from locmoe.routing.capacity import delta_statistic, locmoe_capacity
+from locmoe.routing.capacity import locmoe_capacity
 from locmoe.routing.grap_router import GrAPOptions, GrAPRouter
 from locmoe.routing.plan import RoutingPlan
 from locmoe.routing.selection import keep_within_capacity, positional_priority
+from locmoe.routing.statistics import delta_statistic
 from locmoe.validation import check_integer, check_number
 
 
@@ -42,7 +43,7 @@ class LocMoERouter(GrAPRouter):
 
     The first training forward measures the δ statistic of its top-1 assignments (no capacity exists
     yet, so over all tokens) and sets ``C = clamp(ceil(κ · ec_min(δ)), C_floor, C_cf)``
-    (:func:`locmoe.capacity.locmoe_capacity`); ``C`` is then fixed in tokens per expert for the rest
+    (:func:`locmoe.routing.capacity.locmoe_capacity`); ``C`` is then fixed in tokens per expert for the rest
     of the run and saved in ``state_dict`` (buffer ``fixed_capacity``; 0 = not yet set). In eval mode
     before any training forward the capacity is computed from the batch and not stored. Tokens beyond
     ``C`` are dropped in position order, as in Switch/GShard.
