@@ -47,7 +47,7 @@ try:
     from transformers.utils.output_capturing import install_output_capuring_hook
 except ImportError as error:  # pragma: no cover - exercised only without the extra
     raise ImportError(
-        "locmoe.hf needs Hugging Face transformers 5.23: pip install 'locmoe[hf]'"
+        "locmoe.hf needs Hugging Face transformers 5.17 to 5.23: pip install 'locmoe[hf]'"
     ) from error
 
 __all__ = [
