@@ -41,6 +41,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from locmoe import MoELayer
+from locmoe.metrics import LayerMetric
 from locmoe.parallel import build_groups, shard_experts, synchronize_gradients
 
 VOCAB, D_MODEL, D_FF, NUM_EXPERTS, BATCH, SEQUENCE = 512, 64, 256, 8, 8, 32
@@ -103,7 +104,7 @@ def worker(rank: int, world_size: int, store: str, out: str, contender: dict, st
             "forward_inter": traffic.total("inter_node", ("dispatch", "combine")),
             "forward_intra": traffic.total("intra_node", ("dispatch", "combine")),
             "inter_messages": sum(traffic.messages.get(p, {}).get("inter_node", 0) for p in ("dispatch", "combine")),
-            "remote_share": layer.last_metrics["remote_share"],
+            "remote_share": layer.last_metrics[LayerMetric.REMOTE_SHARE],
         })
     Path(out, f"rank{rank}.json").write_text(json.dumps(records[warmup:]))
     dist.destroy_process_group()

@@ -121,7 +121,7 @@ class Mode:
 
 
 GPU_TEST_PATHS = (
-    "tests/gpu", "tests/routing", "tests/test_capacity.py", "tests/test_metrics.py", "tests/test_layer_invariants.py",
+    "tests/gpu", "tests/routing", "tests/test_metrics.py", "tests/test_layer_invariants.py",
     "tests/test_layer_reference.py", "tests/test_experts.py", "tests/test_experts_grouped.py",
 )
 GPU_MODE = Mode(

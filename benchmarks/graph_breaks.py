@@ -6,7 +6,8 @@ waits for the device). For each router and backend this traces one forward of
 the dtype the grouped-GEMM backend computes in) and lists every break by the innermost locmoe
 function it happens in, with Dynamo's reason. Target (issue "locmoe on GPUs"): no break in the
 experts and dispatch path (``locmoe/experts/``, ``locmoe/dispatch.py``) with the grouped backend;
-the fused backend breaks by design (it loops over experts on the host).
+the fused backend breaks by design (it loops over experts on the host). ``graphs`` is Dynamo's own
+count of compiled graphs (breaks + 1 when every break is listed).
 
 Usage::
 
@@ -58,8 +59,13 @@ def count_breaks(router: str, backend: str, device: torch.device, d_model: int, 
         f"{_site(reason)} | {reason.reason.strip().splitlines()[0][:90]}" for reason in explanation.break_reasons
     )
     in_path = sum(count for site, count in sites.items() if site.split(":")[0].startswith(EXPERTS_AND_DISPATCH))
+    # Dynamo can also split a frame without a listed reason (torch 2.13 did so at a data_ptr() read):
+    # the graphs' own count and whether the grouped multiplies are in a graph at all tell.
+    nodes = [node for graph in explanation.graphs for node in graph.graph.nodes]
+    grouped_mm = sum(1 for node in nodes if "grouped_mm" in str(node.target))
     return {"router": router, "backend": backend, "breaks": sum(sites.values()), "in_experts_and_dispatch": in_path,
-            "sites": dict(sites)}
+            "graphs": explanation.graph_count, "unlisted_breaks": explanation.graph_break_count - sum(sites.values()),
+            "grouped_mm_in_graphs": grouped_mm, "sites": dict(sites)}
 
 
 def main() -> None:
@@ -82,13 +88,13 @@ def main() -> None:
                 first_line = (str(error).splitlines() or [type(error).__name__])[0]
                 rows.append({"router": router, "backend": backend, "error": first_line[:200]})
     print(f"graph breaks of one MoELayer forward (pack, bf16 autocast, d={args.d_model}, n=8) on {device}")
-    print(f"{'router':14s} {'backend':9s} {'breaks':>6s} {'in experts+dispatch':>20s}  sites")
+    print(f"{'router':14s} {'backend':9s} {'breaks':>6s} {'in experts+dispatch':>20s} {'graphs':>6s}  sites")
     for row in rows:
         if "error" in row:
             print(f"{row['router']:14s} {row['backend']:9s} {'-':>6s} {'-':>20s}  not run: {row['error']}")
             continue
         sites = "; ".join(f"{count}× {site}" for site, count in row["sites"].items())
-        counts = f"{row['breaks']:6d} {row['in_experts_and_dispatch']:20d}"
+        counts = f"{row['breaks']:6d} {row['in_experts_and_dispatch']:20d} {row['graphs']:6d}"
         print(f"{row['router']:14s} {row['backend']:9s} {counts}  {sites}")
     if args.output:
         record = {

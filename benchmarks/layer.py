@@ -88,6 +88,7 @@ from common import (  # noqa: E402
 )
 
 from locmoe import MoELayer, available_routers  # noqa: E402
+from locmoe.metrics import LayerMetric  # noqa: E402
 
 NUM_EXPERTS = 8
 GROUPS = ("mixtral", "deepspeed", "routers", "clustered")
@@ -181,10 +182,13 @@ def ours(name: str, layer: MoELayer, x: torch.Tensor, ids: torch.Tensor, grad: t
         name,
         forward_backward(layer, lambda: layer(x, token_ids=ids), grad, x),
         "ours",
-        processed_slots=int(metrics["processed_slots"]),
-        info={"capacity": metrics["capacity"], "tokens_kept": metrics["tokens_kept"], "dispatch": layer.dispatch},
+        processed_slots=int(metrics[LayerMetric.PROCESSED_SLOTS]),
+        info={
+            "capacity": metrics[LayerMetric.CAPACITY], "tokens_kept": metrics[LayerMetric.TOKENS_KEPT],
+            "dispatch": layer.dispatch,
+        },
     )
-    contender.info["tokens_per_expert"] = metrics["tokens_per_expert"]
+    contender.info["tokens_per_expert"] = metrics[LayerMetric.TOKENS_PER_EXPERT]
     return contender
 
 

@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 
 from locmoe import MoELayer
+from locmoe.metrics import LayerMetric
 
 D_MODEL, NUM_EXPERTS, NUM_TOKENS = 512, 8, 4096
 CONTENDERS = {"switch": {"capacity_factor": 1.1}, "locmoe_plus": {"tau": 0.9}}
@@ -58,11 +59,11 @@ def routing_summary(layer: MoELayer, x: torch.Tensor) -> dict[str, object]:
         layer(x)
     metrics = layer.last_metrics
     summary = {
-        "capacity": metrics["capacity"],
-        "tokens_kept": metrics["tokens_kept"],
-        "processed_slots": metrics["processed_slots"],
-        "drop_rate": metrics["drop_rate"],
-        "tokens_per_expert": metrics["tokens_per_expert"],
+        "capacity": metrics[LayerMetric.CAPACITY],
+        "tokens_kept": metrics[LayerMetric.TOKENS_KEPT],
+        "processed_slots": metrics[LayerMetric.PROCESSED_SLOTS],
+        "drop_rate": metrics[LayerMetric.DROP_RATE],
+        "tokens_per_expert": metrics[LayerMetric.TOKENS_PER_EXPERT],
     }
     for name in ("k_tau", "delta_stat", "ec_min"):
         if name in metrics:

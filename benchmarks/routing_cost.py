@@ -73,6 +73,7 @@ from layer import CLUSTERED_LEAN, CLUSTERED_SHARE, NUM_EXPERTS, make_batch  # no
 
 from locmoe import MoELayer  # noqa: E402
 from locmoe.dispatch import sort_by_expert  # noqa: E402
+from locmoe.metrics import LayerMetric  # noqa: E402
 from locmoe.provenance import git_commit  # noqa: E402
 
 ROUTERS = ("switch", "locmoe_plus")
@@ -160,7 +161,7 @@ def build_layers(d: int) -> dict[str, MoELayer]:
 def processed_slots(layer: MoELayer, x: torch.Tensor) -> int:
     with torch.no_grad():
         layer(x)
-    return int(layer.last_metrics["processed_slots"])
+    return int(layer.last_metrics[LayerMetric.PROCESSED_SLOTS])
 
 
 # --------------------------------------------------------------------------------------------------

@@ -47,6 +47,7 @@ from common import (  # noqa: E402
 from locmoe import available_routers  # noqa: E402
 from locmoe.config import PRECISIONS, RunConfig  # noqa: E402
 from locmoe.device import forward_precision  # noqa: E402
+from locmoe.metrics import LayerMetric  # noqa: E402
 from locmoe.model import build_model  # noqa: E402
 from locmoe.train import build_optimizer, lr_factor  # noqa: E402
 
@@ -84,7 +85,7 @@ class TrainStep:
         seconds = time.perf_counter() - start
         self.step += 1
         self.losses.append(values[1])
-        self.slots.append(sum(int(layer["processed_slots"]) for layer in metrics.values()))
+        self.slots.append(sum(int(layer[LayerMetric.PROCESSED_SLOTS]) for layer in metrics.values()))
         return seconds
 
 

@@ -1,17 +1,22 @@
 """Continue training a Hugging Face MoE model with LocMoE+ routing, in a plain PyTorch loop or the HF Trainer.
 
     python examples/hf_router_swap.py --model PATH_OR_HUB_NAME --router locmoe_plus --steps 100
-    python examples/hf_router_swap.py --tiny --steps 20          # a tiny random Mixtral, no download
-    python examples/hf_router_swap.py --tiny --steps 20 --trainer hf   # the same through transformers.Trainer
+    python examples/hf_router_swap.py --tiny --steps 30 --save DIR   # a tiny random Mixtral, no download
+    python examples/hf_router_swap.py --tiny --steps 30 --trainer hf   # the same through transformers.Trainer
 
 The model's sparse MoE blocks are swapped for locmoe layers that reuse its expert weights
 (``locmoe.hf.replace_moe_blocks``); the training loss then includes locmoe's router losses, and the
 attention mask keeps padding out of routing. The data is the text of locmoe's embedded corpus
-(the Python documentation) tokenised with the model's own tokenizer, or, with ``--tiny``, random token
-ids. After training, ``--save DIR`` writes the model with ``save_pretrained`` when its router has a
-Hugging Face equivalent (``topk``, or ``deepseek`` on DeepSeek-V3; ``locmoe.hf.export_hf``), else
-with ``locmoe.hf.save_locmoe`` (config, router and options, weights and router state), which
+(the Python documentation) tokenised with the model's own tokenizer, or, with ``--tiny``, counting
+sequences (a random start and step, so a model can learn them in a few dozen steps). After training,
+``--save DIR`` writes the model with ``save_pretrained`` when its router has a Hugging Face
+equivalent (``topk``, or ``deepseek`` on DeepSeek-V3; ``locmoe.hf.export_hf``), else with
+``locmoe.hf.save_locmoe`` (config, router and options, weights and router state), which
 ``locmoe.hf.load_locmoe`` rebuilds.
+
+It prints progress and a short summary; the full record (every step's loss, the save, and with
+``--save`` the logits of a fixed probe to check a reload against) goes to ``--json PATH``, by default
+``DIR/hf_router_swap.json`` when saving.
 """
 
 from __future__ import annotations
@@ -29,8 +34,13 @@ import transformers
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from locmoe.data.corpus import load_corpus  # noqa: E402
 from locmoe.hf import export_hf, locmoe_blocks, replace_moe_blocks, save_locmoe  # noqa: E402
+from locmoe.metrics import LayerMetric  # noqa: E402
 
 PROBE_LENGTH = 8
+RECORD_NAME = "hf_router_swap.json"  # the record's file in the --save folder when --json is not given
+# Default learning rates: a tiny random model learns from scratch; a pretrained one is only adjusted
+# to its new routing, and a large step would undo its training.
+TINY_LR, PRETRAINED_LR = 3e-3, 1e-4
 
 
 def tiny_mixtral(vocab: int = 64) -> transformers.PreTrainedModel:
@@ -43,11 +53,16 @@ def tiny_mixtral(vocab: int = 64) -> transformers.PreTrainedModel:
 
 
 def batches(args: argparse.Namespace, vocab: int, generator: torch.Generator):  # noqa: ANN201
-    """``(input_ids, attention_mask)`` batches: corpus windows (the model's tokenizer), or random ids
-    with ragged lengths (right padding) for ``--tiny``."""
+    """``(input_ids, attention_mask)`` batches: corpus windows (the model's tokenizer), or for ``--tiny``
+    counting sequences ``start + step · t`` over the ids ``3 .. vocab-1`` (0-2: pad, bos, eos), random
+    start and step in 1-4, with ragged lengths (right padding)."""
     if args.tiny:
+        span = vocab - 3
+        positions = torch.arange(args.seq_len)[None, :]
         while True:
-            ids = torch.randint(3, vocab, (args.batch_size, args.seq_len), generator=generator)
+            starts = torch.randint(0, span, (args.batch_size, 1), generator=generator)
+            steps = torch.randint(1, 5, (args.batch_size, 1), generator=generator)
+            ids = 3 + (starts + steps * positions) % span
             lengths = torch.randint(args.seq_len // 2, args.seq_len + 1, (args.batch_size,), generator=generator)
             mask = (torch.arange(args.seq_len)[None, :] < lengths[:, None]).long()
             yield ids.masked_fill(mask == 0, 0), mask
@@ -75,7 +90,7 @@ def train_in_a_loop(model: transformers.PreTrainedModel, data, args: argparse.Na
         optimizer.step()
         losses.append(float(loss.detach()))
         if step % max(1, args.steps // 10) == 0 or step == args.steps:
-            kept = [block.moe.last_metrics["drop_rate"] for _, block in locmoe_blocks(model)]
+            kept = [block.moe.last_metrics[LayerMetric.DROP_RATE] for _, block in locmoe_blocks(model)]
             print(f"step {step}/{args.steps}  loss {losses[-1]:.4f}  drop {sum(kept) / len(kept):.3f}", flush=True)
     return losses
 
@@ -122,13 +137,18 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--steps", type=int, default=100)
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--seq-len", type=int, default=128)
-    parser.add_argument("--lr", type=float, default=1e-4)
+    parser.add_argument("--lr", type=float,
+                        help=f"learning rate (default {TINY_LR:g} with --tiny, else {PRETRAINED_LR:g})")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--max-chars", type=int, default=2_000_000)
     parser.add_argument("--save", help="folder to save the trained model in")
+    parser.add_argument("--json", type=Path,
+                        help=f"file for the full record (default: {RECORD_NAME} in --save's folder)")
     parser.add_argument("--trainer", choices=("loop", "hf"), default="loop",
                         help="a plain PyTorch loop, or transformers.Trainer (needs accelerate)")
     args = parser.parse_args(argv)
+    if args.lr is None:
+        args.lr = TINY_LR if args.tiny else PRETRAINED_LR
 
     torch.manual_seed(args.seed)
     model = tiny_mixtral() if args.tiny else transformers.AutoModelForCausalLM.from_pretrained(args.model)
@@ -136,8 +156,10 @@ def main(argv: list[str] | None = None) -> dict:
     data = batches(args, model.config.vocab_size, torch.Generator().manual_seed(args.seed))
     started = time.perf_counter()
     losses = train_with_trainer(model, data, args) if args.trainer == "hf" else train_in_a_loop(model, data, args)
-    result = {"swapped_blocks": swapped, "first_loss": losses[0], "last_loss": losses[-1], "losses": losses,
-              "seconds": time.perf_counter() - started}
+    result = {"model": "tiny" if args.tiny else args.model, "router": args.router,
+              "router_options": json.loads(args.router_options), "trainer": args.trainer, "lr": args.lr,
+              "swapped_blocks": swapped, "first_loss": losses[0], "last_loss": losses[-1], "losses": losses,
+              "seconds": time.perf_counter() - started, "save": args.save}
     if args.save:
         # Logits of a fixed probe in eval mode, to check a reload (load_locmoe / from_pretrained) against.
         model.eval()
@@ -149,10 +171,33 @@ def main(argv: list[str] | None = None) -> dict:
             result["saved"] = "save_pretrained"
         except ValueError as reason:  # a router with no Hugging Face equivalent: locmoe's own format
             save_locmoe(model, args.save)  # locmoe.hf.load_locmoe(args.save) rebuilds it
-            result["saved"] = f"save_locmoe ({reason})"
+            result["saved"] = "save_locmoe"
+            result["why_not_save_pretrained"] = str(reason)
     assert all(math.isfinite(loss) for loss in losses), "the loss became non-finite"
-    print(json.dumps(result))
+    record_path = args.json or (Path(args.save) / RECORD_NAME if args.save else None)
+    if record_path is not None:
+        record_path.parent.mkdir(parents=True, exist_ok=True)
+        record_path.write_text(json.dumps(result, indent=1) + "\n", encoding="utf-8")
+    print(summary(result, record_path))
     return result
+
+
+def summary(result: dict, record_path: Path | None) -> str:
+    """A few lines for the terminal: what was swapped, how the loss moved, where things went."""
+    blocks = result["swapped_blocks"]
+    lines = [
+        f"swapped {len(blocks)} MoE blocks to {result['router']}: {', '.join(blocks)}",
+        f"trained {len(result['losses'])} steps ({result['trainer']}, lr {result['lr']:g}) in "
+        f"{result['seconds']:.1f} s: loss {result['first_loss']:.3f} -> {result['last_loss']:.3f}",
+    ]
+    if result.get("saved") == "save_pretrained":
+        lines.append(f"saved to {result['save']} with save_pretrained (reload: from_pretrained)")
+    elif result.get("saved") == "save_locmoe":
+        lines.append(f"saved to {result['save']} with locmoe.hf.save_locmoe, as {result['router']} has no Hugging "
+                     "Face equivalent (reload: locmoe.hf.load_locmoe)")
+    if record_path is not None:
+        lines.append(f"full record: {record_path}")
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

@@ -53,6 +53,7 @@ from locmoe.demo import run_demo
 from locmoe.evaluation import ClozeSettings, held_out_scores
 from locmoe.experts import available_backends
 from locmoe.export import EXPORT_FORMATS, checkpoint_model, export_checkpoint
+from locmoe.model import check_sampling_options
 from locmoe.projection import cli as project_cli
 from locmoe.routing.registry import available_routers, options_class
 from locmoe.run_summary import format_summary
@@ -252,6 +253,14 @@ def _add_sample_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def _number_or_text(text: str) -> float | str:
+    """``text`` as a float where it reads as one, else unchanged (the check then names it as given)."""
+    try:
+        return float(text)
+    except ValueError:
+        return text
+
+
 def _run_sample(args: argparse.Namespace) -> int:
     """``locmoe sample``: the continuation on stdout; on stderr one line with the decoding speed (new
     tokens per second of ``generate``, prefill included) and whether the KV cache was used."""
@@ -262,18 +271,8 @@ def _run_sample(args: argparse.Namespace) -> int:
     tokens = parse_integer_flag("--max-new-tokens", args.max_new_tokens, 0)
     top_k = parse_integer_flag("--top-k", args.top_k, 0)
     seed = parse_integer_flag("--seed", args.seed, 0)
-    try:
-        temperature = float(args.temperature)
-    except ValueError:
-        temperature = -1.0
-    if not 0 <= temperature < float("inf"):
-        raise ValueError(f"--temperature={args.temperature!r} is invalid; allowed: a number >= 0 (0 = greedy)")
-    try:
-        top_p = float(args.top_p)
-    except ValueError:
-        top_p = -1.0
-    if not 0 < top_p <= 1:
-        raise ValueError(f"--top-p={args.top_p!r} is invalid; allowed: a number in (0, 1] (1 = off)")
+    temperature, top_p = _number_or_text(args.temperature), _number_or_text(args.top_p)
+    check_sampling_options(temperature, top_k, top_p)  # GPT.generate's own rule, before the checkpoint loads
     if not args.prompt:
         raise ValueError("--prompt is empty; give some text to continue")
     _, state, _, model = checkpoint_model(args.checkpoint)

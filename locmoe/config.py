@@ -39,7 +39,7 @@ class ModelConfig:
     ``moe_every = k`` makes the FFN of every k-th block (blocks k, 2k, ... counting from 1) a
     ``MoELayer``; 0 makes every block dense. ``capacity_factor`` is a positive number, ``"default"``
     (each router's default) or ``"dropless"`` (``topk`` only). ``router_options`` go to the
-    router unchanged (e.g. ``{"tau": 0.9}``; :mod:`locmoe.routing.options` lists each router's) and
+    router unchanged (e.g. ``{"tau": 0.9}``; each router's ``Options`` class lists them) and
     are checked here; ``top_k = None`` is the router's own default. ``routing_scope`` is
     ``"local"`` (each rank routes its own tokens) or ``"global"`` (all tokens of the expert-parallel
     group form one routing group, design §2 step 6; in one process both are the whole batch).

@@ -12,6 +12,7 @@ import time
 import torch
 
 from locmoe.layer import MoELayer
+from locmoe.metrics import LayerMetric
 from locmoe.routing.registry import available_routers
 
 
@@ -42,11 +43,11 @@ def run_demo(
         rows.append(
             (
                 name,
-                "dropless" if metrics["capacity"] < 0 else str(metrics["capacity"]),
-                str(metrics["processed_slots"]),
-                str(metrics["tokens_kept"]),
-                f"{100 * metrics['drop_rate']:.1f}",
-                f"{metrics['load_cv']:.3f}",
+                "dropless" if metrics[LayerMetric.CAPACITY] < 0 else str(metrics[LayerMetric.CAPACITY]),
+                str(metrics[LayerMetric.PROCESSED_SLOTS]),
+                str(metrics[LayerMetric.TOKENS_KEPT]),
+                f"{100 * metrics[LayerMetric.DROP_RATE]:.1f}",
+                f"{metrics[LayerMetric.LOAD_CV]:.3f}",
                 f"{float(layer.aux_loss.detach()):.4f}",
                 f"{1000 * statistics.median(times):.1f}",
             )

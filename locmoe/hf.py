@@ -1,65 +1,21 @@
 """Bring your own model: put :class:`locmoe.MoELayer` into a Hugging Face ``transformers`` MoE model.
 
-For ``transformers==5.23`` (the ``hf`` extra):
+For ``transformers`` 5.17–5.23 (the ``hf`` extra):
 
 * :func:`replace_moe_blocks` swaps every sparse MoE block of a Mixtral, Qwen2-MoE, OLMoE, Qwen3-MoE or
   DeepSeek-V3 model for a :class:`LocMoEBlock`, which holds a ``MoELayer`` computing with the block's
   own expert weights and a locmoe router. With the router that routes as the model does (``topk`` for
-  the softmax blocks, ``deepseek`` for DeepSeek-V3's sigmoid, bias-corrected, group-limited routing;
-  the model's settings fill in its defaults) the swapped model computes the same logits as the
-  original up to float32 rounding (max |Δ| 3–5e-8 on the tests' tiny models, on the CPU: the experts'
-  products are grouped differently from Hugging Face's loop; not bit-for-bit).
+  the softmax blocks, ``deepseek`` for DeepSeek-V3) the swapped model computes the same logits as the
+  original up to float32 rounding.
 * :func:`export_hf` turns the wrappers back into the model's own blocks where the router has a
   Hugging Face equivalent, so ``save_pretrained``/``from_pretrained`` work as before.
-* :func:`save_locmoe` / :func:`load_locmoe` save and rebuild a swapped model with any router (the
-  GrAP routers have no Hugging Face equivalent): the model's config, the router and its options as
-  JSON, every weight and router buffer in one safetensors file.
+* :func:`save_locmoe` / :func:`load_locmoe` save and rebuild a swapped model with any router.
 
-How the pieces meet the Hugging Face model:
-
-* **What the decoder layer expects.** The five models' decoder layers call ``hidden_states = self.mlp(x)`` and
-  take one tensor ``(B, T, d)``; the wrapper returns that. Qwen2-MoE's sigmoid-gated shared expert is
-  kept as it is (the same modules) and added to the routed output as the original block does.
-* **Router logits** (``output_router_logits=True`` and the model's own load-balancing loss). In 5.23
-  the model records them with forward hooks on the router class (``_can_record_outputs`` /
-  ``OutputRecorder(...TopKRouter, index=0)``), installed once, lazily, by class; a swapped block has no
-  such router, so the model collected nothing and ``load_balancing_loss_func`` failed with an
-  ``IndexError``. The wrapper passes its router logits through a small identity module,
-  :class:`RouterLogits`, on which this module installs the same recording hook itself. For learned-gate
-  routers (``topk``, ``switch``, ...) the logits are the gate's ``x · Wᵀ`` (equal to the original
-  model's for a copied gate); for the others (e.g. the GrAP routers ``locmoe_plus``), ``log p`` of the
-  router's probabilities ``p``, whose softmax, all the loss uses, is ``p``.
-* **locmoe's router losses** (``MoELayer.aux_loss``: load balance, locality, z-loss, already scaled by
-  their coefficients) are added to ``outputs.loss`` by a forward hook on the model, in training mode
-  and when the model computed a loss (``labels`` given), just as the model adds its own router loss;
-  ``outputs.aux_loss`` stays the model's own (unscaled) load-balancing loss. :func:`locmoe_aux_loss`
-  returns the sum of the last forward's locmoe losses, for a loop that computes its own loss
-  (``add_aux_loss=False`` then leaves ``outputs.loss`` alone). Only ``return_dict=True`` outputs (the
-  default) are touched.
-
-Weights. ``GroupedExperts`` stores ``w_in``/``w_gate (n, d, f)`` and ``w_out (n, f, d)``; the Hugging Face
-experts store ``gate_up_proj (n, 2f, d)`` (the ``f`` gate rows, then the ``f`` up rows) and
-``down_proj (n, d, f)``, i.e. each matrix transposed. ``GroupedExperts`` cannot compute with the
-transposed layout, so the weights are copied, transposed and contiguous, once per block, and the
-original block is dropped right after its copy, so the peak extra memory is one block's experts.
-For a Mixtral-8x7B layer (``n=8, d=4096, f=14336``) that is ``3·n·d·f = 1.41e9`` weights = 2.82 GB in
-bf16 per layer (90 GB for the 32 layers, the same size as the model: nothing is kept twice after the
-swap); a transposing copy reads and writes them once, 5.6 GB of memory traffic per layer, so about
-2–4 ms per layer on an H200-class GPU (4.8 TB/s peak, transposes at roughly a third to a half of it)
-and 0.3–0.6 s per layer on a CPU moving 10–20 GB/s (9–18 s for the model). These are computed from
-the sizes (:func:`weight_copy_bytes`), not measured. :func:`export_hf` copies back the same way. Build
-the optimizer after the swap: one holding the original parameters would keep them alive.
-
-Padding: the model's ``attention_mask`` (2-D, 1 = a real token) reaches every swapped block through a
-forward pre-hook on the model; padding tokens then take no expert capacity and enter no locmoe loss or
-metric (``MoELayer(..., token_mask=)``).
-
-DeepSeek-V3: the router's ``gate.weight`` and ``e_score_correction_bias`` start the ``deepseek``
-router's gate and ``score_bias`` (which moves in training by its auxiliary-loss-free update), and the
-ungated ``shared_experts`` are kept as they are. The model's dense first layers are not MoE blocks and
-stay.
-
-Not done: Mixtral's ``router_jitter_noise`` (a warning says it is ignored).
+How a block meets the model (router logits and the model's load-balancing loss, locmoe's router
+losses in ``outputs.loss``, the attention mask as token mask, DeepSeek-V3's bias and shared experts),
+the weight layouts and what the one copy of the expert weights costs (:func:`weight_copy_bytes`):
+design §9.1. Build the optimizer after the swap: one holding the original parameters would keep them
+alive. Not done: Mixtral's ``router_jitter_noise`` (a warning says it is ignored).
 """
 
 from __future__ import annotations
@@ -91,7 +47,7 @@ try:
     from transformers.utils.output_capturing import install_output_capuring_hook
 except ImportError as error:  # pragma: no cover - exercised only without the extra
     raise ImportError(
-        "locmoe.hf needs Hugging Face transformers 5.23: pip install 'locmoe[hf]'"
+        "locmoe.hf needs Hugging Face transformers 5.17 to 5.23: pip install 'locmoe[hf]'"
     ) from error
 
 __all__ = [
@@ -167,7 +123,7 @@ def _routing_of(block: nn.Module) -> HFRouting:
 
 class RouterLogits(nn.Module):
     """Identity on the router logits ``(S, n)``: the module the model's router-logit recording hook
-    sits on (module docstring), since a swapped block has none of the model's router classes."""
+    sits on (design §9.1), since a swapped block has none of the model's router classes."""
 
     def forward(self, logits: torch.Tensor) -> torch.Tensor:
         return logits
@@ -210,7 +166,7 @@ class LocMoEBlock(nn.Module):
         self._router_probs = plan.router_probs
 
     def _logits(self, flat: torch.Tensor, real: torch.Tensor | None) -> torch.Tensor:
-        """The router logits to record (module docstring): the learned gate's, else ``log p`` (for the
+        """The router logits to record (design §9.1): the learned gate's, else ``log p`` (for the
         rows ``real`` marks, ``(B·T,)`` bool, when a mask left padding out of routing; padding rows
         get uniform logits)."""
         probs, self._router_probs = self._router_probs, None  # hold no graph between forwards (deepcopy)
@@ -317,13 +273,14 @@ def _build_layer(block: nn.Module, router: str, options: dict[str, Any], copy_ga
             correction = getattr(block.gate, "e_score_correction_bias", None)
             if correction is not None and hasattr(built, "score_bias"):  # DeepSeek-V3's balancing state
                 built.score_bias.copy_(correction)
-    with torch.device("meta"):  # no allocation, no RNG draw: the weights are assigned below
-        experts = GroupedExperts(num_experts, d_model, d_ff, "swiglu", "auto", initialise=False)
-    with torch.no_grad():
-        # gate_up_proj[e] = [W_gate[e]ᵀ; W_in[e]ᵀ] (f rows each); down_proj[e] = W_out[e]ᵀ.
-        experts.w_gate = nn.Parameter(gate_up[:, :d_ff].transpose(1, 2).contiguous())
-        experts.w_in = nn.Parameter(gate_up[:, d_ff:].transpose(1, 2).contiguous())
-        experts.w_out = nn.Parameter(down.transpose(1, 2).contiguous())
+    # gate_up_proj[e] = [W_gate[e]ᵀ; W_in[e]ᵀ] (f rows each); down_proj[e] = W_out[e]ᵀ. from_weights makes
+    # the contiguous (transposed) copies, the one copy of the swap (design §9.1).
+    experts = GroupedExperts.from_weights(
+        w_in=gate_up[:, d_ff:].transpose(1, 2),
+        w_out=down.transpose(1, 2),
+        w_gate=gate_up[:, :d_ff].transpose(1, 2),
+        backend="auto",
+    )
     layer = MoELayer.from_parts(built, LocalDispatcher("pack", "local"), experts)
     return layer.to(device)
 
@@ -363,8 +320,8 @@ def replace_moe_blocks(
         copy_gate: start a learned-gate router (``topk``, ``switch``, ``deepseek``, ...) from the block's
             trained gate (and DeepSeek-V3's correction bias), so it keeps the model's expert preferences;
             GrAP routers (``locmoe``, ``locmoe_plus``, ``tcr``, ``ecr``) have a fixed gate and do not use it.
-        add_aux_loss: add locmoe's router losses to ``outputs.loss`` in training (module docstring).
-        options: router options (:mod:`locmoe.routing.options`). For ``topk`` the omitted ones among
+        add_aux_loss: add locmoe's router losses to ``outputs.loss`` in training (design §9.1).
+        options: router options (the router's ``Options`` class). For ``topk`` the omitted ones among
             ``top_k``, ``capacity_factor`` and ``renormalize`` default to the model's routing
             (``num_experts_per_tok``, dropless, ``norm_topk_prob`` or ``True`` for Mixtral). ``topk``'s
             own load-balance loss (``aux_coef``, default 0.01) then comes on top of the model's
@@ -574,7 +531,7 @@ def load_locmoe(folder: str | Path) -> nn.Module:
 
 
 def weight_copy_bytes(num_experts: int, d_model: int, d_ff: int, bytes_per_weight: int) -> int:
-    """Bytes of expert weights one block's copy writes (``3·n·d·f`` weights); the module docstring
-    works this out for Mixtral-8x7B."""
+    """Bytes of expert weights one block's copy writes (``3·n·d·f`` weights); design §9.1 works this
+    out for Mixtral-8x7B."""
     return 3 * num_experts * d_model * d_ff * bytes_per_weight
 

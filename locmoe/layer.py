@@ -53,7 +53,7 @@ class MoELayer(nn.Module):
       - ``experts_backend``: ``"auto"`` (default: ``"grouped"`` on CUDA where it runs, else ``"fused"``),
         ``"fused"``, ``"reference"`` or ``"grouped"`` (:mod:`locmoe.experts`);
       - every other keyword is a router option (e.g. ``capacity_factor``, ``aux_coef``, ``tau``):
-        :mod:`locmoe.routing.options` lists them per router; an omitted one keeps the router's
+        each router's options class (``locmoe.routing.<Name>Options``) lists them; an omitted one keeps the router's
         default, ``capacity_factor=None`` is dropless (``topk`` only).
 
     * :meth:`from_parts` ``(router, dispatcher, experts)``: from three parts built elsewhere (module

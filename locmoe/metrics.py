@@ -20,6 +20,33 @@ from locmoe.routing.selection import count_values
 from locmoe.validation import check_integer
 
 
+class LayerMetric:
+    """The names of one MoE layer's metrics (design §5; :func:`routing_metrics` says what each is):
+    the one spelling the layer, the expert-parallel merge, the run summary, TensorBoard, the comparison
+    and the benchmarks use to write and read them (``record["moe"][layer][LayerMetric.DROP_RATE]``).
+    Routers add their own (``plan.metrics``: ``delta_stat``, ``ec_min``, ``k_tau_mean``, ...)."""
+
+    TOKENS_PER_EXPERT = "tokens_per_expert"
+    PROPOSALS_PER_EXPERT = "proposals_per_expert"
+    TOKENS_KEPT = "tokens_kept"
+    CAPACITY = "capacity"
+    PROCESSED_SLOTS = "processed_slots"
+    DROP_RATE = "drop_rate"
+    LOAD_CV = "load_cv"
+    MAX_OVER_MEAN = "max_over_mean"
+    DEAD_EXPERTS = "dead_experts"
+    LOAD_ENTROPY = "load_entropy"
+    BALANCE = "balance"
+    REMOTE_SHARE = "remote_share"
+
+
+LAYER_METRICS: tuple[str, ...] = tuple(
+    value for name, value in vars(LayerMetric).items() if name.isupper()
+)
+"""Every name of :class:`LayerMetric` (``balance`` and ``remote_share`` are written only where they
+apply: a router with probabilities, a topology)."""
+
+
 def routing_metrics(
     plan: RoutingPlan,
     processed_slots: torch.Tensor,
@@ -43,22 +70,22 @@ def routing_metrics(
     """
     n = plan.num_experts
     metrics: dict[str, torch.Tensor] = {
-        "tokens_per_expert": plan.tokens_per_expert,
-        "proposals_per_expert": plan.proposals_per_expert,
-        "tokens_kept": plan.tokens_per_expert.sum(),
-        "capacity": torch.tensor(-1 if plan.capacity is None else plan.capacity),
-        "processed_slots": processed_slots,
-        "drop_rate": plan.dropped_tokens.to(torch.float64).mean(),
+        LayerMetric.TOKENS_PER_EXPERT: plan.tokens_per_expert,
+        LayerMetric.PROPOSALS_PER_EXPERT: plan.proposals_per_expert,
+        LayerMetric.TOKENS_KEPT: plan.tokens_per_expert.sum(),
+        LayerMetric.CAPACITY: torch.tensor(-1 if plan.capacity is None else plan.capacity),
+        LayerMetric.PROCESSED_SLOTS: processed_slots,
+        LayerMetric.DROP_RATE: plan.dropped_tokens.to(torch.float64).mean(),
     }
     metrics.update(load_statistics(plan.tokens_per_expert))
     if plan.router_probs is not None and plan.top1_expert is not None:
         top1_share = count_values(plan.top1_expert, n).to(torch.float64) / max(1, plan.num_tokens)
-        metrics["balance"] = n * (top1_share * plan.router_probs.detach().to(torch.float64).mean(0)).sum()
+        metrics[LayerMetric.BALANCE] = n * (top1_share * plan.router_probs.detach().to(torch.float64).mean(0)).sum()
     if token_nodes is not None and expert_nodes is not None:
         kept = plan.kept
         expert_node = expert_nodes[plan.expert_ids.clamp_min(0)]
         remote = kept & (expert_node != token_nodes[:, None])
-        metrics["remote_share"] = remote.sum().to(torch.float64) / kept.sum().clamp_min(1)
+        metrics[LayerMetric.REMOTE_SHARE] = remote.sum().to(torch.float64) / kept.sum().clamp_min(1)
     for name, value in plan.metrics.items():
         if callable(value):  # a deferred metric: computed when read (resolve_deferred)
             metrics[name] = value  # type: ignore[assignment]
@@ -83,10 +110,10 @@ def load_statistics(tokens_per_expert: torch.Tensor) -> dict[str, torch.Tensor]:
     share = load / total.clamp_min(1e-12)
     entropy = -(share * torch.log(share.clamp_min(1e-30))).sum()
     return {
-        "load_cv": load.std(unbiased=False) / mean.clamp_min(1e-12),
-        "max_over_mean": load.max() / mean.clamp_min(1e-12),
-        "dead_experts": (load < 0.01 * mean).sum(),
-        "load_entropy": entropy / math.log(n) if n > 1 else torch.ones((), dtype=torch.float64),
+        LayerMetric.LOAD_CV: load.std(unbiased=False) / mean.clamp_min(1e-12),
+        LayerMetric.MAX_OVER_MEAN: load.max() / mean.clamp_min(1e-12),
+        LayerMetric.DEAD_EXPERTS: (load < 0.01 * mean).sum(),
+        LayerMetric.LOAD_ENTROPY: entropy / math.log(n) if n > 1 else torch.ones((), dtype=torch.float64),
     }
 
 

@@ -17,6 +17,7 @@ import numpy as np
 
 from locmoe.config import RunConfig
 from locmoe.data.dataset import PreparedData
+from locmoe.metrics import LayerMetric
 from locmoe.model import GPT
 
 SUMMARY_TAIL_STEPS = 50  # the summary's train loss averages the last this many steps
@@ -57,10 +58,10 @@ def _routing_totals(records: list[dict[str, Any]]) -> dict[str, Any]:
     drop_rates = []
     for record in records:
         for layer in record.get("moe", {}).values():
-            slots += int(layer.get("processed_slots", 0))
-            kept += int(layer.get("tokens_kept", 0))
-            if "drop_rate" in layer:
-                drop_rates.append(float(layer["drop_rate"]))
+            slots += int(layer.get(LayerMetric.PROCESSED_SLOTS, 0))
+            kept += int(layer.get(LayerMetric.TOKENS_KEPT, 0))
+            if LayerMetric.DROP_RATE in layer:
+                drop_rates.append(float(layer[LayerMetric.DROP_RATE]))
     return {
         "expert_slots_processed": slots,
         "expert_tokens_kept": kept,

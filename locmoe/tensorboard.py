@@ -27,6 +27,8 @@ from functools import cache
 from pathlib import Path
 from typing import Any
 
+from locmoe.metrics import LayerMetric
+
 TENSORBOARD_DIR = "tensorboard"
 # TensorBoard tag -> key of the metrics record.
 TRAIN_SCALARS: dict[str, str] = {
@@ -39,7 +41,9 @@ TRAIN_SCALARS: dict[str, str] = {
     "val/loss": "val_loss",
 }
 # Metrics of each MoE layer (record["moe"][layer]) written as moe/<layer>/<metric>.
-MOE_SCALARS: tuple[str, ...] = ("drop_rate", "capacity", "load_cv", "remote_share")
+MOE_SCALARS: tuple[str, ...] = (
+    LayerMetric.DROP_RATE, LayerMetric.CAPACITY, LayerMetric.LOAD_CV, LayerMetric.REMOTE_SHARE
+)
 INSTALL_HINT = "TensorBoard logging needs the tensorboard package: pip install 'locmoe[tensorboard]'"
 
 

@@ -16,7 +16,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "locmoe"
 
 # Lowest first. A part may import only parts of lower tiers (and itself).
 TIERS: list[set[str]] = [
-    {"locmoe.validation", "locmoe.device", "locmoe.atomic_file", "locmoe.provenance", "locmoe.tensorboard"},
+    {"locmoe.validation", "locmoe.device", "locmoe.atomic_file", "locmoe.provenance"},
     {"locmoe.routing"},
     {"locmoe.experts"},
     {"locmoe.dispatch", "locmoe.metrics"},
@@ -24,7 +24,7 @@ TIERS: list[set[str]] = [
     {"locmoe.hf"},  # Hugging Face adapters: the layer, routers and experts; never train/compare/cli
     {"locmoe.parallel", "locmoe.config"},
     {"locmoe.model", "locmoe.data", "locmoe.checkpoint"},
-    {"locmoe.run_summary", "locmoe.export", "locmoe.cloze"},
+    {"locmoe.run_summary", "locmoe.export", "locmoe.cloze", "locmoe.tensorboard"},  # tensorboard: metric names
     {"locmoe.train"},
     {"locmoe.evaluation"},
     {"locmoe.compare", "locmoe.demo", "locmoe.projection"},

@@ -140,7 +140,7 @@ BAD_VALUES = [
     (["train", "--expert-parallel", "2"], "parallel.expert_parallel=2 needs that many processes"),
     (["train", "--collective-timeout", "-1"], "parallel.collective_timeout=-1.0 is invalid"),
     (["eval", "--checkpoint", "/no/such/run"], "checkpoint '/no/such/run' does not exist"),
-    (["sample", "--checkpoint", "x", "--prompt", "a", "--temperature", "-1"], "--temperature='-1' is invalid"),
+    (["sample", "--checkpoint", "x", "--prompt", "a", "--temperature", "-1"], "temperature must be a finite number"),
     ([], "the following arguments are required: COMMAND"),
 ]
 

@@ -176,3 +176,48 @@ def test_auto_backend_is_resolved_for_the_device_the_weights_are_on():
     assert layer.experts.backend.name == ("fused" if layer.experts.w_in.device.type == "cpu" else "grouped")
     shard = layer.experts.shard(range(0, 2))
     assert shard.backend_name == "auto" and shard.num_experts == 2
+
+
+@pytest.mark.parametrize("activation", ["gelu", "swiglu"])
+def test_from_weights_computes_with_the_given_weights_and_draws_nothing(activation):
+    """Weights in another layout (``(n, f, d)`` stacks, read through transposed views) give experts
+    whose output is the slow reference on those weights; contiguous inputs become the parameters
+    without a copy, views are copied; the global RNG is untouched."""
+    generator = torch.Generator().manual_seed(5)
+    n, d, f, num_tokens = 4, 6, 10, 17
+    w_in_t = torch.randn(n, f, d, generator=generator)  # transposed layout, as Hugging Face stores it
+    w_out = torch.randn(n, f, d, generator=generator)
+    w_gate_t = torch.randn(n, f, d, generator=generator) if activation == "swiglu" else None
+    state = torch.get_rng_state()
+    experts = GroupedExperts.from_weights(
+        w_in=w_in_t.transpose(1, 2), w_out=w_out, w_gate=None if w_gate_t is None else w_gate_t.transpose(1, 2)
+    )
+    assert torch.equal(torch.get_rng_state(), state)
+    assert experts.activation == activation and (experts.num_experts, experts.d_model, experts.d_ff) == (n, d, f)
+    assert experts.w_out.data_ptr() == w_out.data_ptr()  # contiguous: used as it is
+    assert experts.w_in.is_contiguous() and torch.equal(experts.w_in, w_in_t.transpose(1, 2))
+    counts = [5, 0, 8, 4]
+    token_index = torch.cat([torch.randperm(num_tokens, generator=generator)[:c] for c in counts])
+    x = torch.randn(num_tokens, d, generator=generator)
+    gates = torch.rand(token_index.shape[0], generator=generator)
+    out = experts.forward_routed(x, token_index, gates, counts)
+    # The reference reads the original tensors, not the experts' parameters.
+    source = GroupedExperts(n, d, f, activation, initialise=False)
+    source.w_in, source.w_out = torch.nn.Parameter(w_in_t.transpose(1, 2)), torch.nn.Parameter(w_out)
+    if w_gate_t is not None:
+        source.w_gate = torch.nn.Parameter(w_gate_t.transpose(1, 2))
+    torch.testing.assert_close(out, _reference(source, x, token_index, gates, counts), rtol=1e-5, atol=1e-6)
+
+
+def test_from_weights_rejects_mismatched_weights():
+    w_in = torch.randn(3, 4, 5)
+    with pytest.raises(ValueError, match=r"w_out must have shape \(3, 5, 4\) to match w_in \(3, 4, 5\), got \(3, 4"):
+        GroupedExperts.from_weights(w_in, torch.randn(3, 4, 5))
+    with pytest.raises(ValueError, match=r"w_gate must have shape \(3, 4, 5\)"):
+        GroupedExperts.from_weights(w_in, torch.randn(3, 5, 4), torch.randn(3, 5, 4))
+    with pytest.raises(ValueError, match=r"w_out is torch.float64 on cpu; it must match w_in \(torch.float32 on cpu\)"):
+        GroupedExperts.from_weights(w_in, torch.randn(3, 5, 4, dtype=torch.float64))
+    with pytest.raises(ValueError, match=r"w_in must be a floating \(n, d, f\) tensor, got shape \(3, 4\)"):
+        GroupedExperts.from_weights(torch.randn(3, 4), torch.randn(3, 5, 4))
+    with pytest.raises(ValueError, match="experts backend"):
+        GroupedExperts.from_weights(w_in, torch.randn(3, 5, 4), backend="fast")

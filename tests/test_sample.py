@@ -252,11 +252,12 @@ def test_sample_prints_the_continuation_then_one_speed_line(sample_run, capsys):
 
 
 BAD_SAMPLE_OPTIONS = [
-    (["--top-p", "0"], "--top-p='0' is invalid; allowed: a number in (0, 1]"),
-    (["--top-p", "1.5"], "--top-p='1.5' is invalid; allowed: a number in (0, 1]"),
-    (["--top-p", "nan"], "--top-p='nan' is invalid"),
-    (["--temperature", "-1"], "--temperature='-1' is invalid; allowed: a number >= 0"),
-    (["--temperature", "inf"], "--temperature='inf' is invalid"),
+    (["--top-p", "0"], "top_p must be a finite number in (0, 1], got 0.0"),
+    (["--top-p", "1.5"], "top_p must be a finite number in (0, 1], got 1.5"),
+    (["--top-p", "nan"], "top_p must be a finite number in (0, 1], got nan"),
+    (["--top-p", "most"], "top_p must be a finite number in (0, 1], got 'most'"),
+    (["--temperature", "-1"], "temperature must be a finite number in [0, inf), got -1.0"),
+    (["--temperature", "inf"], "temperature must be a finite number in [0, inf), got inf"),
     (["--top-k", "-3"], "--top-k='-3' is invalid; allowed: an integer >= 0"),
     (["--top-k", "2.5"], "--top-k='2.5' is invalid"),
     (["--max-new-tokens", "-1"], "--max-new-tokens='-1' is invalid; allowed: an integer >= 0"),

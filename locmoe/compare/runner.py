@@ -26,6 +26,7 @@ from typing import Any
 from locmoe.checkpoint import config_differences, latest_checkpoint, list_checkpoints
 from locmoe.compare.report import write_report
 from locmoe.config import RunConfig, parse_scalar
+from locmoe.metrics import LayerMetric
 from locmoe.routing import available_routers, options_class
 from locmoe.routing.capacity import capacity_from_factor
 from locmoe.train import train
@@ -360,12 +361,12 @@ def run_record(contender: Contender, config: RunConfig, summary: dict) -> dict:
         return _mean([r["moe"][name][key] for r in second_half for name in layers if key in r["moe"].get(name, {})])
 
     expert_load = None
-    loads = _metric_series(records, "tokens_per_expert", first)
+    loads = _metric_series(records, LayerMetric.TOKENS_PER_EXPERT, first)
     if loads:
         expert_load = [sum(column) for column in zip(*loads, strict=True)]
     by_layer = {key: {name: _metric_series(records, key, name) for name in layers}
-                for key in ("capacity", "k_tau_mean", "k_tau_max", "ec_min")}
-    capacities = [c for series in by_layer["capacity"].values() for c in series]
+                for key in (LayerMetric.CAPACITY, "k_tau_mean", "k_tau_max", "ec_min")}
+    capacities = [c for series in by_layer[LayerMetric.CAPACITY].values() for c in series]
     dropless = any(c < 0 for c in capacities)
     ch_index, ch_curve = _specialisation(summary, config.train.steps)
     tokens_per_step = config.train.batch_size * config.model.seq_len
@@ -391,18 +392,18 @@ def run_record(contender: Contender, config: RunConfig, summary: dict) -> dict:
         "padded_slots": None if dropless or not capacities else num_experts * sum(capacities),
         "mean_capacity": None if dropless else _mean(capacities),
         "drop_rate": summary["drop_rate_mean"],
-        "load_cv": steady_mean("load_cv"),
-        "remote_share": steady_mean("remote_share"),
+        "load_cv": steady_mean(LayerMetric.LOAD_CV),
+        "remote_share": steady_mean(LayerMetric.REMOTE_SHARE),
         "ch_index": ch_index,
         "ch_curve": ch_curve,
-        "capacity": by_layer["capacity"].get(first, []),
-        "capacity_by_layer": by_layer["capacity"],
+        "capacity": by_layer[LayerMetric.CAPACITY].get(first, []),
+        "capacity_by_layer": by_layer[LayerMetric.CAPACITY],
         "k_tau_mean_by_layer": {k: v for k, v in by_layer["k_tau_mean"].items() if v},
         "k_tau_max_by_layer": {k: v for k, v in by_layer["k_tau_max"].items() if v},
         "ec_min": by_layer["ec_min"].get(first, []),
         "ec_min_by_layer": {k: v for k, v in by_layer["ec_min"].items() if v},
-        "remote_share_curve": _metric_series(records, "remote_share", first),
-        "processed_per_step": [sum(r["moe"][n]["processed_slots"] for n in layers) for r in records],
+        "remote_share_curve": _metric_series(records, LayerMetric.REMOTE_SHARE, first),
+        "processed_per_step": [sum(r["moe"][n][LayerMetric.PROCESSED_SLOTS] for n in layers) for r in records],
         "expert_load": expert_load,
         "val_curve": [[e["step"], e["val_loss"]] for e in summary["evaluations"]],
         "step_time_median_s": statistics.median(step_times) if step_times else None,

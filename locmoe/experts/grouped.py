@@ -130,8 +130,20 @@ def _check_supported(weights: ExpertWeights) -> None:
 
 def _row_major(tensor: torch.Tensor) -> torch.Tensor:
     """``tensor (R, k)`` as a dense row-major tensor whose data starts on a 16-byte boundary (a copy
-    only when it is not one already: broadcast, strided or offset views)."""
-    dense = tensor.stride() == (tensor.shape[1], 1) and tensor.data_ptr() % _ALIGNMENT_BYTES == 0
+    only when it is not one already: broadcast, strided or misaligned views).
+
+    The layout is read from the strides, which ``torch.compile`` traces. The address is read only in
+    eager mode: while tracing there is none (fake tensors), and neither ``data_ptr()`` (torch 2.11)
+    nor ``storage_offset()`` (2.11 and 2.13) can be traced without a graph break. In this module's
+    compiled paths the tensors are the graph's own allocations (aligned: gathered rows, the padded
+    buffer, autograd's gradients) or row slices of them, which start ``j·k`` elements in, aligned
+    since ``k`` (``d`` or ``f``) is a multiple of 16 bytes (:func:`grouped_gemm_supported`). Only a
+    dense tensor starting inside a row of a larger buffer, passed straight to a compiled
+    ``GroupedExperts.forward_grouped``, would reach the operator misaligned; torch then refuses it
+    with its own message **(ours)**."""
+    dense = tensor.stride() == (tensor.shape[1], 1)
+    if dense and not torch.compiler.is_compiling():
+        dense = tensor.data_ptr() % _ALIGNMENT_BYTES == 0
     return tensor if dense else tensor.new_empty(tensor.shape).copy_(tensor)
 
 

@@ -85,12 +85,60 @@ class GroupedExperts(nn.Module):
         self.w_in = nn.Parameter(torch.empty(num_experts, d_model, d_ff))
         self.w_out = nn.Parameter(torch.empty(num_experts, d_ff, d_model))
         self.w_gate = nn.Parameter(torch.empty(num_experts, d_model, d_ff)) if activation == "swiglu" else None
-        if backend == "grouped":
-            supported, reason = grouped_gemm_supported(d_model, d_ff, self.w_in.dtype, self.w_in.device)
-            if not supported:
-                raise ValueError(f"experts backend 'grouped' cannot run these experts: {reason}; use 'fused'")
+        self._check_backend()
         if initialise:
             self.reset_parameters()
+
+    @classmethod
+    def from_weights(
+        cls,
+        w_in: torch.Tensor,
+        w_out: torch.Tensor,
+        w_gate: torch.Tensor | None = None,
+        backend: str = "fused",
+    ) -> GroupedExperts:
+        """Experts computing with given stacked weights: ``w_in (n, d, f)``, ``w_out (n, f, d)`` and, for
+        swiglu, ``w_gate (n, d, f)`` (its presence picks the activation: ``None`` is gelu). All on one
+        device in one floating dtype. Each becomes a parameter as it is where contiguous (no copy) and
+        as a contiguous copy otherwise (e.g. a transposed view of another layout); nothing is drawn from
+        the global RNG and no other weights are allocated. ``backend`` as in the constructor.
+        """
+        if not (isinstance(w_in, torch.Tensor) and w_in.dim() == 3 and w_in.dtype.is_floating_point):
+            got = f"shape {tuple(w_in.shape)}, dtype {w_in.dtype}" if isinstance(w_in, torch.Tensor) else type(w_in)
+            raise ValueError(f"w_in must be a floating (n, d, f) tensor, got {got}")
+        num_experts, d_model, d_ff = w_in.shape
+        expected = {"w_out": (num_experts, d_ff, d_model), "w_gate": (num_experts, d_model, d_ff)}
+        for name, weight in (("w_out", w_out), ("w_gate", w_gate)):
+            if weight is None and name == "w_gate":
+                continue
+            if not isinstance(weight, torch.Tensor) or tuple(weight.shape) != expected[name]:
+                got = tuple(weight.shape) if isinstance(weight, torch.Tensor) else type(weight).__name__
+                raise ValueError(
+                    f"{name} must have shape {expected[name]} to match w_in {tuple(w_in.shape)}, got {got}"
+                )
+            if weight.dtype != w_in.dtype or weight.device != w_in.device:
+                raise ValueError(
+                    f"{name} is {weight.dtype} on {weight.device}; it must match w_in ({w_in.dtype} on {w_in.device})"
+                )
+        activation = "gelu" if w_gate is None else "swiglu"
+        check_choice("experts backend", backend, ("auto", *available_backends()))
+        with torch.device("meta"):  # placeholders only: no allocation, no RNG draw; replaced just below
+            experts = cls(num_experts, d_model, d_ff, activation, "auto", initialise=False)
+        experts.backend_name = backend
+        with torch.no_grad():
+            experts.w_in = nn.Parameter(w_in.detach().contiguous())
+            experts.w_out = nn.Parameter(w_out.detach().contiguous())
+            if w_gate is not None:
+                experts.w_gate = nn.Parameter(w_gate.detach().contiguous())
+        experts._check_backend()
+        return experts
+
+    def _check_backend(self) -> None:
+        """Refuse ``backend="grouped"`` where it cannot run these weights (naming why)."""
+        if self.backend_name == "grouped":
+            supported, reason = grouped_gemm_supported(self.d_model, self.d_ff, self.w_in.dtype, self.w_in.device)
+            if not supported:
+                raise ValueError(f"experts backend 'grouped' cannot run these experts: {reason}; use 'fused'")
 
     def reset_parameters(self) -> None:
         """``nn.Linear``'s default: uniform in ``±1/sqrt(fan_in)`` for every expert."""

@@ -1,4 +1,4 @@
-"""Expert-sharded state ⇄ global expert ids (design §5; issue 5.6).
+"""Expert-sharded state ⇄ global expert ids (design §5).
 
 On a rank, an :func:`sharded <locmoe.parallel.shard.shard_layer>` ``MoELayer`` holds experts
 ``[r·n/P, (r+1)·n/P)`` and records their global ids in its ``expert_ids`` buffer, so every state dict

@@ -1,4 +1,4 @@
-"""Gradient synchronisation for expert parallelism + data parallelism (design §5; issue 5.1).
+"""Gradient synchronisation for expert parallelism + data parallelism (design §5).
 
 Two kinds of parameters:
 

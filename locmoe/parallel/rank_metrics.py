@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import torch
 
-from locmoe.metrics import load_statistics, to_python
+from locmoe.metrics import LayerMetric, load_statistics, to_python
 from locmoe.parallel.traffic import TrafficCounter
 
 # Counts that add up over the ranks of an expert-parallel step (each rank reports its own tokens or
 # its own experts' slots); traffic byte and message counts (``*_bytes_*``, ``*_messages_*``) too.
-COUNTS_OVER_RANKS = ("tokens_per_expert", "tokens_kept", "processed_slots", "received_tokens")
+COUNTS_OVER_RANKS = (
+    LayerMetric.TOKENS_PER_EXPERT, LayerMetric.TOKENS_KEPT, LayerMetric.PROCESSED_SLOTS, "received_tokens"
+)
 
 
 def _is_count(name: str) -> bool:
@@ -40,21 +42,21 @@ def merge_rank_metrics(
     merged: dict[str, float | int | list] = {}
     for name, first in per_rank[0].items():
         values = [rank[name] for rank in per_rank]
-        if _is_count(name) or name == "proposals_per_expert":
+        if _is_count(name) or name == LayerMetric.PROPOSALS_PER_EXPERT:
             total = torch.tensor(values, dtype=torch.float64).sum(0)
-            if name == "proposals_per_expert":
+            if name == LayerMetric.PROPOSALS_PER_EXPERT:
                 total = total / ranks_per_routing_group
             merged[name] = total.round().long().tolist()
         elif all(value == first for value in values):
             merged[name] = first
         else:
             merged[name] = torch.tensor(values, dtype=torch.float64).mean(0).tolist()
-    if "tokens_per_expert" in merged:
-        merged.update(to_python(load_statistics(torch.tensor(merged["tokens_per_expert"]))))
-    if "remote_share" in merged:
-        kept = torch.tensor([float(rank.get("tokens_kept", 1)) for rank in per_rank], dtype=torch.float64)
-        shares = torch.tensor([float(rank["remote_share"]) for rank in per_rank], dtype=torch.float64)
-        merged["remote_share"] = float((shares * kept).sum() / kept.sum().clamp_min(1))
+    if LayerMetric.TOKENS_PER_EXPERT in merged:
+        merged.update(to_python(load_statistics(torch.tensor(merged[LayerMetric.TOKENS_PER_EXPERT]))))
+    if LayerMetric.REMOTE_SHARE in merged:
+        kept = torch.tensor([float(rank.get(LayerMetric.TOKENS_KEPT, 1)) for rank in per_rank], dtype=torch.float64)
+        shares = torch.tensor([float(rank[LayerMetric.REMOTE_SHARE]) for rank in per_rank], dtype=torch.float64)
+        merged[LayerMetric.REMOTE_SHARE] = float((shares * kept).sum() / kept.sum().clamp_min(1))
     if "inter_node_share" in merged:
         merged["inter_node_share"] = TrafficCounter.from_metrics(merged).inter_node_share()
     return merged

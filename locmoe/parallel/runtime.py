@@ -1,4 +1,4 @@
-"""What a training loop needs to run expert-parallel, in one object (issue 5.1; trainer hook).
+"""What a training loop needs to run expert-parallel, in one object (design §5; the trainer's hook).
 
 :class:`ExpertParallelRuntime` bundles the process groups with the handful of calls a trainer makes
 differently under ``torchrun``:

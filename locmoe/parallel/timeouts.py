@@ -1,4 +1,4 @@
-"""No silent hangs: every expert-parallel collective is awaited with a deadline (design §5; issue 5.6).
+"""No silent hangs: every expert-parallel collective is awaited with a deadline (design §5).
 
 Collectives are issued with ``async_op=True`` and awaited with ``work.wait(timeout)``. If a peer
 stalls, the waiting ranks time out and raise :class:`CollectiveTimeoutError` naming the layer, the

@@ -1,4 +1,4 @@
-"""Bytes this rank hands to collectives, split by where they go (design §5; issue 5.3).
+"""Bytes this rank hands to collectives, split by where they go (design §5).
 
 Every send of every collective the expert-parallel code issues is recorded here, from the exact
 split sizes and element sizes passed to it, under a *phase* (``dispatch``, ``combine``, their

@@ -43,8 +43,9 @@ class RoutingContext:
 class Router(nn.Module, metaclass=abc.ABCMeta):
     """Base class: subclasses set :attr:`Options` and implement :meth:`route`.
 
-    Built from a typed options object (:mod:`locmoe.routing.options`); ``self.options`` holds the
-    options this router runs with, size-dependent defaults filled in.
+    Built from a typed options object (its :attr:`Options`, defined beside the router in its
+    module); ``self.options`` holds the options this router runs with, size-dependent defaults
+    filled in.
 
     Class attributes:
         name: registry name.

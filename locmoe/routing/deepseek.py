@@ -20,15 +20,19 @@ paper sums the top ``K_r / M``, also two for DeepSeek-V3's 8 experts over 4 grou
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import ClassVar
+
 import torch
 from torch import nn
 
 from locmoe.routing.base import Router, RoutingContext, gate_logits
 from locmoe.routing.capacity import capacity_from_factor
 from locmoe.routing.losses import load_balance_loss
-from locmoe.routing.options import DeepSeekOptions
+from locmoe.routing.options import RouterOptions
 from locmoe.routing.plan import RoutingPlan
 from locmoe.routing.topk import proposals_plan
+from locmoe.validation import check_bool, check_integer, check_number
 
 GROUP_SCORE_EXPERTS = 2  # a group's score sums this many of its highest biased affinities (DeepSeek-V3)
 
@@ -77,11 +81,67 @@ def updated_bias(score_bias: torch.Tensor, proposals_per_expert: torch.Tensor, r
     return score_bias + rate * torch.sign(load.mean() - load)
 
 
+@dataclass(frozen=True)
+class DeepSeekOptions(RouterOptions):
+    """``deepseek`` (DeepSeek-V3, arXiv 2412.19437 §2.1.2; design §1): sigmoid affinities, a
+    score-correction bias for auxiliary-loss-free balancing, group-limited top-k.
+
+    Attributes:
+        top_k: experts per token ``K_r``, default 2 (DeepSeek-V3: 8 of 256).
+        num_groups: expert groups ``G`` (``n`` must be a multiple of it), 1 = no group limit
+            (DeepSeek-V3: 8, its nodes).
+        top_groups: groups a token may use ``M``, in ``[1, G]``; a group's score is the sum of its two
+            highest biased affinities (DeepSeek-V3: 4).
+        renormalize: divide the ``k`` gate values by their sum (DeepSeek-V3: yes).
+        routed_scaling: multiplies the gate values (DeepSeek-V3: 2.5).
+        bias_update_rate: ``γ`` of the bias update: once per optimiser step, every expert's bias moves
+            by ``γ · sign(mean load − its load)`` (its proposals over the step's forwards), so
+            overloaded experts are picked less; 0 = a fixed bias. Default 0.001 (DeepSeek-V3's rate for
+            most of training). :class:`locmoe.routing.deepseek.DeepSeekRouter` says when it applies.
+        aux_coef: ``α`` of the complementary balance loss (the Switch loss on the normalised
+            affinities ``s / Σ s``, per routing group rather than per sequence **(ours)**), 1e-4.
+        capacity_factor: ``None`` (default) = dropless, as DeepSeek-V3; else ``C = ceil(cf · k · S / n)``
+            first come, first served.
+    """
+
+    capacity_factor: float | None = None
+    top_k: int = 2
+    num_groups: int = 1
+    top_groups: int = 1
+    renormalize: bool = True
+    routed_scaling: float = 1.0
+    bias_update_rate: float = 0.001
+    aux_coef: float = 1e-4
+
+    allows_dropless: ClassVar[bool] = True
+
+    def check(self) -> None:
+        super().check()
+        check_integer("top_k", self.top_k, low=1)
+        check_integer("num_groups", self.num_groups, low=1)
+        check_integer("top_groups", self.top_groups, low=1, high=self.num_groups)
+        check_bool("renormalize", self.renormalize)
+        check_number("routed_scaling", self.routed_scaling, low=0.0, low_open=True)
+        check_number("bias_update_rate", self.bias_update_rate, low=0.0)
+        check_number("aux_coef", self.aux_coef, low=0.0)
+
+    def for_layer(self, d_model: int, num_experts: int) -> DeepSeekOptions:
+        check_integer("top_k", self.top_k, low=1, high=num_experts)
+        if num_experts % self.num_groups:
+            raise ValueError(f"num_groups={self.num_groups} does not divide num_experts={num_experts}; "
+                             f"allowed: a divisor of {num_experts}")
+        reachable = self.top_groups * (num_experts // self.num_groups)
+        if self.top_k > reachable:
+            raise ValueError(f"top_k={self.top_k} exceeds the {reachable} experts of top_groups={self.top_groups} "
+                             f"groups of {num_experts // self.num_groups}; allowed: top_k <= {reachable}")
+        return self
+
+
 class DeepSeekRouter(Router):
     """``deepseek``: a learned linear gate ``d -> n`` (no bias), sigmoid affinities, the
     score-correction buffer ``score_bias (n,)``, group-limited top-k (module docstring).
 
-    Options: :class:`locmoe.routing.options.DeepSeekOptions`. Metric ``bias_range``: the largest
+    Options: :class:`locmoe.routing.deepseek.DeepSeekOptions`. Metric ``bias_range``: the largest
     minus the smallest bias.
 
     The bias update happens once per optimiser step **(ours: when, not how)**. Every training forward

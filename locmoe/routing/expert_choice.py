@@ -7,15 +7,18 @@ and a token may be taken by 0..n experts. Gate value = the score.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import nn
 
 from locmoe.routing.base import Router, RoutingContext, gate_logits
 from locmoe.routing.capacity import capacity_from_factor
 from locmoe.routing.losses import z_loss
-from locmoe.routing.options import ExpertChoiceOptions
+from locmoe.routing.options import RouterOptions
 from locmoe.routing.plan import DROPPED, RoutingPlan
 from locmoe.routing.selection import count_per_expert
+from locmoe.validation import check_number
 
 
 def expert_choice_selection(scores: torch.Tensor, capacity: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -36,10 +39,24 @@ def expert_choice_selection(scores: torch.Tensor, capacity: int) -> tuple[torch.
     return expert_ids, gate_weights
 
 
+@dataclass(frozen=True)
+class ExpertChoiceOptions(RouterOptions):
+    """``expert_choice`` (Zhou et al. 2022): ``capacity_factor`` of ``C = ceil(cf · S / n)`` (1.0:
+    every token processed once on average); ``z_loss_coef`` as :class:`SwitchOptions`. No
+    load-balance loss: expert choice is balanced by construction."""
+
+    capacity_factor: float = 1.0
+    z_loss_coef: float = 0.0
+
+    def check(self) -> None:
+        super().check()
+        check_number("z_loss_coef", self.z_loss_coef, low=0.0)
+
+
 class ExpertChoiceRouter(Router):
     """``expert_choice``: learned linear gate, experts choose tokens (design §1).
 
-    Options: :class:`locmoe.routing.options.ExpertChoiceOptions` (``capacity_factor`` 1.0: every
+    Options: :class:`locmoe.routing.expert_choice.ExpertChoiceOptions` (``capacity_factor`` 1.0: every
     token processed once on average; ``z_loss_coef`` 0). There is no load-balance loss: expert
     choice is balanced by construction (Zhou et al. use none).
     """

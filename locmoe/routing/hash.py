@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from locmoe.routing.base import Router, RoutingContext
 from locmoe.routing.capacity import capacity_from_factor
-from locmoe.routing.options import HashOptions
+from locmoe.routing.options import RouterOptions
 from locmoe.routing.plan import RoutingPlan
 from locmoe.routing.selection import count_per_expert, keep_within_capacity, mask_dropped, positional_priority
+from locmoe.validation import check_integer
 
 _PRIME = 2_147_483_647  # 2^31 - 1: (a · id + b) stays below 2^62, no int64 overflow.
 
@@ -23,12 +26,25 @@ def hash_experts(token_ids: torch.Tensor, num_experts: int, multiplier: int, off
     return torch.remainder(torch.remainder(reduced * multiplier + offset, _PRIME), num_experts)
 
 
+@dataclass(frozen=True)
+class HashOptions(RouterOptions):
+    """``hash`` (Roller et al. 2021): ``capacity_factor`` as :class:`SwitchOptions`; ``hash_seed``
+    picks the hash function (fixed per layer, so routing never changes)."""
+
+    capacity_factor: float = 1.1
+    hash_seed: int = 0
+
+    def check(self) -> None:
+        super().check()
+        check_integer("hash_seed", self.hash_seed, low=0)
+
+
 class HashRouter(Router):
     """``hash``: no learned gate; expert = fixed hash of the token id; gate value 1 (design §1).
 
     Capacity as Switch: ``ceil(cf · S / n)`` served by position, cf default 1.1.
 
-    Options: :class:`locmoe.routing.options.HashOptions` (``capacity_factor`` 1.1; ``hash_seed`` 0
+    Options: :class:`locmoe.routing.hash.HashOptions` (``capacity_factor`` 1.1; ``hash_seed`` 0
     picks the hash function's ``(a, b)``, fixed per layer so routing never changes).
     """
 

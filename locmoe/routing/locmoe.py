@@ -3,15 +3,18 @@ first batch by the eq. 9 lower bound (design §1, §3)."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import nn
 
 from locmoe.routing.base import RoutingContext
-from locmoe.routing.capacity import delta_statistic, locmoe_capacity
-from locmoe.routing.grap_router import GrAPRouter
-from locmoe.routing.options import LocMoEOptions
+from locmoe.routing.capacity import locmoe_capacity
+from locmoe.routing.grap_router import GrAPOptions, GrAPRouter
 from locmoe.routing.plan import RoutingPlan
 from locmoe.routing.selection import keep_within_capacity, positional_priority
+from locmoe.routing.statistics import delta_statistic
+from locmoe.validation import check_integer, check_number
 
 
 def _forget_cached_capacity(module: nn.Module, incompatible_keys: object) -> None:
@@ -19,17 +22,33 @@ def _forget_cached_capacity(module: nn.Module, incompatible_keys: object) -> Non
     module._capacity_cache = None
 
 
+@dataclass(frozen=True)
+class LocMoEOptions(GrAPOptions):
+    """``locmoe`` (design §3): :class:`GrAPOptions` plus ``kappa``, the ``κ`` scaling the eq. 9 bound
+    (default 1, **ours**), and ``capacity_floor``, ``C_floor`` (``None`` = ``ceil(S / n)`` of the first
+    batch, **ours**)."""
+
+    kappa: float = 1.0
+    capacity_floor: int | None = None
+
+    def check(self) -> None:
+        super().check()
+        check_number("kappa", self.kappa, low=0.0, low_open=True)
+        if self.capacity_floor is not None:
+            check_integer("capacity_floor", self.capacity_floor, low=1)
+
+
 class LocMoERouter(GrAPRouter):
     """``locmoe``: token choice top-1 by GrAP affinity (TCR), first-come capacity fixed once.
 
     The first training forward measures the δ statistic of its top-1 assignments (no capacity exists
     yet, so over all tokens) and sets ``C = clamp(ceil(κ · ec_min(δ)), C_floor, C_cf)``
-    (:func:`locmoe.capacity.locmoe_capacity`); ``C`` is then fixed in tokens per expert for the rest
+    (:func:`locmoe.routing.capacity.locmoe_capacity`); ``C`` is then fixed in tokens per expert for the rest
     of the run and saved in ``state_dict`` (buffer ``fixed_capacity``; 0 = not yet set). In eval mode
     before any training forward the capacity is computed from the batch and not stored. Tokens beyond
     ``C`` are dropped in position order, as in Switch/GShard.
 
-    Options: :class:`locmoe.routing.options.LocMoEOptions` (``capacity_factor`` of the ceiling
+    Options: :class:`locmoe.routing.locmoe.LocMoEOptions` (``capacity_factor`` of the ceiling
     ``C_cf = ceil(cf · S / n)``, 1.1; ``kappa`` scaling the bound, 1 **(ours)**; ``capacity_floor``
     ``C_floor``, ``None`` = ``ceil(S / n)`` of the first batch **(ours)**; and the GrAP options).
     """

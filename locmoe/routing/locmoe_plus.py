@@ -17,16 +17,16 @@ loop); the router classes only hold options and state.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 
 import torch
 
 from locmoe.routing.base import RoutingContext
-from locmoe.routing.capacity import capacity_from_factor, dynamic_capacity
+from locmoe.routing.capacity import CAPACITY_RULES, capacity_from_factor, default_select_temperature, dynamic_capacity
 from locmoe.routing.expert_choice import expert_choice_selection
-from locmoe.routing.grap_router import GrAPRouter
-from locmoe.routing.options import SCOPES, SELECTION_SCORES, ECROptions, LocMoEPlusOptions, TCROptions
+from locmoe.routing.grap_router import GrAPOptions, GrAPRouter
 from locmoe.routing.plan import DROPPED, RoutingPlan
 from locmoe.routing.selection import (
     count_per_expert,
@@ -35,11 +35,17 @@ from locmoe.routing.selection import (
     positional_priority,
     rank_within_expert,
 )
-from locmoe.validation import check_choice
+from locmoe.validation import check_choice, check_integer, check_number
 
 # A prefix whose score mass reaches τ up to this slack counts as reaching it, so that e.g. uniform
 # scores over m candidates give exactly ceil(τ·m) despite rounding in the running sum.
 _MASS_SLACK = 1e-9
+
+SCOPES = ("sequence", "batch")
+"""Routing groups a router forms on its own. All tokens of an expert-parallel group as one group is
+``routing_scope="global"``, a property of the layer (its dispatcher), not of the router."""
+
+SELECTION_SCORES = ("softmax", "relu")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -188,11 +194,66 @@ def keep_candidates(ranking: CandidateRanking, capacity: int) -> torch.Tensor:
 # --------------------------------------------------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class LocMoEPlusOptions(GrAPOptions):
+    """``locmoe_plus`` (design §2–§3): :class:`GrAPOptions` plus
+
+    Attributes:
+        tau: score-sum threshold ``τ`` in ``(0, 1]``, 0.9.
+        top_l: experts proposed per token ``ℓ`` in ``[1, n]``, 1 (the paper's experiments).
+        select_temperature: ``T_sel`` of the softmax selection scores, ``> 0``; ``None`` =
+            :func:`locmoe.routing.capacity.default_select_temperature` ``3.2/√d`` **(ours, design §3.2)**.
+        selection_score: ``"softmax"`` or ``"relu"`` (``max(δ, 0)`` normalised) **(ours)**.
+        capacity_rule: ``"mean"`` or ``"max"``: which ``k_i^τ`` sets ``C_t`` **(ours, design §3.3)**.
+        margin: ``≥ 0``, 0.1: ``C_t = clamp(ceil(mean_i k_i^τ · (1 + margin)), C_floor, C_cf)``.
+        capacity_floor: ``C_floor``, an integer ``≥ 1``, 4.
+        capacity_ema: EMA weight of the capacity target over training steps in ``[0, 1)``, 0 = off.
+        scope: the router's routing group, ``"batch"`` (all tokens it is given) or ``"sequence"``
+            (each sequence) **(ours)**. All tokens of an expert-parallel group is the layer's
+            ``routing_scope="global"``.
+    """
+
+    tau: float = 0.9
+    top_l: int = 1
+    select_temperature: float | None = None
+    selection_score: str = "softmax"
+    capacity_rule: str = "mean"
+    margin: float = 0.1
+    capacity_floor: int = 4
+    capacity_ema: float = 0.0
+    scope: str = "batch"
+
+    def check(self) -> None:
+        super().check()
+        check_number("tau", self.tau, low=0.0, high=1.0, low_open=True)
+        if self.select_temperature is not None:
+            check_number("select_temperature", self.select_temperature, low=0.0, low_open=True)
+        check_choice("selection_score", self.selection_score, SELECTION_SCORES)
+        check_choice("capacity_rule", self.capacity_rule, CAPACITY_RULES)
+        check_number("margin", self.margin, low=0.0)
+        check_integer("capacity_floor", self.capacity_floor, low=1)
+        check_number("capacity_ema", self.capacity_ema, low=0.0, high=1.0, high_open=True)
+        if self.scope == "global":
+            raise ValueError(
+                "scope='global' (route over all tokens of the expert-parallel group) is a property of the layer, "
+                "and needs expert parallelism: pass routing_scope='global' to MoELayer (--routing-scope global); "
+                "a router takes scope='batch' or 'sequence'"
+            )
+        check_choice("scope", self.scope, SCOPES)
+
+    def for_layer(self, d_model: int, num_experts: int) -> LocMoEPlusOptions:
+        check_integer("top_l", self.top_l, low=1, high=num_experts)
+        resolved = super().for_layer(d_model, num_experts)
+        if resolved.select_temperature is None:
+            resolved = dataclasses.replace(resolved, select_temperature=default_select_temperature(d_model))
+        return resolved
+
+
 class LocMoEPlusRouter(GrAPRouter):
     """``locmoe_plus``: TCR top-ℓ, then each expert keeps its most affine candidates up to the
     score-sum threshold and the dynamic capacity (design §2, §3).
 
-    Options: :class:`locmoe.routing.options.LocMoEPlusOptions` (``tau``, ``top_l``,
+    Options: :class:`locmoe.routing.locmoe_plus.LocMoEPlusOptions` (``tau``, ``top_l``,
     ``select_temperature`` — the knob that trades expert compute for quality: a lower ``T_sel``
     concentrates the score mass and cuts more candidates —, ``selection_score``, ``capacity_rule``,
     ``margin``, ``capacity_floor``, ``capacity_ema``, ``scope`` and the GrAP options). An expert with
@@ -263,11 +324,16 @@ class LocMoEPlusRouter(GrAPRouter):
         return self.assemble_plan(x, scores, expert_ids, ranking.proposed, num_groups * capacity, context, metrics)
 
 
+@dataclass(frozen=True)
+class TCROptions(GrAPOptions):
+    """``tcr``: the token-choice half of LocMoE+ alone; the options of :class:`GrAPOptions`."""
+
+
 class TCRRouter(GrAPRouter):
     """``tcr``: the token-choice half of LocMoE+ alone (the papers' "LocMoE (TCR)" row).
 
     GrAP top-1 by affinity; each expert keeps its first ``C = ceil(cf · S / n)`` proposals by position,
-    like ``switch``. Options: :class:`locmoe.routing.options.TCROptions`.
+    like ``switch``. Options: :class:`locmoe.routing.locmoe_plus.TCROptions`.
     """
 
     name = "tcr"
@@ -282,13 +348,20 @@ class TCRRouter(GrAPRouter):
         return self.assemble_plan(x, scores, expert_ids, proposed, capacity, context)
 
 
+@dataclass(frozen=True)
+class ECROptions(GrAPOptions):
+    """``ecr``: the expert-choice half of LocMoE+ alone; :class:`GrAPOptions` with ``cf`` 1.0."""
+
+    capacity_factor: float = 1.0
+
+
 class ECRRouter(GrAPRouter):
     """``ecr``: the expert-choice half of LocMoE+ alone (the papers' "LocMoE (ECR)" row).
 
     Each expert keeps the ``C = ceil(cf · S / n)`` tokens of highest affinity among all ``S`` (a token
     may be kept by 0..n experts; ``K = n`` slots per token), like ``expert_choice`` with GrAP
     affinities. ``capacity_factor`` default 1.0. Proposals (for the balance loss and metrics) are
-    the tokens' top-1 experts. Options: :class:`locmoe.routing.options.ECROptions` (``cf`` 1.0).
+    the tokens' top-1 experts. Options: :class:`locmoe.routing.locmoe_plus.ECROptions` (``cf`` 1.0).
     """
 
     name = "ecr"

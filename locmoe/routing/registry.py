@@ -37,7 +37,7 @@ def router_class(name: str) -> type[Router]:
 
 
 def options_class(name: str) -> type[RouterOptions]:
-    """The typed options of router ``name`` (:mod:`locmoe.routing.options`)."""
+    """The typed options of router ``name`` (its class's ``Options``, defined in the router's module)."""
     return router_class(name).Options
 
 

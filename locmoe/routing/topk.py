@@ -9,15 +9,19 @@ chosen experts (Mixtral: ``softmax(top-k logits)``, which equals renormalised pr
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import ClassVar
+
 import torch
 from torch import nn
 
 from locmoe.routing.base import Router, RoutingContext, gate_logits
 from locmoe.routing.capacity import capacity_from_factor
 from locmoe.routing.losses import load_balance_loss, z_loss
-from locmoe.routing.options import SwitchOptions, TopKOptions
+from locmoe.routing.options import RouterOptions
 from locmoe.routing.plan import RoutingPlan
 from locmoe.routing.selection import count_per_expert, keep_within_capacity, mask_dropped, positional_priority
+from locmoe.validation import check_bool, check_integer, check_number
 
 
 def token_choice_plan(
@@ -74,10 +78,50 @@ def proposals_plan(
     )
 
 
+@dataclass(frozen=True)
+class SwitchOptions(RouterOptions):
+    """``switch`` (design §1): ``capacity_factor`` of ``C = ceil(cf · S / n)``; ``aux_coef`` the α of
+    the load-balance loss (LocMoE eq. 5); ``z_loss_coef`` the router z-loss (ST-MoE), 0 = off.
+
+    Defined here rather than in ``switch.py``: :class:`TopKOptions` extends it, and ``switch.py``
+    builds on this module (a Switch router is the top-k router with ``k = 1``)."""
+
+    capacity_factor: float = 1.1
+    aux_coef: float = 0.01
+    z_loss_coef: float = 0.0
+
+    def check(self) -> None:
+        super().check()
+        check_number("aux_coef", self.aux_coef, low=0.0)
+        check_number("z_loss_coef", self.z_loss_coef, low=0.0)
+
+
+@dataclass(frozen=True)
+class TopKOptions(SwitchOptions):
+    """``topk`` (design §1): ``top_k`` experts per token; ``capacity_factor`` of
+    ``C = ceil(cf · k · S / n)`` or ``None`` (dropless, Mixtral); ``renormalize`` rescales the k gate
+    values to sum to 1 (Mixtral); ``aux_coef`` and ``z_loss_coef`` as :class:`SwitchOptions`."""
+
+    capacity_factor: float | None = 1.1
+    top_k: int = 2
+    renormalize: bool = False
+
+    allows_dropless: ClassVar[bool] = True
+
+    def check(self) -> None:
+        super().check()
+        check_integer("top_k", self.top_k, low=1)
+        check_bool("renormalize", self.renormalize)
+
+    def for_layer(self, d_model: int, num_experts: int) -> TopKOptions:
+        check_integer("top_k", self.top_k, low=1, high=num_experts)
+        return self
+
+
 class TopKRouter(Router):
     """``topk``: learned linear gate ``d -> n`` (no bias), top-k of softmax (design §1).
 
-    Options: :class:`locmoe.routing.options.TopKOptions` (``top_k`` 2, ``capacity_factor`` 1.1 or
+    Options: :class:`locmoe.routing.topk.TopKOptions` (``top_k`` 2, ``capacity_factor`` 1.1 or
     ``None`` = dropless, ``renormalize`` False, ``aux_coef`` 0.01, ``z_loss_coef`` 0).
     """
 

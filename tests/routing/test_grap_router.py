@@ -8,10 +8,11 @@ import pytest
 import torch
 
 from locmoe import MoELayer, RoutingContext, build_router
-from locmoe.routing.capacity import delta_statistic, ec_min
+from locmoe.routing.capacity import ec_min
 from locmoe.routing.grap import grap_affinity
 from locmoe.routing.losses import load_balance_loss, locality_loss
 from locmoe.routing.registry import router_options
+from locmoe.routing.statistics import delta_statistic
 
 GRAP_ROUTERS = ["locmoe", "locmoe_plus", "tcr", "ecr"]
 

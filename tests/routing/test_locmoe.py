@@ -9,8 +9,9 @@ import pytest
 import torch
 
 from locmoe import MoELayer, build_router
-from locmoe.routing.capacity import delta_statistic, locmoe_capacity
+from locmoe.routing.capacity import locmoe_capacity
 from locmoe.routing.grap import grap_affinity
+from locmoe.routing.statistics import delta_statistic
 
 
 def _expected_first_batch_capacity(x, d, n, **options):

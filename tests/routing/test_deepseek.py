@@ -9,9 +9,8 @@ import torch
 import torch.utils.checkpoint
 
 from locmoe import MoELayer
-from locmoe.routing import build_router
+from locmoe.routing import DeepSeekOptions, build_router
 from locmoe.routing.deepseek import sigmoid_routing_plan, updated_bias
-from locmoe.routing.options import DeepSeekOptions
 
 
 def reference_selection(logits, bias, top_k, num_groups, top_groups, renormalize, scaling):
