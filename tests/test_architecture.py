@@ -24,9 +24,10 @@ TIERS: list[set[str]] = [
     {"locmoe.hf"},  # Hugging Face adapters: the layer, routers and experts; never train/compare/cli
     {"locmoe.parallel", "locmoe.config"},
     {"locmoe.model", "locmoe.data", "locmoe.checkpoint"},
-    {"locmoe.run_summary", "locmoe.export", "locmoe.cloze"},
+    {"locmoe.run_summary", "locmoe.export", "locmoe.cloze", "locmoe.launch", "locmoe.run_folder", "locmoe.run_log",
+     "locmoe.init_from"},
+    {"locmoe.evaluation"},  # the validation loss and held-out scores; the trainer evaluates with it
     {"locmoe.train"},
-    {"locmoe.evaluation"},
     {"locmoe.compare", "locmoe.demo"},
     {"locmoe.cli", "locmoe"},
     {"locmoe.__main__"},
