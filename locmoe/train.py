@@ -72,11 +72,7 @@ from locmoe.config import ModelConfig, RunConfig, TrainConfig
 from locmoe.data.dataset import PreparedData, prepare_data
 from locmoe.data.loader import BatchLoader, validation_batches
 from locmoe.data.tokenizer import BPETokenizer
-from locmoe.device import (
-    forward_precision,
-    resolve_precision,
-    to_device,
-)
+from locmoe.device import forward_precision, resolve_precision, to_device
 from locmoe.evaluation import evaluate
 from locmoe.init_from import initialise_from
 from locmoe.launch import start_runtime
@@ -85,6 +81,7 @@ from locmoe.model import GPT, build_model, compile_blocks
 from locmoe.parallel.rank_metrics import merge_rank_metrics
 from locmoe.parallel.runtime import ExpertParallelRuntime
 from locmoe.provenance import session_record
+from locmoe.routing import after_optimizer_step
 from locmoe.run_folder import METRICS_FILE, check_run_folder, record_session, restore_run, write_run_files
 from locmoe.run_log import StepCallback, log_interval, log_record, progress_bar, report
 from locmoe.run_summary import read_metrics, summarize
@@ -419,6 +416,8 @@ def _optimise(
     max_norm = train_config.grad_clip if train_config.grad_clip > 0 else math.inf
     grad_norm = runtime.finish_backward(model, max_norm, step)
     parts.optimizer.step()
+    # Routers' per-step state (DeepSeek's bias), from the step's loads summed over the data-parallel ranks.
+    after_optimizer_step(model, runtime.groups.data_group)
     parts.scheduler.step()
     logged = runtime.mean_over_ranks(totals, step)
     values = torch.cat([logged, grad_norm.detach().reshape(1).to(logged.dtype)]).tolist()  # the step's one sync

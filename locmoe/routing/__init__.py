@@ -6,7 +6,7 @@ Layers, lowest first (each imports only from those above it): ``plan`` (the cont
 routers, ``registry``.
 """
 
-from locmoe.routing.base import Router, RoutingContext
+from locmoe.routing.base import Router, RoutingContext, after_optimizer_step, register_after_optimizer_step
 from locmoe.routing.options import RouterOptions
 from locmoe.routing.plan import DROPPED, RoutingPlan
 from locmoe.routing.registry import (
@@ -24,10 +24,12 @@ __all__ = [
     "RouterOptions",
     "RoutingContext",
     "RoutingPlan",
+    "after_optimizer_step",
     "available_routers",
     "build_router",
     "make_options",
     "options_class",
+    "register_after_optimizer_step",
     "router_class",
     "router_options",
 ]
