@@ -49,3 +49,32 @@ def bias_update_worker(rank: int, world_size: int, out_dir: str, use_group: bool
         optimizer.step()
         biases.append(router.score_bias.tolist())
     write_result(out_dir, rank, {"biases": biases, "pending": router.pending_load.tolist()})
+
+
+def record_bias_updates() -> list[dict]:
+    """Wrap :meth:`DeepSeekRouter.update_bias` in this process so every call appends this rank's
+    pending load (before) and bias (after) to the returned list."""
+    calls: list[dict] = []
+    update = DeepSeekRouter.update_bias
+
+    def recorded(self: DeepSeekRouter, group=None) -> None:  # noqa: ANN001
+        load = self.pending_load.tolist()
+        update(self, group)
+        calls.append({"load": load, "bias": self.score_bias.tolist()})
+
+    recorded.__wrapped__ = update  # type: ignore[attr-defined]
+    DeepSeekRouter.update_bias = recorded
+    return calls
+
+
+def deepseek_train_worker(rank: int, world_size: int, out_dir: str, cache_dir: str, run_dir: str,
+                          overrides: dict) -> None:
+    """``train()`` of the tiny deepseek run on this rank (expert-parallel over the ranks); records
+    every bias update."""
+    from tiny_runs import tiny_config
+
+    from locmoe.train import train
+
+    calls = record_bias_updates()
+    train(tiny_config(cache_dir, run_dir, expert_parallel=world_size, **overrides))
+    write_result(out_dir, rank, calls)
