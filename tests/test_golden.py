@@ -11,8 +11,8 @@ value, the expert compute or its gradients) moves these curves by far more than 
 when the file was made: switch's aux_coef 0.01 -> 0.0101 moved its curve by 4e-3 (relative, max over
 steps), its capacity_factor 1.1 -> 1.2 by 1e-2, locmoe_plus's margin 0.1 -> 0.12 by 5e-3, a top-k
 z-loss of 1e-4 by 2e-3; deepseek's bias rate 0.01 -> 0.0101 by 5e-3, and no bias update (rate 0, as
-a loop that never calls ``after_optimizer_step``) by 6e-3. Edits of the code, each failing the cases where it changes what is
-computed: the capacity test ``ranks < limit`` -> ``<=`` (switch, top-k with a capacity, hash,
+a loop that never calls ``after_optimizer_step``) by 6e-3. Edits of the code, each failing the cases
+where it changes what is computed: the capacity test ``ranks < limit`` -> ``<=`` (switch, top-k with a capacity, hash,
 locmoe, tcr), ``ceil`` -> ``floor`` in the capacity (the same but locmoe; at cf 1.0 or below the
 ceiling it changes nothing), no gradient to the gate values (all but hash), the SwiGLU input
 gradient missing its gate branch (the SwiGLU case), the expert output scaled by 1.001 (all). Not
