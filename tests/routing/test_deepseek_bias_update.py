@@ -27,6 +27,15 @@ def _skewed_router(rate: float = 0.01) -> DeepSeekRouter:
     return router
 
 
+def _hooked_router(rate: float = 0.01) -> tuple[DeepSeekRouter, torch.optim.Optimizer]:
+    """:func:`_skewed_router` and an optimiser (learning rate 0: only the bias moves) that updates it
+    after each step."""
+    router = _skewed_router(rate)
+    optimizer = torch.optim.SGD(router.parameters(), lr=0.0)
+    register_after_optimizer_step(optimizer, router)
+    return router, optimizer
+
+
 def _reference_bias(bias: torch.Tensor, loads: torch.Tensor, rate: float) -> torch.Tensor:
     """``b_i + γ · sign(mean load − load_i)``, one expert at a time, in float32 (the bias's dtype)."""
     mean = float(loads.sum()) / loads.numel()
@@ -36,9 +45,7 @@ def _reference_bias(bias: torch.Tensor, loads: torch.Tensor, rate: float) -> tor
 
 
 def test_the_bias_moves_at_the_optimiser_step_not_at_a_forward():
-    router = _skewed_router()
-    optimizer = torch.optim.SGD(router.parameters(), lr=0.0)
-    register_after_optimizer_step(optimizer, router)
+    router, optimizer = _hooked_router()
     x = torch.randn(256, 16).abs()
     router.train()
     plan = router(x)
@@ -56,9 +63,7 @@ def test_the_bias_moves_at_the_optimiser_step_not_at_a_forward():
 
 
 def test_the_bias_keeps_balancing_over_many_steps():
-    router = _skewed_router()
-    optimizer = torch.optim.SGD(router.parameters(), lr=0.0)
-    register_after_optimizer_step(optimizer, router)
+    router, optimizer = _hooked_router()
     x = torch.randn(256, 16).abs()
     router.train()
     for _ in range(200):
@@ -75,9 +80,7 @@ def test_micro_batches_and_recomputed_forwards_make_one_update_per_step():
     the router counts them again, which the sign rule does not see; torch's early-stopping
     recomputation does not), and the recomputation routes with the bias it was first run with (no
     update inside the step)."""
-    router = _skewed_router(rate=0.1)
-    optimizer = torch.optim.SGD(router.parameters(), lr=0.0)
-    register_after_optimizer_step(optimizer, router)
+    router, optimizer = _hooked_router(rate=0.1)
     x = torch.randn(64, 16, generator=torch.Generator().manual_seed(0))
     router.train()
     loads = torch.zeros(4)
