@@ -155,7 +155,6 @@ def write_run_files(config: RunConfig, records: list[dict[str, Any]]) -> None:
     write_atomic(run_dir / METRICS_FILE, "".join(json.dumps(r) + "\n" for r in records).encode())
 
 
-
 def record_session(run_dir: Path, session: dict[str, Any], *, ended: bool = False) -> None:
     """Add (or, with ``ended``, close) this invocation's entry of ``provenance.json``: the run folder
     keeps one entry per invocation, so a resumed run says where each part of it ran."""

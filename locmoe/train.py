@@ -89,6 +89,7 @@ from locmoe.tensorboard import TensorBoardLogger, tensorboard_available
 
 ModelBuilder = Callable[[ModelConfig, int], nn.Module]
 
+
 def lr_factor(step: int, config: TrainConfig) -> float:
     """Multiplier of ``lr`` for optimiser step ``step`` (0-based): linear warm-up over
     ``warmup_steps``, then a cosine from 1 to ``min_lr_ratio`` at ``steps``."""
@@ -203,9 +204,8 @@ def _setup(
     data = _prepare_data(config, runtime, resumed, tokenizer)
     parts = _build(config, runtime, data, model_builder)
     if resumed:
-        step, elapsed_before = restore_run(
-            *resumed, runtime, parts.model, parts.optimizer, parts.scheduler, parts.loader
-        )
+        model, optimizer = parts.model, parts.optimizer
+        step, elapsed_before = restore_run(*resumed, runtime, model, optimizer, parts.scheduler, parts.loader)
     else:
         step, elapsed_before = 0, 0.0
         if source:
@@ -238,6 +238,8 @@ def _check_batch_split(config: RunConfig, runtime: ExpertParallelRuntime) -> Non
             f"train.grad_accum={train_config.grad_accum} does not divide the {rows_per_rank} sequences of each of "
             f"{runtime.world_size} ranks; allowed: a divisor of {rows_per_rank}"
         )
+
+
 _PREPARATION_NOTICE_S = 2.0  # data preparation slower than this gets a line saying so
 
 
