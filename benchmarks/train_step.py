@@ -49,6 +49,7 @@ from locmoe.config import PRECISIONS, RunConfig  # noqa: E402
 from locmoe.device import forward_precision  # noqa: E402
 from locmoe.metrics import LayerMetric  # noqa: E402
 from locmoe.model import build_model  # noqa: E402
+from locmoe.routing import after_optimizer_step  # noqa: E402
 from locmoe.train import build_optimizer, lr_factor  # noqa: E402
 
 
@@ -79,6 +80,7 @@ class TrainStep:
         max_norm = train.grad_clip if train.grad_clip > 0 else math.inf
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm)
         self.optimizer.step()
+        after_optimizer_step(self.model)  # as the trainer: deepseek's bias moves here
         self.scheduler.step()
         values = torch.stack([loss.detach(), lm_loss.detach(), aux_loss.detach(), grad_norm]).tolist()
         metrics = self.model.routing_metrics()

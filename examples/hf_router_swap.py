@@ -33,7 +33,13 @@ import transformers
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from locmoe.data.corpus import load_corpus  # noqa: E402
-from locmoe.hf import export_hf, locmoe_blocks, replace_moe_blocks, save_locmoe  # noqa: E402
+from locmoe.hf import (  # noqa: E402
+    export_hf,
+    locmoe_blocks,
+    register_after_optimizer_step,
+    replace_moe_blocks,
+    save_locmoe,
+)
 from locmoe.metrics import LayerMetric  # noqa: E402
 
 PROBE_LENGTH = 8
@@ -79,6 +85,7 @@ def batches(args: argparse.Namespace, vocab: int, generator: torch.Generator):  
 def train_in_a_loop(model: transformers.PreTrainedModel, data, args: argparse.Namespace) -> list[float]:  # noqa: ANN001
     """A plain PyTorch loop; the per-step losses."""
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr)  # after the swap: the new parameters
+    register_after_optimizer_step(optimizer, model)  # routers' per-step state (deepseek's bias) after each step
     model.train()
     losses = []
     for step in range(1, args.steps + 1):
@@ -122,6 +129,7 @@ def train_with_trainer(model: transformers.PreTrainedModel, data, args: argparse
         dataloader_num_workers=0, disable_tqdm=True, use_cpu=not torch.cuda.is_available(),
     )
     trainer = transformers.Trainer(model=model, args=settings, train_dataset=Rows(data))
+    register_after_optimizer_step(trainer.create_optimizer(), model)  # deepseek's bias moves after each step
     trainer.train()
     return [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
 

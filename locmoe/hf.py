@@ -32,7 +32,7 @@ from torch import nn
 from locmoe.dispatch import LocalDispatcher
 from locmoe.experts import GroupedExperts
 from locmoe.layer import MoELayer
-from locmoe.routing import Router, build_router
+from locmoe.routing import Router, build_router, register_after_optimizer_step
 
 try:
     import transformers
@@ -57,6 +57,7 @@ __all__ = [
     "load_locmoe",
     "locmoe_aux_loss",
     "locmoe_blocks",
+    "register_after_optimizer_step",  # DeepSeek's bias update after each optimiser step (locmoe.routing)
     "replace_moe_blocks",
     "save_locmoe",
     "weight_copy_bytes",
@@ -424,7 +425,6 @@ def _hf_block(block: LocMoEBlock) -> nn.Module:
         restored.experts.gate_up_proj = nn.Parameter(gate_up)
         restored.experts.down_proj = nn.Parameter(experts.w_out.transpose(1, 2).contiguous())
     if block.hf_routing.sigmoid:
-        block.moe.router.apply_due_update()  # a step that ended after the last forward counts too
         restored.gate.e_score_correction_bias = block.moe.router.score_bias.detach().clone()
         restored.shared_experts = block.shared_expert
     elif block.shared_expert is not None:

@@ -34,6 +34,9 @@ process); ``val_loss``/``val_perplexity`` on evaluation steps), ``checkpoints/``
 :func:`train` reads as setup (:func:`_setup`: checks, data, seeded objects, the restored checkpoint,
 then the first writes), the loop (:func:`_loop`, one :func:`_train_step` at a time) and the summary
 (:func:`_finish`); :class:`RunParts` holds what setup built and :class:`RunState` where the run stands.
+Its parts elsewhere: :mod:`locmoe.launch` (the processes and device), :mod:`locmoe.run_folder` (the
+folder's checks, resumption, first writes), :mod:`locmoe.init_from`, :func:`locmoe.evaluation.evaluate`
+and :mod:`locmoe.run_log` (progress bar, log lines, ``metrics.jsonl`` records).
 """
 
 from __future__ import annotations
@@ -41,66 +44,50 @@ from __future__ import annotations
 import contextlib
 import json
 import math
-import os
 import random
 import signal
 import sys
 import threading
 import time
-import warnings
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, TextIO
+from typing import Any
 
 import numpy as np
 import torch
-import torch.distributed as dist
 from torch import nn
 from tqdm import tqdm
 
 from locmoe.atomic_file import write_atomic
 from locmoe.checkpoint import (
     CHECKPOINT_DIR,
-    check_compatible,
     checkpoint_name,
-    config_differences,
-    latest_checkpoint,
-    list_checkpoints,
-    remove_stale_temporaries,
     resolve_checkpoint,
     rng_state,
     save_checkpoint,
-    set_rng_state,
     stop_on_signals,
 )
-from locmoe.config import ModelConfig, RunConfig, TrainConfig, to_toml
+from locmoe.config import ModelConfig, RunConfig, TrainConfig
 from locmoe.data.dataset import PreparedData, prepare_data
 from locmoe.data.loader import BatchLoader, validation_batches
 from locmoe.data.tokenizer import BPETokenizer
-from locmoe.device import (
-    forward_precision,
-    local_rank,
-    resolve_device,
-    resolve_precision,
-    to_device,
-    use_deterministic_algorithms,
-)
-from locmoe.layer import find_moe_layers, metrics_to_python
-from locmoe.metrics import ClusterStatistics
+from locmoe.device import forward_precision, resolve_precision, to_device
+from locmoe.evaluation import evaluate
+from locmoe.init_from import initialise_from
+from locmoe.launch import start_runtime
+from locmoe.layer import metrics_to_python
 from locmoe.model import GPT, build_model, compile_blocks
 from locmoe.parallel.rank_metrics import merge_rank_metrics
 from locmoe.parallel.runtime import ExpertParallelRuntime
 from locmoe.provenance import session_record
+from locmoe.routing import after_optimizer_step
+from locmoe.run_folder import METRICS_FILE, check_run_folder, record_session, restore_run, write_run_files
+from locmoe.run_log import StepCallback, log_interval, log_record, progress_bar, report
 from locmoe.run_summary import read_metrics, summarize
 from locmoe.tensorboard import TensorBoardLogger, tensorboard_available
 
 ModelBuilder = Callable[[ModelConfig, int], nn.Module]
-StepCallback = Callable[[int, dict[str, Any]], None]
-
-IGNORED_TARGET = -100  # cross_entropy's ignore_index: a padding target that adds nothing to the loss
-_METRICS = "metrics.jsonl"  # in the run directory: one JSON record per step
 
 
 def lr_factor(step: int, config: TrainConfig) -> float:
@@ -118,109 +105,6 @@ def build_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.AdamW:
     no_decay = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
     groups = [{"params": decay, "weight_decay": config.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     return torch.optim.AdamW(groups, lr=config.lr, betas=(config.beta1, config.beta2), eps=config.adam_eps)
-
-
-@torch.no_grad()
-def evaluate(
-    model: GPT,
-    tokens: np.ndarray,
-    batch_size: int,
-    max_batches: int = 0,
-    runtime: ExpertParallelRuntime | None = None,
-    precision: str = "auto",
-    specialisation: bool = False,
-) -> dict[str, Any]:
-    """Validation loss (mean next-token cross-entropy, nats) and perplexity over the fixed
-    validation batches. Runs in eval mode (routers do not update their state) and restores the mode.
-
-    ``specialisation``: also return ``val_calinski_harabasz`` = ``{layer: index}``, the
-    Calinski–Harabasz index of each MoE layer's input features over all these batches, every token
-    labelled by its first-choice expert (:func:`locmoe.metrics.specialisation_labels`; design §6.6).
-    One process only (an expert-parallel runtime leaves it out).
-
-    With an expert-parallel ``runtime`` this is collective (every rank calls it): each rank takes its
-    block of every batch's rows (as evenly as possible when a last batch does not split) and the
-    totals are summed over the ranks, so every rank returns the run's result. A last batch with
-    fewer rows than ranks is padded with copies of its last row whose targets are ignored, so every
-    rank routes some tokens (the padding then shares that batch's routing groups) **(ours)**."""
-    was_training = model.training
-    model.eval()
-    device = next(model.parameters()).device
-    total, count = 0.0, 0
-    split = runtime is not None and runtime.world_size > 1
-    layers = model.moe_layers if specialisation and not split else {}
-    for layer in layers.values():
-        layer.cluster_statistics = ClusterStatistics(layer.num_experts, layer.d_model)
-    try:
-        for inputs, targets in validation_batches(tokens, model.config.seq_len, batch_size, max_batches):
-            if split:
-                missing = runtime.world_size - inputs.shape[0]
-                if missing > 0:
-                    inputs = torch.cat([inputs, inputs[-1:].expand(missing, -1)])
-                    targets = torch.cat([targets, targets.new_full((missing, targets.shape[1]), IGNORED_TARGET)])
-                inputs, targets = runtime.local_rows(inputs, targets, even=False)
-            inputs, targets = to_device(inputs, device), to_device(targets, device)
-            with forward_precision(precision, device):
-                lm_loss, _ = model.loss(inputs, targets)
-            # The loss is a mean over all targets; ignored ones add nothing to its sum.
-            total += float(lm_loss) * targets.numel()
-            count += int((targets != IGNORED_TARGET).sum())
-        clustering = {name: layer.cluster_statistics.calinski_harabasz() for name, layer in layers.items()}
-    finally:
-        model.train(was_training)
-        for layer in layers.values():
-            layer.cluster_statistics = None
-    if split:
-        total, count = runtime.sum_over_ranks(torch.tensor([total, count], dtype=torch.float64)).tolist()
-        count = int(count)
-    loss = total / count
-    result: dict[str, Any] = {"val_loss": loss, "val_perplexity": math.exp(min(loss, 700.0)), "val_tokens": count}
-    if layers:
-        result["val_calinski_harabasz"] = clustering
-    return result
-
-
-def start_runtime(config: RunConfig) -> ExpertParallelRuntime:
-    """The run's runtime: join the job ``torchrun`` started (``WORLD_SIZE`` set, or a process group
-    already initialised), else one process, with ``parallel.simulated_nodes`` if asked; on the
-    device ``train.device`` names (:func:`locmoe.device.resolve_device`).
-
-    Each rank uses ``train.threads`` CPU threads, else what ``OMP_NUM_THREADS`` says, else one. On
-    CUDA each rank takes the GPU of its ``LOCAL_RANK`` and the process group is
-    ``cpu:gloo,cuda:nccl``: GPU tensors (the all-to-alls of the MoE layers) travel over NCCL, the
-    few CPU tensors of the training loop over gloo. On the CPU the backend is gloo."""
-    parallel = config.parallel
-    use_deterministic_algorithms(config.train.deterministic)  # before CUDA starts (cuBLAS workspace)
-    device = resolve_device(config.train.device, local_rank())
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
-    if "WORLD_SIZE" not in os.environ and not dist.is_initialized():
-        if parallel.expert_parallel > 1:
-            raise ValueError(
-                f"parallel.expert_parallel={parallel.expert_parallel} needs that many processes: launch with "
-                f"torchrun --nproc_per_node={parallel.expert_parallel} -m locmoe train ..., or pass "
-                "--expert-parallel 0 to train in one process"
-            )
-        runtime = ExpertParallelRuntime.single_process(parallel.simulated_nodes)
-        runtime.device = device
-        return runtime
-    runtime = ExpertParallelRuntime.start(
-        parallel.expert_parallel or None,
-        ranks_per_node=parallel.ranks_per_node or None,
-        hierarchical=parallel.hierarchical,
-        timeout_s=parallel.collective_timeout,
-        threads=config.train.threads,
-        backend="cpu:gloo,cuda:nccl" if device.type == "cuda" else "gloo",
-    )
-    runtime.device = device
-    if parallel.simulated_nodes and runtime.world_size > 1:
-        runtime.close()
-        raise ValueError(
-            f"parallel.simulated_nodes={parallel.simulated_nodes} simulates nodes in one process; with "
-            f"{runtime.world_size} ranks set --ranks-per-node instead"
-        )
-    runtime.simulated_nodes = parallel.simulated_nodes
-    return runtime
 
 
 def train(
@@ -311,7 +195,8 @@ def _setup(
     checkpoint to resume, the data (and the checks that need it), the seeded objects, the restored
     checkpoint; only then does the writer write. So every check that can fail on user input (a
     resumed state that does not fit the model included) fails before anything is written."""
-    resumed = _check_output_and_resume(config, runtime, resume)
+    _check_batch_split(config, runtime)
+    resumed = check_run_folder(config, runtime, resume)
     # train.init_from: the other run's checkpoint, read once (its tokenizer tokenises this corpus, its
     # weights start the model); a resumed run already holds both.
     source = resolve_checkpoint(config.train.init_from) if config.train.init_from and not resumed else None
@@ -319,18 +204,19 @@ def _setup(
     data = _prepare_data(config, runtime, resumed, tokenizer)
     parts = _build(config, runtime, data, model_builder)
     if resumed:
-        step, elapsed_before = _restore(parts, *resumed)
+        model, optimizer = parts.model, parts.optimizer
+        step, elapsed_before = restore_run(*resumed, runtime, model, optimizer, parts.scheduler, parts.loader)
     else:
         step, elapsed_before = 0, 0.0
         if source:
-            _initialise_from(parts, *source)
-    records = read_metrics(config.run_dir / _METRICS, step)
+            initialise_from(parts.model, runtime, config.train.init_router, *source)
+    records = read_metrics(config.run_dir / METRICS_FILE, step)
     runtime.barrier("run directory read")  # no rank reads a file the writer is about to rewrite
     session: dict[str, Any] = {}  # provenance: the writer's alone (session_record runs git)
     if runtime.is_writer:  # from here on we write (the writer only)
         session = session_record(str(runtime.device), torch.get_num_threads(), runtime.world_size, command)
-        _write_run_files(config, records)
-        _record_session(config.run_dir, session)
+        write_run_files(config, records)
+        record_session(config.run_dir, session)
     state = RunState(
         step, elapsed_before, time.perf_counter(), records,
         checkpoint_path=resumed[0] if resumed else None, checkpoint_step=step if resumed else -1, session=session,
@@ -338,13 +224,9 @@ def _setup(
     return parts, state
 
 
-def _check_output_and_resume(
-    config: RunConfig, runtime: ExpertParallelRuntime, resume: bool
-) -> tuple[Path, dict[str, Any]] | None:
-    """The checks before any data preparation: the batch splits over the ranks, ``--out`` can become
-    a run folder, and it holds no run (a new run) or a run whose newest valid checkpoint fits
-    ``config`` (``resume``). Return that checkpoint as (path, state), or ``None`` to start at step 0."""
-    train_config, run_dir, writer = config.train, config.run_dir, runtime.is_writer
+def _check_batch_split(config: RunConfig, runtime: ExpertParallelRuntime) -> None:
+    """The batch splits over the ranks, and each rank's rows into ``train.grad_accum`` micro-batches."""
+    train_config = config.train
     if train_config.batch_size % runtime.world_size:
         raise ValueError(
             f"train.batch_size={train_config.batch_size} does not split over {runtime.world_size} ranks; "
@@ -356,74 +238,6 @@ def _check_output_and_resume(
             f"train.grad_accum={train_config.grad_accum} does not divide the {rows_per_rank} sequences of each of "
             f"{runtime.world_size} ranks; allowed: a divisor of {rows_per_rank}"
         )
-    if writer:
-        check_output_dir(run_dir)
-    if not resume:
-        if _existing_run_files(run_dir):
-            raise ValueError(f"{run_dir} already holds a run; pass --resume to continue it, or choose another --out")
-        return None
-    resumed = latest_checkpoint(run_dir)
-    if resumed is None:
-        _check_restart_from_step_zero(run_dir, config)
-        return None
-    check_compatible(resumed[1], config, resumed[0])
-    saved_ranks = resumed[1].get("world_size", 1)
-    if saved_ranks != runtime.world_size and writer:
-        warnings.warn(
-            f"resuming {resumed[0]}, saved on {saved_ranks} rank(s), on {runtime.world_size}: the routing "
-            "groups and reduction order change, so the losses from here on differ from an uninterrupted "
-            f"run on {saved_ranks} rank(s)",
-            stacklevel=4,  # the line that called train()
-        )
-    # "auto" device and precision pass check_compatible as words; what they meant may differ here.
-    ran_on = (resumed[1].get("device_type"), resumed[1].get("precision"))
-    runs_on = (runtime.device.type, resolve_precision(train_config.precision, runtime.device))
-    if ran_on[0] is not None and ran_on != runs_on and writer:
-        warnings.warn(
-            f"resuming {resumed[0]}, trained on {ran_on[0]} in {ran_on[1]}, on {runs_on[0]} in {runs_on[1]}: "
-            "the losses from here on differ from an uninterrupted run",
-            stacklevel=4,
-        )
-    return resumed
-
-
-def _existing_run_files(run_dir: Path) -> list[str]:
-    names = (_METRICS, "summary.json", "config.json")
-    return [n for n in names if (run_dir / n).exists()] + [p.name for p in list_checkpoints(run_dir)]
-
-
-def check_output_dir(run_dir: Path) -> None:
-    """``ValueError`` now, before any data preparation, if ``run_dir`` cannot become a run folder: it
-    is a file, lies under a file, or its nearest existing folder is not writable."""
-    if run_dir.exists() and not run_dir.is_dir():
-        raise ValueError(f"--out {str(run_dir)!r} is a file; allowed: a folder path (new or a run folder)")
-    existing = run_dir
-    while not existing.exists():
-        existing = existing.parent
-    if not existing.is_dir():
-        raise ValueError(f"--out {str(run_dir)!r} lies under the file {str(existing)!r}; allowed: a folder path")
-    if not os.access(existing, os.W_OK | os.X_OK):
-        raise ValueError(f"--out {str(run_dir)!r}: the folder {str(existing)!r} is not writable")
-
-
-def _check_restart_from_step_zero(run_dir: Path, config: RunConfig) -> None:
-    """``--resume`` of a run stopped before its first checkpoint (killed, out of memory, an error at
-    step 1) starts it again from step 0, if its saved config matches; ``ValueError`` otherwise."""
-    if list_checkpoints(run_dir):
-        raise ValueError(
-            f"cannot resume: every checkpoint in {run_dir}/{CHECKPOINT_DIR} fails its integrity check; "
-            "move the run away (or choose another --out) to start again"
-        )
-    saved = run_dir / "config.json"
-    if not saved.is_file():
-        raise ValueError(f"cannot resume: no valid checkpoint in {run_dir} (and no run was started there)")
-    try:
-        differences = config_differences(json.loads(saved.read_text()), config)
-    except ValueError as error:
-        raise ValueError(f"cannot resume: {saved} is not a readable config ({error})") from None
-    if differences:
-        raise ValueError(f"cannot resume {run_dir} from step 0: its config differs: " + "; ".join(differences))
-    warnings.warn(f"{run_dir} stopped before its first checkpoint: starting it again from step 0", stacklevel=4)
 
 
 _PREPARATION_NOTICE_S = 2.0  # data preparation slower than this gets a line saying so
@@ -491,66 +305,6 @@ def _build(
     return RunParts(config, runtime, data, model, optimizer, scheduler, loader)
 
 
-def _restore(parts: RunParts, path: Path, saved: dict[str, Any]) -> tuple[int, float]:
-    """Load the checkpoint ``saved`` (read from ``path``) into ``parts``: model, optimiser, scheduler,
-    data position and RNG states, so the run continues bit for bit. Return its step and elapsed time."""
-    try:
-        parts.runtime.load_model_state(parts.model, saved["model"])
-        parts.runtime.load_optimizer_state(parts.model, parts.optimizer, saved["optimizer"])
-    except ValueError as error:
-        raise ValueError(f"cannot resume from {path}: {error}") from None
-    parts.scheduler.load_state_dict(saved["scheduler"])
-    parts.loader.load_state_dict(saved["data"])
-    set_rng_state(saved["rng"])
-    return int(saved["step"]), float(saved["elapsed_s"])
-
-
-def _initialise_from(parts: RunParts, path: Path, saved: dict[str, Any]) -> None:
-    """``train.init_from``: start from the weights of another run's checkpoint ``saved`` (read from
-    ``path``): every weight outside the routers, and the router tensors ``train.init_router`` keeps
-    (:class:`locmoe.config.TrainConfig`; the data already uses its tokenizer). ``ValueError`` naming
-    what does not fit."""
-    routers = tuple(f"{name}.router." for name in find_moe_layers(parts.model))
-    kept = {key: value for key, value in saved["model"].items() if not key.startswith(routers)}
-    missing = sorted(key for key in parts.model.state_dict() if not key.startswith(routers) and key not in kept)
-    if missing:
-        raise ValueError(f"cannot initialise from {path}: it has no {', '.join(missing[:5])}"
-                         f"{' …' if len(missing) > 5 else ''} (a model of another shape)")
-    if parts.config.train.init_router == "matching":
-        kept.update(matching_router_tensors(parts.model.state_dict(), saved["model"], routers))
-    try:
-        parts.runtime.load_model_state(parts.model, kept, strict=False)
-    except (ValueError, RuntimeError) as error:
-        raise ValueError(f"cannot initialise from {path}: {str(error).splitlines()[0]}") from None
-
-
-def matching_router_tensors(
-    own: dict[str, torch.Tensor], saved: dict[str, torch.Tensor], prefixes: tuple[str, ...]
-) -> dict[str, torch.Tensor]:
-    """The router tensors of ``saved`` (keys under ``prefixes``) that ``own`` holds under the same
-    name, shape and dtype: what ``init_router="matching"`` carries over."""
-    return {
-        key: value for key, value in saved.items()
-        if key.startswith(prefixes) and key in own
-        and tuple(own[key].shape) == tuple(value.shape) and own[key].dtype == value.dtype
-    }
-
-
-def _write_run_files(config: RunConfig, records: list[dict[str, Any]]) -> None:
-    """The writer's first writes: the run folder, the resolved config (``config.json``, and
-    ``config.toml`` where TOML can express it) and ``metrics.jsonl`` cut back to ``records``."""
-    run_dir = config.run_dir
-    run_dir.mkdir(parents=True, exist_ok=True)
-    remove_stale_temporaries(run_dir)  # left by a kill between a checkpoint's write and its rename
-    write_atomic(run_dir / "config.json", (json.dumps(config.to_dict(), indent=2) + "\n").encode())
-    try:
-        write_atomic(run_dir / "config.toml", to_toml(config).encode())
-    except ValueError:  # a router option TOML cannot express (e.g. None): config.json is the record
-        (run_dir / "config.toml").unlink(missing_ok=True)
-    # Steps logged after the checkpoint we resume from are replayed, so drop them.
-    write_atomic(run_dir / _METRICS, "".join(json.dumps(r) + "\n" for r in records).encode())
-
-
 # The loop and its pieces: one step, evaluation, the metrics line, checkpoint, report.
 
 
@@ -563,9 +317,9 @@ def _loop(parts: RunParts, state: RunState, callbacks: list[StepCallback]) -> No
     last_stop = min(train_config.stop_after or train_config.steps, train_config.steps)
     writer = parts.runtime.is_writer
     parts.model.train()
-    progress = _progress_bar(parts.config, state.step, writer)
-    log_every = _log_interval(train_config, writer)
-    metrics_path = parts.config.run_dir / _METRICS
+    progress = progress_bar(parts.config, state.step, writer)
+    log_every = log_interval(train_config, writer)
+    metrics_path = parts.config.run_dir / METRICS_FILE
     metrics_output = metrics_path.open("a", encoding="utf-8") if writer else contextlib.nullcontext()
     with progress, stop_on_signals() as stop, metrics_output as metrics_file:
         while state.step < last_stop and not state.stop_signal:
@@ -574,10 +328,10 @@ def _loop(parts: RunParts, state: RunState, callbacks: list[StepCallback]) -> No
             if _due(train_config.eval_every, state.step) or (finishing and state.step == train_config.steps):
                 record.update(_validate(parts))
             record["elapsed_s"] = state.elapsed()
-            _log_record(metrics_file, state, record)
+            log_record(metrics_file, state.records, record)
             if _due(train_config.checkpoint_every, state.step) or finishing:
                 _checkpoint(parts, state)
-            _report(progress, callbacks, state.step, record, log_every)
+            report(progress, callbacks, state.step, record, log_every)
             # Every rank must stop at the same step: the largest signal number any rank received.
             state.stop_signal = parts.runtime.max_over_ranks(stop.signal_number or 0, state.step)
         if state.checkpoint_step != state.step:  # stopped by a signal between checkpoints
@@ -587,14 +341,6 @@ def _loop(parts: RunParts, state: RunState, callbacks: list[StepCallback]) -> No
 def _due(every: int, step: int) -> bool:
     """Whether a periodic action (``every`` steps; 0 = never) falls on ``step``."""
     return bool(every) and step % every == 0
-
-
-def _progress_bar(config: RunConfig, step: int, writer: bool) -> tqdm:
-    """The progress bar (``train.progress``, the writer only), starting at ``step``."""
-    return tqdm(
-        total=config.train.steps, initial=step, disable=not (config.train.progress and writer), dynamic_ncols=True,
-        desc=f"{config.model.router}", unit="step",
-    )
 
 
 def _train_step(parts: RunParts, state: RunState) -> dict[str, Any]:
@@ -672,6 +418,8 @@ def _optimise(
     max_norm = train_config.grad_clip if train_config.grad_clip > 0 else math.inf
     grad_norm = runtime.finish_backward(model, max_norm, step)
     parts.optimizer.step()
+    # Routers' per-step state (DeepSeek's bias), from the step's loads summed over the data-parallel ranks.
+    after_optimizer_step(model, runtime.groups.data_group)
     parts.scheduler.step()
     logged = runtime.mean_over_ranks(totals, step)
     values = torch.cat([logged, grad_norm.detach().reshape(1).to(logged.dtype)]).tolist()  # the step's one sync
@@ -711,15 +459,6 @@ def _validate(parts: RunParts) -> dict[str, Any]:
     )
 
 
-def _log_record(metrics_file: TextIO | None, state: RunState, record: dict[str, Any]) -> None:
-    """Append the step's record to ``metrics.jsonl`` (the writer's open file; ``None`` on the other
-    ranks), flushed so a kill loses no logged step, and to ``state.records``."""
-    if metrics_file is not None:
-        metrics_file.write(json.dumps(record) + "\n")
-        metrics_file.flush()
-    state.records.append(record)
-
-
 def _checkpoint(parts: RunParts, state: RunState) -> None:
     """Checkpoint the run at ``state.step`` and note it in ``state``. Collective: every rank gathers
     the consolidated state; the writer saves it, keeping the newest ``train.keep_checkpoints``."""
@@ -746,49 +485,6 @@ def _checkpoint(parts: RunParts, state: RunState) -> None:
     state.checkpoint_path, state.checkpoint_step = path, state.step
 
 
-def _report(
-    progress: tqdm, callbacks: list[StepCallback], step: int, record: dict[str, Any], log_every: int
-) -> None:
-    """Hand the step's record to the callbacks, then advance the progress bar (its postfix shows the
-    LM loss, learning rate and tokens/s as the step logged them, and the validation loss if any) and,
-    every ``log_every`` steps, print the plain :func:`log_line`."""
-    postfix = {
-        "loss": f"{record['lm_loss']:.3f}", "lr": f"{record['lr']:.2e}", "tok/s": f"{record['tokens_per_s']:,.0f}"
-    }  # formatted before a callback sees the record
-    line = log_line(record, progress.total)
-    for callback in callbacks:
-        callback(step, record)
-    progress.update(1)
-    if "val_loss" in record:
-        postfix["val"] = f"{record['val_loss']:.3f}"
-    progress.set_postfix(postfix, refresh=False)
-    if log_every and (step % log_every == 0 or "val_loss" in record):
-        tqdm.write(line, file=sys.stderr)
-
-
-def log_line(record: dict[str, Any], total_steps: int | None = None) -> str:
-    """One plain line of a step's record: ``step 120/1000  loss 4.3210  lr 2.90e-03  tok/s 12,345
-    drop 0.012  val 4.2500`` (drop = the mean over MoE layers of the share of tokens no expert kept)."""
-    parts = [f"step {record['step']}" + (f"/{total_steps}" if total_steps else ""), f"loss {record['lm_loss']:.4f}",
-             f"lr {record['lr']:.2e}", f"tok/s {record['tokens_per_s']:,.0f}"]
-    drops = [layer["drop_rate"] for layer in record.get("moe", {}).values() if "drop_rate" in layer]
-    if drops:
-        parts.append(f"drop {sum(drops) / len(drops):.3f}")
-    if "val_loss" in record:
-        parts.append(f"val {record['val_loss']:.4f}")
-    return "  ".join(parts)
-
-
-def _log_interval(config: TrainConfig, writer: bool) -> int:
-    """``train.log_every``, with 0 resolved (:class:`locmoe.config.TrainConfig`); 0 on non-writers."""
-    if not writer:
-        return 0
-    if config.log_every:
-        return config.log_every
-    watched = config.progress and sys.stderr.isatty()
-    return 0 if watched else 10
-
-
 def _finish(parts: RunParts, state: RunState) -> dict[str, Any]:
     """The run's summary (:func:`locmoe.run_summary.summarize` plus ``world_size`` and, if a signal
     stopped the run, ``signal``), written to ``summary.json`` by the writer and returned."""
@@ -810,17 +506,5 @@ def _finish(parts: RunParts, state: RunState) -> dict[str, Any]:
         summary["signal"] = signal.Signals(state.stop_signal).name
     if parts.runtime.is_writer:
         write_atomic(config.run_dir / "summary.json", (json.dumps(summary, indent=2) + "\n").encode())
-        _record_session(config.run_dir, state.session, ended=True)
+        record_session(config.run_dir, state.session, ended=True)
     return summary
-
-
-def _record_session(run_dir: Path, session: dict[str, Any], *, ended: bool = False) -> None:
-    """Add (or, with ``ended``, close) this invocation's entry of ``provenance.json``: the run folder
-    keeps one entry per invocation, so a resumed run says where each part of it ran."""
-    path = run_dir / "provenance.json"
-    sessions = json.loads(path.read_text())["sessions"] if path.is_file() else []
-    if ended:
-        session["ended"] = datetime.now(timezone.utc).isoformat(timespec="microseconds")
-        sessions = [s for s in sessions if s.get("started") != session["started"]]
-    sessions.append(session)
-    write_atomic(path, (json.dumps({"sessions": sessions}, indent=2) + "\n").encode())

@@ -8,7 +8,8 @@ model multiplies such a change into its loss curve, so comparing the curve with 
 catches it.
 
 Only the interfaces promised to stay stable are used: ``ModelConfig``, ``build_model``,
-``GPT.loss`` and plain torch (``AdamW``, ``torch.Generator``); not the data pipeline nor
+``GPT.loss``, ``locmoe.routing.after_optimizer_step`` (after each optimiser step, as the trainer
+calls it) and plain torch (``AdamW``, ``torch.Generator``); not the data pipeline nor
 ``locmoe.train``, whose changes must not move these curves.
 
 Determinism: the model is built and trained in float64 (set as torch's default dtype during the
@@ -32,6 +33,7 @@ import torch
 
 from locmoe.config import ModelConfig
 from locmoe.model import build_model
+from locmoe.routing import after_optimizer_step
 
 VOCAB_SIZE = 64
 BATCH_SIZE = 8
@@ -81,6 +83,10 @@ CASES: list[dict[str, Any]] = [
     {"name": "locmoe_plus_pack_swiglu", "router": "locmoe_plus", "dispatch": "pack", "activation": "swiglu"},
     {"name": "tcr", "router": "tcr"},
     {"name": "ecr", "router": "ecr"},
+    # DeepSeek-V3 in miniature: 8 experts in 4 groups, 2 groups per token, routed scaling, and a bias
+    # rate that moves the routing within 30 steps (its update after every optimiser step).
+    {"name": "deepseek", "router": "deepseek", "num_experts": 8, "top_k": 2,
+     "router_options": {"num_groups": 4, "top_groups": 2, "routed_scaling": 2.5, "bias_update_rate": 0.01}},
 ]
 
 CASE_NAMES: list[str] = [case["name"] for case in CASES]
@@ -157,6 +163,7 @@ def golden_losses(case: dict[str, Any], *, threads: int = THREADS) -> list[float
             optimizer.zero_grad(set_to_none=True)
             total.backward()
             optimizer.step()
+            after_optimizer_step(model)  # routers' per-step state: deepseek's bias
             losses.append(float(total.detach()))
     return losses
 

@@ -24,9 +24,10 @@ TIERS: list[set[str]] = [
     {"locmoe.hf"},  # Hugging Face adapters: the layer, routers and experts; never train/compare/cli
     {"locmoe.parallel", "locmoe.config"},
     {"locmoe.model", "locmoe.data", "locmoe.checkpoint"},
-    {"locmoe.run_summary", "locmoe.export", "locmoe.cloze", "locmoe.tensorboard"},  # tensorboard: metric names
+    {"locmoe.run_summary", "locmoe.export", "locmoe.cloze", "locmoe.tensorboard", "locmoe.launch", "locmoe.run_folder",
+     "locmoe.run_log", "locmoe.init_from"},  # tensorboard: metric names
+    {"locmoe.evaluation"},  # the validation loss and held-out scores; the trainer evaluates with it
     {"locmoe.train"},
-    {"locmoe.evaluation"},
     {"locmoe.compare", "locmoe.demo", "locmoe.projection"},
     {"locmoe.cli", "locmoe"},
     {"locmoe.__main__"},

@@ -4,13 +4,15 @@ What it protects: the numbers the library computes end to end, through routing m
 rules, router losses, expert compute and dispatch. Each case of ``golden_runs.CASES`` (one per
 router family at least, plus dropless top-k and a packed-dispatch SwiGLU LocMoE+ case) trains a
 tiny float64 model for 30 AdamW steps on seeded synthetic tokens; the per-step total loss
-(lm + aux) must match ``tests/assets/golden_losses.json``, generated at commit a18bcd7. A change
+(lm + aux) must match ``tests/assets/golden_losses.json``, generated at commit a18bcd7 (the
+``deepseek`` case added later with ``--case deepseek``, the header's ``updates`` say when). A change
 of behaviour that the unit tests miss (a capacity off by one, a loss coefficient, a different gate
 value, the expert compute or its gradients) moves these curves by far more than the tolerance. Measured
 when the file was made: switch's aux_coef 0.01 -> 0.0101 moved its curve by 4e-3 (relative, max over
 steps), its capacity_factor 1.1 -> 1.2 by 1e-2, locmoe_plus's margin 0.1 -> 0.12 by 5e-3, a top-k
-z-loss of 1e-4 by 2e-3. Edits of the code, each failing the cases where it changes what is
-computed: the capacity test ``ranks < limit`` -> ``<=`` (switch, top-k with a capacity, hash,
+z-loss of 1e-4 by 2e-3; deepseek's bias rate 0.01 -> 0.0101 by 5e-3, and no bias update (rate 0, as
+a loop that never calls ``after_optimizer_step``) by 6e-3. Edits of the code, each failing the cases
+where it changes what is computed: the capacity test ``ranks < limit`` -> ``<=`` (switch, top-k with a capacity, hash,
 locmoe, tcr), ``ceil`` -> ``floor`` in the capacity (the same but locmoe; at cf 1.0 or below the
 ceiling it changes nothing), no gradient to the gate values (all but hash), the SwiGLU input
 gradient missing its gate branch (the SwiGLU case), the expert output scaled by 1.001 (all). Not

@@ -13,6 +13,7 @@ from host_syncs import count_host_syncs
 from locmoe import MoELayer
 from locmoe.config import ModelConfig
 from locmoe.model import GPT
+from locmoe.routing import after_optimizer_step
 
 INPUT_CHECK = "locmoe.layer:_check_inputs"
 FIXED_CAPACITY = ["switch", "topk", "expert_choice", "hash", "tcr", "ecr"]
@@ -37,11 +38,15 @@ def test_fixed_capacity_routers_need_no_host_sync_with_grouped_gemm(router, disp
 @pytest.mark.parametrize("dispatch", ["pad", "pack"])
 def test_deepseek_with_a_capacity_needs_no_host_sync_with_grouped_gemm(dispatch):
     """``deepseek`` is dropless by default (pad then sizes its buffers by the largest load: one sync);
-    with a capacity factor it is a fixed-capacity router, its once-per-step bias update included."""
+    with a capacity factor it is a fixed-capacity router; its bias update after the step needs none."""
     layer = MoELayer(32, 64, 4, router="deepseek", capacity_factor=1.25, dispatch=dispatch,
                      experts_backend="grouped")
     sites = _forward_syncs(layer, torch.randn(4, 16, 32))
     assert sites == {INPUT_CHECK: 1}, sites
+    bias = layer.router.score_bias.clone()
+    with count_host_syncs() as syncs:
+        after_optimizer_step(layer)
+    assert dict(syncs.sites) == {} and not torch.equal(layer.router.score_bias, bias)
 
 
 @pytest.mark.parametrize("dispatch", ["pad", "pack"])

@@ -11,8 +11,9 @@ from locmoe.checkpoint import list_checkpoints, load_checkpoint
 from locmoe.config import TrainConfig
 from locmoe.data.dataset import prepare_data
 from locmoe.data.loader import BatchLoader
+from locmoe.evaluation import evaluate
 from locmoe.model import GPT
-from locmoe.train import evaluate, train
+from locmoe.train import train
 
 STEPS = 30
 

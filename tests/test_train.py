@@ -18,9 +18,10 @@ from locmoe.checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
 from locmoe.config import ModelConfig, TrainConfig
 from locmoe.data.dataset import prepare_data
 from locmoe.data.loader import validation_batches
+from locmoe.evaluation import evaluate
 from locmoe.model import GPT
 from locmoe.run_summary import unigram_cross_entropy, unigram_entropy
-from locmoe.train import evaluate, lr_factor, train
+from locmoe.train import lr_factor, train
 
 STEPS = 20
 

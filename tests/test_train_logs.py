@@ -10,7 +10,8 @@ import torch
 from tiny_runs import cache_dir, tiny_config, tiny_flags  # noqa: F401 - cache_dir is a fixture
 
 from locmoe.cli import main
-from locmoe.train import log_line, train
+from locmoe.run_log import log_line
+from locmoe.train import train
 
 
 def test_a_log_line_carries_step_loss_lr_throughput_drop_and_validation():

@@ -7,7 +7,7 @@ rules and the LocMoE bound), ``losses``,
 and the routers (each with its own options class), ``registry``.
 """
 
-from locmoe.routing.base import Router, RoutingContext
+from locmoe.routing.base import Router, RoutingContext, after_optimizer_step, register_after_optimizer_step
 from locmoe.routing.deepseek import DeepSeekOptions
 from locmoe.routing.expert_choice import ExpertChoiceOptions
 from locmoe.routing.grap_router import GrAPOptions
@@ -42,10 +42,12 @@ __all__ = [
     "SwitchOptions",
     "TCROptions",
     "TopKOptions",
+    "after_optimizer_step",
     "available_routers",
     "build_router",
     "make_options",
     "options_class",
+    "register_after_optimizer_step",
     "router_class",
     "router_options",
 ]

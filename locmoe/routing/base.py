@@ -11,7 +11,9 @@ import abc
 from dataclasses import dataclass
 
 import torch
+import torch.distributed as dist
 from torch import nn
+from torch.utils.hooks import RemovableHandle
 
 from locmoe.routing.options import RouterOptions
 from locmoe.routing.plan import RoutingPlan
@@ -106,6 +108,13 @@ class Router(nn.Module, metaclass=abc.ABCMeta):
         """This router's routing group, ``"batch"`` or ``"sequence"`` (:meth:`scope_of`)."""
         return self.scope_of(self.options)
 
+    def after_optimizer_step(self, group: dist.ProcessGroup | None = None) -> None:
+        """Called once right after every optimiser step, for state that follows the steps rather than
+        the gradient (DeepSeek's correction bias); a no-op here. ``group``: the data-parallel process
+        group whose replicas of this router must stay identical (``None``: this process alone).
+        :func:`after_optimizer_step` calls it on every router of a model; the trainer does so right
+        after ``optimizer.step()``, other loops through :func:`register_after_optimizer_step`."""
+
     def _apply(self, fn, recurse=True):  # noqa: ANN001, ANN202 - nn.Module's signature
         """``nn.Module._apply`` (``.to``, ``.cuda``, ``.half`` ...), except that :attr:`state_buffers`
         keep their dtype and values: each is moved, uncast, to the device the cast one landed on."""
@@ -137,3 +146,22 @@ def gate_logits(gate: nn.Linear, x: torch.Tensor) -> torch.Tensor:
     dtype = torch.promote_types(x.dtype, torch.float32)
     with torch.autocast(x.device.type, enabled=False):
         return torch.nn.functional.linear(x.to(dtype), gate.weight.to(dtype))
+
+
+def after_optimizer_step(model: nn.Module, group: dist.ProcessGroup | None = None) -> None:
+    """:meth:`Router.after_optimizer_step` on every router in ``model`` (in module order, the same on
+    every rank, so routers that reduce over ``group`` issue their collectives in the same order)."""
+    for module in model.modules():
+        if isinstance(module, Router):
+            module.after_optimizer_step(group)
+
+
+def register_after_optimizer_step(
+    optimizer: torch.optim.Optimizer, model: nn.Module, group: dist.ProcessGroup | None = None
+) -> RemovableHandle:
+    """Make every ``optimizer.step()`` end with :func:`after_optimizer_step` on ``model`` (a step
+    post-hook; ``handle.remove()`` undoes it), for training loops that are not locmoe's own: a plain
+    PyTorch loop or Hugging Face's ``Trainer`` (``trainer.create_optimizer()``, then hook
+    ``trainer.optimizer``). A step that does not run (a gradient-accumulation micro-batch, a step a
+    gradient scaler skips) does not call it."""
+    return optimizer.register_step_post_hook(lambda _optimizer, _args, _kwargs: after_optimizer_step(model, group))

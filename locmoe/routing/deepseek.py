@@ -12,10 +12,11 @@ uses the biased affinity ``s_{i,t} + b_i``; the gate value uses the unbiased one
 
 The bias is not learned by gradient: at the end of each training step every expert's bias moves by
 ``γ · sign(mean load − load_i)``, the loads being the experts' proposals over the step's training
-forwards, which pushes tokens away from overloaded experts without a balance loss in the gradient
-("auxiliary-loss-free balancing"). A small complementary balance loss (``aux_coef``) is kept, as in
-the paper. A group's score is the sum of its two highest biased affinities, Hugging Face's rule (the
-paper sums the top ``K_r / M``, also two for DeepSeek-V3's 8 experts over 4 groups).
+forwards (summed over the data-parallel replicas), which pushes tokens away from overloaded experts
+without a balance loss in the gradient ("auxiliary-loss-free balancing"). A small complementary
+balance loss (``aux_coef``) is kept, as in the paper. A group's score is the sum of its two highest
+biased affinities, Hugging Face's rule (the paper sums the top ``K_r / M``, also two for
+DeepSeek-V3's 8 experts over 4 groups).
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from locmoe.routing.base import Router, RoutingContext, gate_logits
@@ -144,17 +146,21 @@ class DeepSeekRouter(Router):
     Options: :class:`locmoe.routing.deepseek.DeepSeekOptions`. Metric ``bias_range``: the largest
     minus the smallest bias.
 
-    The bias update happens once per optimiser step **(ours: when, not how)**. Every training forward
-    adds its proposals to the buffer ``pending_load``; the update (:meth:`apply_bias_update`) runs at
-    the first forward after the gate's weights changed in place (the optimiser stepped, or a
-    checkpoint was loaded), before that forward routes. So the micro-batches of a gradient-accumulation
-    step count as one step, a forward recomputed for gradient checkpointing routes with the bias of
-    the forward it recomputes (its loads count twice, which the sign rule does not see), and a resumed
-    run repeats an uninterrupted one (``pending_load`` is in the state dict). With a frozen gate, call
-    :meth:`apply_bias_update` after each step. ``score_bias`` and ``pending_load`` stay float32 when the
-    model is cast (:attr:`Router.state_buffers`). With expert or data parallelism each replica updates
-    its own bias from its own tokens, like LocMoE+'s capacity state (checkpoints keep rank 0's); the
-    global routing scope gives every rank of a group the same tokens.
+    The bias update happens once per optimiser step, explicitly **(ours: when, not how)**: every
+    training forward adds its proposals to the buffer ``pending_load``, and :meth:`update_bias` (what
+    :meth:`after_optimizer_step` does) moves the bias by them and clears them. The trainer calls it on
+    every router right after ``optimizer.step()`` (:func:`locmoe.routing.after_optimizer_step`); other
+    loops hook their optimiser (:func:`locmoe.routing.register_after_optimizer_step`). So the
+    micro-batches of a gradient-accumulation step count as one step, a forward recomputed for gradient
+    checkpointing routes with the bias of the forward it recomputes (its loads may count twice, which
+    the sign rule does not see), and nothing depends on how the gate's weights are stored or replaced
+    (``load_state_dict(assign=True)``, FSDP, a swapped ``Parameter``). A resumed run repeats an
+    uninterrupted one (both buffers are in the state dict). ``score_bias`` and ``pending_load`` stay
+    float32 when the model is cast (:attr:`Router.state_buffers`). With data or expert parallelism the
+    loads are summed over the data-parallel ``group`` before the sign rule, so every replica moves its
+    bias identically (as if one process had routed all the step's tokens); under the global routing
+    scope each rank of an expert-parallel group counts the group's tokens, which scales the sum by the
+    group size and leaves every sign unchanged.
     """
 
     name = "deepseek"
@@ -169,29 +175,32 @@ class DeepSeekRouter(Router):
         self.pending_load: torch.Tensor
         self.register_buffer("score_bias", torch.zeros(num_experts, dtype=torch.float32))
         self.register_buffer("pending_load", torch.zeros(num_experts, dtype=torch.float32))
-        self._gate_version: int | None = None  # the gate weight's version when pending_load last grew
 
     @property
     def top_k(self) -> int:
         return self.options.top_k
 
     @torch.no_grad()
-    def apply_bias_update(self) -> None:
-        """Move the bias by the loads of the forwards since the last update, then forget them (a no-op
-        when there were none: every load is 0, every sign 0)."""
-        self.score_bias.copy_(updated_bias(self.score_bias, self.pending_load, self.options.bias_update_rate))
+    def update_bias(self, group: dist.ProcessGroup | None = None) -> None:
+        """Move the bias by the loads of the training forwards since the last update (summed over the
+        ranks of ``group`` when one is given and ``torch.distributed`` is initialised: one all-reduce,
+        which every rank of the group must make), then forget them. No loads counted: every sign is 0
+        and the bias stays. ``bias_update_rate`` 0: nothing to do (no rank reduces)."""
+        if self.options.bias_update_rate == 0:
+            return  # no loads are counted, and every rank skips the all-reduce alike
+        load = self.pending_load
+        if group is not None and dist.is_available() and dist.is_initialized():
+            load = load.clone()
+            dist.all_reduce(load, op=dist.ReduceOp.SUM, group=group)
+        self.score_bias.copy_(updated_bias(self.score_bias, load, self.options.bias_update_rate))
         self.pending_load.zero_()
 
-    def apply_due_update(self) -> None:
-        """Apply the bias update if a step ended since the loads were counted (the gate's weights
-        changed in place since then); what every forward does first."""
-        if self.options.bias_update_rate > 0 and self.gate.weight._version != self._gate_version:
-            self.apply_bias_update()
-            self._gate_version = self.gate.weight._version
+    def after_optimizer_step(self, group: dist.ProcessGroup | None = None) -> None:
+        """The step has ended: :meth:`update_bias`."""
+        self.update_bias(group)
 
     def route(self, x: torch.Tensor, context: RoutingContext) -> RoutingPlan:
         options = self.options
-        self.apply_due_update()  # the step the pending loads belong to has ended
         capacity = None
         if options.capacity_factor is not None:
             capacity = capacity_from_factor(options.capacity_factor, x.shape[0], self.num_experts, options.top_k)

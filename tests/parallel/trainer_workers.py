@@ -47,8 +47,8 @@ def evaluate_models(runtime) -> dict[str, dict]:  # noqa: ANN001
     import torch
 
     from locmoe.config import ModelConfig
+    from locmoe.evaluation import evaluate
     from locmoe.model import build_model
-    from locmoe.train import evaluate
 
     results = {}
     for name, router, scope in (("global", "locmoe_plus", "global"), ("local", "switch", "local")):

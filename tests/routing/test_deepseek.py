@@ -1,4 +1,5 @@
-"""The ``deepseek`` router (DeepSeek-V3 routing) against a slow, token-by-token reference."""
+"""The ``deepseek`` router (DeepSeek-V3 routing) against a slow, token-by-token reference (its bias
+update: ``tests/routing/test_deepseek_bias_update.py``)."""
 
 from __future__ import annotations
 
@@ -6,7 +7,6 @@ import math
 
 import pytest
 import torch
-import torch.utils.checkpoint
 
 from locmoe import MoELayer
 from locmoe.routing import DeepSeekOptions, build_router
@@ -62,52 +62,6 @@ def _skewed_router(rate: float = 0.01):
         router.gate.weight.zero_()
         router.gate.weight[0, 0] = 5.0  # every token with x_0 > 0 prefers expert 0
     return router
-
-
-def _step(router, x, optimizer) -> torch.Tensor:
-    """One training step: forward, a loss through the gate values, optimiser step."""
-    plan = router(x)
-    optimizer.zero_grad()
-    plan.gate_weights.sum().backward()
-    optimizer.step()
-    return plan.tokens_per_expert
-
-
-def test_the_bias_moves_tokens_away_from_overloaded_experts_once_per_step():
-    router = _skewed_router()
-    optimizer = torch.optim.SGD(router.parameters(), lr=0.0)  # steps change nothing but the version
-    x = torch.randn(256, 16).abs()
-    router.train()
-    first = _step(router, x, optimizer)
-    assert first[0] == 256 and torch.equal(router.score_bias, torch.zeros(4))  # not before the step ends
-    router(x[:8])  # the next forward applies the first step's update, then routes
-    assert router.score_bias[0] == pytest.approx(-0.01) and router.score_bias[1] == pytest.approx(0.01)
-    for _ in range(200):
-        loads = _step(router, x, optimizer)
-    assert loads.max() < 256 and (loads > 0).sum() > 1
-    router.eval()
-    router(x)  # the last training step's update is still due: the first forward after it applies it
-    assert torch.equal(router.pending_load, torch.zeros(4))
-    before = router.score_bias.clone()
-    router(x)
-    router(x)
-    assert torch.equal(router.score_bias, before)  # evaluation adds no load and makes no step
-
-
-def test_micro_batches_and_recomputed_forwards_make_one_update_per_step():
-    """Two micro-batches and a gradient-checkpointed forward (recomputed in backward) before one
-    optimiser step: one update of γ, and the recomputation routes with the bias it was run with."""
-    router = _skewed_router(rate=0.1)
-    optimizer = torch.optim.SGD(router.parameters(), lr=0.0)
-    x = torch.randn(64, 16).abs()
-    router.train()
-    for half in (x[:32], x[32:]):
-        weights = torch.utils.checkpoint.checkpoint(lambda h: router(h).gate_weights, half, use_reentrant=False)
-        weights.sum().backward()
-    assert torch.equal(router.score_bias, torch.zeros(4))
-    optimizer.step()
-    router(x[:4])
-    torch.testing.assert_close(router.score_bias, torch.tensor([-0.1, 0.1, 0.1, 0.1]))
 
 
 def test_a_cast_model_keeps_the_bias_in_float32():
