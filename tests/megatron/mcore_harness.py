@@ -180,3 +180,103 @@ def _entry(rank: int, worker: Any, world_size: int, store: str, args: tuple) -> 
 
 def spawn(worker: Any, world_size: int, store: str | Path, *args: Any) -> None:
     mp.spawn(_entry, args=(worker, world_size, str(store), args), nprocs=world_size, join=True)
+
+
+# --------------------------------------------------------------------------------------------------
+# Expert parallelism: one case run by every rank of an EP group (and by one process for EP=1)
+# --------------------------------------------------------------------------------------------------
+
+EP_TOKENS = (12, 2)  # [seq, batch] per rank
+
+
+def ep_layer(dispatcher: str, capacity_factor: float | None, expert_parallel: int) -> Any:
+    """A LocMoE+ Megatron ``MoELayer`` whose experts (this rank's shard) come from one seeded set of
+    locmoe expert weights, the same in every process."""
+    from locmoe.experts import GroupedExperts
+    from locmoe.megatron import locmoe_router
+
+    config = moe_config(moe_token_dispatcher_type=dispatcher, moe_expert_capacity_factor=capacity_factor,
+                        expert_model_parallel_size=expert_parallel)
+    layer = megatron_moe_layer(config, locmoe_router("locmoe_plus", top_l=2))
+    layer.set_layer_number(1)
+    torch.manual_seed(0)
+    copy_experts_to_megatron(GroupedExperts(4, 32, 64, "gelu", "reference"), layer)
+    layer.train()
+    return layer
+
+
+def ep_tokens(rank: int) -> torch.Tensor:
+    return torch.randn(*EP_TOKENS, 32, generator=torch.Generator().manual_seed(100 + rank))
+
+
+def ep_step(layer: Any, tokens: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Forward and backward of ``sum(out²)`` (plus the router losses, through the autoscaler)."""
+    from megatron.core.transformer.moe.moe_utils import MoEAuxLossAutoScaler
+
+    MoEAuxLossAutoScaler.set_loss_scale(torch.tensor(1.0))
+    x = tokens.clone().requires_grad_()
+    out, _ = layer(x)
+    out.pow(2).sum().backward()
+    return {"out": out.detach(), "x_grad": x.grad, "tokens_per_expert": layer.router.last_plan.tokens_per_expert}
+
+
+def expert_grads(layer: Any) -> dict[int, torch.Tensor]:
+    """This rank's experts' ``linear_fc1`` gradients by global expert id."""
+    return {int(layer.local_expert_indices[local]): expert.linear_fc1.weight.grad.clone()
+            for local, expert in enumerate(layer.experts.local_experts)}
+
+
+def ep_worker(rank: int, world_size: int, store: str, out_dir: str, dispatcher: str,
+              capacity_factor: float | None) -> None:
+    init_parallel(rank, world_size, store, expert_parallel=world_size)
+    layer = ep_layer(dispatcher, capacity_factor, world_size)
+    result = ep_step(layer, ep_tokens(rank))
+    result["expert_grads"] = expert_grads(layer)
+    torch.save(result, Path(out_dir) / f"rank{rank}.pt")
+
+
+# --------------------------------------------------------------------------------------------------
+# A tiny GPTModel trained with LocMoE+ (also examples/megatron_locmoe.py, which has its own copy)
+# --------------------------------------------------------------------------------------------------
+
+
+def train_tiny_gpt(steps: int, router: str = "locmoe_plus", seed: int = 0, **options: Any) -> dict[str, Any]:
+    """Train a 2-layer GPTModel (MoE in every layer, locmoe router via ``gpt_layer_spec``) on a
+    learnable sequence task (next token = token + 1 mod V) with Megatron's own loss (the model's
+    vocab-parallel cross-entropy given ``labels``) and the router losses through the autoscaler.
+
+    Megatron's ``FP32Optimizer`` and its pipeline schedules allocate on ``"cuda"`` unconditionally
+    (optimizer.py, schedules.py), so on a CPU the update is ``torch.optim.Adam`` on the same
+    parameters, and the autoscaler's scale is set as the schedule would set it (1 micro-batch).
+    """
+    from megatron.core.models.gpt import GPTModel
+    from megatron.core.transformer.moe.moe_logging import get_moe_metrics_tracker
+    from megatron.core.transformer.moe.moe_utils import MoEAuxLossAutoScaler
+
+    from locmoe.megatron import gpt_layer_spec
+
+    vocab, length, batch = 64, 16, 4
+    config = moe_config(num_layers=2, hidden_dropout=0.0, attention_dropout=0.0)
+    torch.manual_seed(seed)
+    model = GPTModel(config=config, transformer_layer_spec=gpt_layer_spec(config, router=router, **options),
+                     vocab_size=vocab, max_sequence_length=length)
+    optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
+    generator = torch.Generator().manual_seed(seed + 1)
+    positions = torch.arange(length)[None].expand(batch, length)
+    causal = torch.triu(torch.ones(length, length, dtype=torch.bool), diagonal=1)[None, None]
+    tracker = get_moe_metrics_tracker()
+    losses, tracked = [], []
+    for _ in range(steps):
+        starts = torch.randint(0, vocab, (batch, 1), generator=generator)
+        tokens = (starts + torch.arange(length)[None]) % vocab
+        tracker.clear()
+        optimizer.zero_grad()
+        MoEAuxLossAutoScaler.set_loss_scale(torch.tensor(1.0))
+        loss = model(tokens, positions, causal, labels=(tokens + 1) % vocab).float().mean()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+        tracked.append({name: entry.values.clone() for name, entry in tracker.metrics.items()})
+    routers = [layer.mlp.router for layer in model.decoder.layers]
+    return {"losses": losses, "tracked": tracked, "metrics": [router.last_metrics for router in routers],
+            "routers": routers}
