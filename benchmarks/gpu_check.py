@@ -28,7 +28,13 @@ or a hang in one step is recorded as that step's failure and the next step still
    ``torch.nn.functional.grouped_mm`` calls. CUDA events, 3 warm-up rounds, median of 10. Targets:
    our best backend within 1.25x the floor, and faster than both Hugging Face paths. 110 s (what is
    left of the 465 s that all steps share).
-4. Environment facts, probed first (25 s): torch, CUDA, GPU, transformers, which test dependencies
+4. ``megatron``: where ``megatron.core`` imports (megatron-core 0.19.2, Python >= 3.12), what the CPU
+   tests (``tests/megatron``) cannot run: a 2-layer GPTModel with LocMoE+ in every MoE layer
+   (``locmoe.megatron.gpt_layer_spec``) trains 20 steps on the GPU through Megatron's own DDP,
+   ``get_megatron_optimizer`` (Adam) and pipeline schedule (2 micro-batches), AllGather and AlltoAll
+   (capacity factor 1.0) dispatchers; the loss must fall and the router losses must be tracked. Elsewhere
+   it is skipped and says why. 60 s, taken before the layer benchmark.
+5. Environment facts, probed first (25 s): torch, CUDA, GPU, transformers, which test dependencies
    import, commit (``git`` may be missing on the device).
 
 The summary table at the end says what ran, what passed, what was skipped and why; the exit code is
@@ -120,14 +126,14 @@ GPU_TEST_PATHS = (
 )
 GPU_MODE = Mode(
     name="gpu", device="cuda", precision="bfloat16", test_paths=GPU_TEST_PATHS,
-    budgets={"env": 25.0, "pytest": 120.0, "train": 200.0, "layer": 110.0},
+    budgets={"env": 25.0, "pytest": 120.0, "train": 200.0, "megatron": 60.0, "layer": 110.0},
     train_steps=100, resume_steps=40, resume_stop=20, model_args=(), compile=True,
     layer=LayerSize(d=4096, f=14336, tokens=16384, dtype="bfloat16", warmup=3, repeats=10, contender_s=12.0),
     judge_targets=True,
 )
 SMOKE_MODE = Mode(
     name="cpu-smoke", device="cpu", precision="float32", test_paths=("tests/test_experts.py",),
-    budgets={"env": 30.0, "pytest": 90.0, "train": 120.0, "layer": 60.0},
+    budgets={"env": 30.0, "pytest": 90.0, "train": 120.0, "megatron": 60.0, "layer": 60.0},
     train_steps=5, resume_steps=6, resume_stop=3,
     model_args=("--d-model", "64", "--n-layers", "2", "--n-heads", "2", "--d-ff", "128", "--seq-len", "32",
                 "--batch-size", "4", "--max-chars", "200000", "--vocab-size", "512", "--warmup-steps", "1"),
@@ -848,7 +854,120 @@ def _short(error: BaseException) -> str:
     return f"{type(error).__name__}: {str(error).strip().splitlines()[0][:300] if str(error).strip() else ''}"
 
 
-WORKERS: dict[str, Callable[[dict[str, Any]], None]] = {"env": env_worker, "layer": layer_worker}
+# --------------------------------------------------------------------------------------------------
+# Step 4: LocMoE+ in Megatron-Core on the GPU
+# --------------------------------------------------------------------------------------------------
+
+MEGATRON_STEPS = 20
+
+
+def megatron_step(mode: Mode, budget: float, cuda: bool | None, selected: bool) -> Check:
+    """A tiny GPTModel with LocMoE+ trained by Megatron's own DDP, optimizer and schedule (step 4)."""
+    check = Check("megatron", "megatron: GPTModel + LocMoE+ through Megatron's DDP, optimizer and schedule")
+    if not selected:
+        return check.finish("skipped", "not selected (--only)")
+    if importlib.util.find_spec("megatron") is None or importlib.util.find_spec("megatron.core") is None:
+        return check.finish("skipped", "megatron.core does not import here (pip install megatron-core==0.19.2 "
+                                       "--no-deps, Python >= 3.12; README 'Training at scale with Megatron-Core')")
+    if mode.device != "cuda" or cuda is False:
+        return check.finish("skipped", "needs a CUDA GPU (the CPU runs are tests/megatron, make test-stack)")
+    outcome, rows = run_worker("megatron", {"steps": MEGATRON_STEPS}, budget)
+    check.seconds = outcome.seconds
+    if not outcome.ok or len(rows) != 2:
+        return check.finish("failed", outcome.why(budget), rows=rows, log_tail=outcome.tail())
+    bad = [row["dispatcher"] for row in rows if not (row["last_loss"] < row["first_loss"] and row["tracked"])]
+    summary = "; ".join(f"{row['dispatcher']}: loss {row['first_loss']:.3f} -> {row['last_loss']:.3f}" for row in rows)
+    return check.finish("failed" if bad else "passed", summary + (f" (not learning: {bad})" if bad else ""), rows=rows)
+
+
+def megatron_worker(spec: dict[str, Any]) -> None:
+    """One process, one GPU, NCCL: for each dispatcher, 20 steps of a 2-layer GPTModel (d=256, 8
+    experts, LocMoE+ top_l=2) with Megatron's DDP, Adam from ``get_megatron_optimizer`` and
+    ``forward_backward_no_pipelining`` over 2 micro-batches of 4×128 tokens; prints one row each."""
+    import torch
+    import torch.distributed as dist
+    from megatron.core import parallel_state
+
+    torch.cuda.set_device(0)
+    with tempfile.TemporaryDirectory() as store:
+        dist.init_process_group("nccl", init_method=f"file://{store}/store", rank=0, world_size=1)
+        parallel_state.initialize_model_parallel()
+        for dispatcher, capacity_factor in (("allgather", None), ("alltoall", 1.0)):
+            emit(_megatron_training(dispatcher, capacity_factor, spec["steps"]))
+        dist.destroy_process_group()
+
+
+def _megatron_batches(vocab: int, length: int, batch: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Endless micro-batches of a learnable task: each sequence counts up from a random token."""
+    import torch
+
+    generator = torch.Generator().manual_seed(1)
+    while True:
+        starts = torch.randint(0, vocab, (batch, 1), generator=generator)
+        tokens = ((starts + torch.arange(length)[None]) % vocab).cuda()
+        yield tokens, (tokens + 1) % vocab
+
+
+def _megatron_forward_step(data_iterator: Iterator, model: Any) -> tuple[Any, Callable]:
+    """Megatron's forward-step contract: the model's per-token loss and the function reducing it."""
+    import torch
+
+    tokens, labels = next(data_iterator)
+    positions = torch.arange(tokens.shape[1], device=tokens.device)[None].expand_as(tokens)
+    output = model(tokens, positions, None, labels=labels)
+
+    def loss_func(output_tensor: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        loss = output_tensor.float().mean()
+        return loss, {"lm loss": loss.detach()}
+
+    return output, loss_func
+
+
+def _megatron_training(dispatcher: str, capacity_factor: float | None, steps: int) -> dict[str, Any]:
+    import torch
+    from megatron.core import tensor_parallel
+    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+    from megatron.core.models.gpt import GPTModel
+    from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+    from megatron.core.transformer.moe.moe_logging import get_moe_metrics_tracker
+    from megatron.core.transformer.transformer_config import TransformerConfig
+
+    from locmoe.megatron import gpt_layer_spec
+
+    vocab, length, batch = 512, 128, 4
+    tensor_parallel.model_parallel_cuda_manual_seed(0)
+    config = TransformerConfig(
+        num_layers=2, hidden_size=256, num_attention_heads=4, ffn_hidden_size=512, num_moe_experts=8,
+        moe_router_topk=2, moe_ffn_hidden_size=512, moe_token_dispatcher_type=dispatcher,
+        moe_expert_capacity_factor=capacity_factor, moe_aux_loss_coeff=1e-2, add_bias_linear=False,
+        hidden_dropout=0.0, attention_dropout=0.0, bf16=True, params_dtype=torch.bfloat16,
+    )
+    spec = gpt_layer_spec(config, router="locmoe_plus", top_l=2)
+    model = GPTModel(config=config, transformer_layer_spec=spec, vocab_size=vocab, max_sequence_length=length).cuda()
+    model = DistributedDataParallel(config, DistributedDataParallelConfig(), model)
+    optimizer = get_megatron_optimizer(
+        OptimizerConfig(optimizer="adam", lr=3e-3, bf16=True, params_dtype=torch.bfloat16), [model])
+    data = _megatron_batches(vocab, length, batch)
+    losses = []
+    for _ in range(steps):
+        get_moe_metrics_tracker().clear()
+        model.zero_grad_buffer()
+        optimizer.zero_grad()
+        reduced = get_forward_backward_func()(
+            forward_step_func=_megatron_forward_step, data_iterator=data, model=[model], num_microbatches=2,
+            seq_length=length, micro_batch_size=batch, forward_only=False)
+        optimizer.step()
+        losses.append(float(torch.stack([item["lm loss"] for item in reduced]).mean()))
+    tracked = sorted(name for name, entry in get_moe_metrics_tracker().metrics.items()
+                     if bool((entry.values > 0).all()))
+    return {"dispatcher": dispatcher, "first_loss": losses[0], "last_loss": losses[-1], "losses": losses,
+            "tracked": tracked}
+
+
+WORKERS: dict[str, Callable[[dict[str, Any]], None]] = {
+    "env": env_worker, "layer": layer_worker, "megatron": megatron_worker,
+}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -896,12 +1015,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--cpu-smoke", action="store_true", help="every step on the CPU at tiny sizes (< 1 min)")
-    parser.add_argument("--only", default="pytest,train,layer", help="comma list of steps to run (pytest,train,layer)")
+    parser.add_argument("--only", default="pytest,train,megatron,layer",
+                        help="comma list of steps to run (pytest,train,megatron,layer)")
     parser.add_argument("--output", help="JSON path (default $OUT/gpu_check.json, else benchmarks/results/)")
     parser.add_argument("--worker", choices=sorted(WORKERS), help=argparse.SUPPRESS)
     parser.add_argument("--spec", default="{}", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
-    unknown = set(args.only.split(",")) - {"pytest", "train", "layer"}
+    unknown = set(args.only.split(",")) - {"pytest", "train", "megatron", "layer"}
     if unknown:
         parser.error(f"--only: unknown steps {sorted(unknown)}")
     return args
@@ -924,8 +1044,11 @@ def run_checks(mode: Mode, selected: set[str]) -> tuple[dict[str, Any], list[Che
     cuda = facts.get("cuda_available")  # None when the probe failed: try the GPU steps anyway
     with announce("pytest", budget := deadline.cap(budgets["pytest"])):
         checks = [pytest_step(mode, budget, "pytest" in selected)]
-    with announce("training smoke", budget := max(deadline.cap(budgets["train"]), deadline.left() - budgets["layer"])):
+    reserved = budgets["layer"] + budgets["megatron"]
+    with announce("training smoke", budget := max(deadline.cap(budgets["train"]), deadline.left() - reserved)):
         checks += train_step(mode, budget, cuda, "train" in selected)
+    with announce("megatron", budget := deadline.cap(budgets["megatron"])):
+        checks.append(megatron_step(mode, budget, cuda, "megatron" in selected))
     with announce("layer benchmark", budget := deadline.left()):
         layer_checks, rows = layer_step(mode, budget, cuda, "layer" in selected)
     return facts, checks + layer_checks, rows

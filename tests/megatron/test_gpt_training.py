@@ -46,3 +46,15 @@ def test_gpt_layer_spec_reads_the_router_from_the_environment(monkeypatch):
     monkeypatch.setenv("LOCMOE_ROUTER_OPTIONS", "tau=0.9")
     with pytest.raises(ValueError, match="LOCMOE_ROUTER_OPTIONS='tau=0.9' is not JSON"):
         gpt_layer_spec(config)
+
+
+def test_example_runs():
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    example = Path(__file__).resolve().parents[2] / "examples" / "megatron_locmoe.py"
+    result = subprocess.run([sys.executable, str(example), "--steps", "3"], capture_output=True, text=True,
+                            timeout=300, env={"OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin"})
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "loss" in result.stdout.splitlines()[-1] and "capacity" in result.stdout
