@@ -25,7 +25,9 @@ test: $(STAMP)
 ## registry is the CUDA build (about 5 GB with its nvidia wheels) and runs on the CPU. megatron-core's
 ## own requirements are torch, numpy and packaging; its CUDA-only extras (te, dev) are not installed.
 ## STACK_PYTHON names the interpreter; without one the target skips with one line.
-STACK_PYTHON ?= $(shell command -v python3.12 2>/dev/null || ls -d $(HOME)/.pyenv/versions/3.12*/bin/python3.12 2>/dev/null | tail -n 1)
+## The first python3.12 that runs (a pyenv shim for a version not selected does not), else pyenv's own.
+STACK_PYTHON ?= $(shell for p in python3.12 $(HOME)/.pyenv/versions/3.12*/bin/python3.12; do \
+	$$p -c "import sys; assert sys.version_info[:2] == (3, 12)" >/dev/null 2>&1 && { command -v $$p; break; }; done)
 STACK_VENV := .venv-stack
 STACK_PY := $(STACK_VENV)/bin/python
 STACK_STAMP := $(STACK_VENV)/.installed
