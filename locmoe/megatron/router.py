@@ -35,7 +35,7 @@ from typing import Any
 
 import torch
 from megatron.core.transformer.moe.moe_logging import get_moe_metrics_tracker
-from megatron.core.transformer.moe.moe_utils import MoEAuxLossAutoScaler
+from megatron.core.transformer.moe.moe_utils import MoEAuxLossAutoScaler, get_capacity
 from megatron.core.transformer.transformer_config import TransformerConfig
 from torch import nn
 
@@ -268,6 +268,7 @@ class MegatronRouter(nn.Module):
             routed = tokens
         context = RoutingContext(sequence_length=sequence_length if by_sequence else None)
         plan = self.router(routed, context)
+        self._check_static_capacity(plan, tokens.shape[0])
         probs, routing_map = plan_to_megatron(plan)
         if real is not None:
             probs = probs.new_zeros(tokens.shape[0], num_experts).index_copy(0, real, probs)
@@ -283,6 +284,22 @@ class MegatronRouter(nn.Module):
         self._metric_tensors.update({f"loss_{name}": value.detach() for name, value in plan.losses.items()})
         self._metrics_cache = None
         return probs, routing_map
+
+    def _check_static_capacity(self, plan: RoutingPlan, num_tokens: int) -> None:
+        """Drop-and-pad's static capacity against this plan's (both host integers): the build-time
+        check compares capacity factors; this one also covers rounding over ``scope="sequence"`` groups."""
+        config = self.config
+        if not config.moe_pad_expert_input_to_capacity or plan.capacity is None:
+            return
+        static = get_capacity(num_tokens * config.moe_router_topk, config.num_moe_experts,
+                              config.moe_expert_capacity_factor)
+        if plan.capacity > static:
+            raise ValueError(
+                f"moe_pad_expert_input_to_capacity pads each expert to {static} tokens, but router "
+                f"{self.router.name!r} kept up to {plan.capacity} per expert in this batch of {num_tokens} tokens "
+                "and Megatron would drop the rest silently: raise --moe-expert-capacity-factor or drop "
+                "--moe-pad-expert-input-to-capacity"
+            )
 
     def _attach_losses(self, probs: torch.Tensor, plan: RoutingPlan, num_local_tokens: int) -> torch.Tensor:
         group_size = 1 if self.tp_cp_group is None else self.tp_cp_group.size()

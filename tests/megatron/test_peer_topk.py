@@ -78,3 +78,7 @@ def test_gate_weight_saves_under_megatrons_key():
         ours.router.weight.mul_(2)
     theirs.router.load_state_dict(ours.router.state_dict())
     assert torch.equal(theirs.router.weight, ours.router.weight)
+    # Megatron's distributed checkpoint (sharded_state_dict) uses the same key
+    ours_keys = [key for key in ours.sharded_state_dict(prefix="mlp.") if ".router." in key]
+    assert ours_keys == [key for key in theirs.sharded_state_dict(prefix="mlp.") if ".router." in key]
+    assert ours_keys == ["mlp.router.weight"]

@@ -72,3 +72,17 @@ def test_unknown_router_or_option_fails_when_the_builder_is_made():
         locmoe_router("locmoe_plus", temprature=0.1)
     with pytest.raises(ValueError, match="tau"):
         locmoe_router("locmoe_plus", tau=2.0)
+
+
+def test_drop_and_pad_is_checked_against_each_plans_capacity():
+    # The factors pass the build check (1·1.0 >= 1.0), but per-sequence groups round up each: 3
+    # sequences of 10 tokens keep up to 3 · ceil(1.0·10/4) = 9 per expert; Megatron pads to ceil(30/4) = 8.
+    import torch
+
+    router = _build(moe_router_topk=1, moe_router_pre_softmax=True, moe_token_dispatcher_type="alltoall",
+                    moe_expert_capacity_factor=1.0, moe_pad_expert_input_to_capacity=True,
+                    options={"capacity_factor": 1.0, "scope": "sequence", "capacity_floor": 1, "tau": 1.0})
+    router.train()
+    x = torch.randn(10, 3, 32, generator=torch.Generator().manual_seed(0))  # 3 sequences of 10 tokens
+    with pytest.raises(ValueError, match=r"pads each expert to 8 tokens, but router 'locmoe_plus' kept up to 9"):
+        router(x)
