@@ -102,7 +102,7 @@ def router_options_from_config(name: str, config: TransformerConfig, options: di
 
 
 def experts_per_token(router: Router) -> int:
-    """The most experts the router gives one token: ``top_l`` (LocMoE+, TCR), ``top_k`` (``topk``,
+    """The most experts the router gives one token: ``top_l`` (LocMoE+), ``top_k`` (``topk``,
     ``deepseek``), ``n`` (expert choice: every expert may pick the same token), else 1."""
     if router.name in _EXPERT_CHOICE:
         return router.num_experts
