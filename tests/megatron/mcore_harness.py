@@ -102,8 +102,13 @@ def remove_cpu_shims() -> None:
 
 
 def init_parallel(rank: int, world_size: int, store: str, expert_parallel: int = 1) -> None:
-    """gloo on ``file://store`` plus Megatron's model-parallel groups (TP=PP=1, EP as given)."""
+    """gloo on ``file://store`` plus Megatron's model-parallel groups (TP=PP=1, EP as given), and a
+    fresh MoE metrics tracker (Megatron's is global: an entry sized for an earlier model's layer count
+    would not fit the next model's)."""
     from megatron.core import parallel_state
+    from megatron.core.transformer.moe.moe_logging import destroy_moe_metrics_tracker
+
+    destroy_moe_metrics_tracker()
 
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world_size,
                             timeout=timedelta(seconds=300))
