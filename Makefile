@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install test test-slow test-all run compare-standard compare-frontier compare-domain gpu-check lint bench bench-full bench-train-step bench-install clean
+.PHONY: install test test-stack test-slow test-all run compare-standard compare-frontier compare-domain gpu-check lint bench bench-full bench-train-step bench-install clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -19,6 +19,34 @@ install: $(STAMP)
 ## The test suite (what CI runs): everything except tests marked slow.
 test: $(STAMP)
 	OMP_NUM_THREADS=2 $(PY) -m pytest -m "not slow" -q
+
+## The same suite in a second environment with Python 3.12 and megatron-core 0.19.2 (which needs
+## Python >= 3.12), so tests/megatron runs too (the .venv run skips it with one line). torch from the
+## registry is the CUDA build (about 5 GB with its nvidia wheels) and runs on the CPU. megatron-core's
+## own requirements are torch, numpy and packaging; its CUDA-only extras (te, dev) are not installed.
+## STACK_PYTHON names the interpreter; without one the target skips with one line.
+## The first python3.12 that runs (a pyenv shim for a version not selected does not), else pyenv's own.
+STACK_PYTHON ?= $(shell for p in python3.12 $(HOME)/.pyenv/versions/3.12*/bin/python3.12; do \
+	$$p -c "import sys; assert sys.version_info[:2] == (3, 12)" >/dev/null 2>&1 && { command -v $$p; break; }; done)
+STACK_VENV := .venv-stack
+STACK_PY := $(STACK_VENV)/bin/python
+STACK_STAMP := $(STACK_VENV)/.installed
+
+$(STACK_STAMP): pyproject.toml
+	$(STACK_PYTHON) -m venv $(STACK_VENV)
+	$(STACK_PY) -m pip install --upgrade pip
+	$(STACK_PY) -m pip install "torch==2.11.0"
+	# transformers 5.17.0 (the release this environment checks the HF adapter with), before the project.
+	$(STACK_PY) -m pip install "transformers==5.17.0"
+	$(STACK_PY) -m pip install -e ".[dev,megatron]"
+	touch $(STACK_STAMP)
+
+test-stack:
+	@if [ -z "$(STACK_PYTHON)" ]; then \
+		echo "test-stack: skipped, no python3.12 here (set STACK_PYTHON=/path/to/python3.12)"; \
+	else \
+		$(MAKE) --no-print-directory $(STACK_STAMP) && OMP_NUM_THREADS=2 $(STACK_PY) -m pytest -m "not slow" -q; \
+	fi
 
 ## The slower tests, kept green in their own target.
 test-slow: $(STAMP)
@@ -75,4 +103,4 @@ bench-train-step: $(STAMP)
 	OMP_NUM_THREADS=$(BENCH_THREADS) $(PY) benchmarks/train_step.py --threads $(BENCH_THREADS) $(BENCH_ARGS)
 
 clean:
-	rm -rf $(VENV) .pytest_cache build *.egg-info
+	rm -rf $(VENV) $(STACK_VENV) .pytest_cache build *.egg-info

@@ -28,11 +28,17 @@ or a hang in one step is recorded as that step's failure and the next step still
    ``torch.nn.functional.grouped_mm`` calls. CUDA events, 3 warm-up rounds, median of 10. Targets:
    our best backend within 1.25x the floor, and faster than both Hugging Face paths. 110 s (what is
    left of the 465 s that all steps share).
-4. ``gemm``: a bf16 grouped-GEMM efficiency curve (``locmoe project``'s ``[gemm_curve]``): forward
+4. ``megatron``: where ``megatron.core`` imports (megatron-core 0.19.2, Python >= 3.12), what the CPU
+   tests (``tests/megatron``) cannot run: a 2-layer GPTModel with LocMoE+ in every MoE layer
+   (``locmoe.megatron.gpt_layer_spec``) trains 20 steps on the GPU through Megatron's own DDP,
+   ``get_megatron_optimizer`` (Adam) and pipeline schedule (2 micro-batches), AllGather and AlltoAll
+   (capacity factor 1.0) dispatchers; the loss must fall and the router losses must be tracked. Elsewhere
+   it is skipped and says why. 60 s, taken before the layer benchmark.
+5. ``gemm``: a bf16 grouped-GEMM efficiency curve (``locmoe project``'s ``[gemm_curve]``): forward
    ``grouped_mm`` of 8 experts d=4096 x f=14336 (Mixtral) and 64 experts d=2048 x f=768 (fine-grained)
    at 64 ... 8192 rows per expert, achieved / 989.4 TFLOPS (H100/H200 BF16 dense); written to
    ``gemm_curve.toml`` beside the JSON in the cluster-file form. 30 s, taken from the layer's share.
-5. Environment facts, probed first (25 s): torch, CUDA, GPU, transformers, which test dependencies
+6. Environment facts, probed first (25 s): torch, CUDA, GPU, transformers, which test dependencies
    import, commit (``git`` may be missing on the device).
 
 The summary table at the end says what ran, what passed, what was skipped and why; the exit code is
@@ -40,7 +46,7 @@ The summary table at the end says what ran, what passed, what was skipped and wh
 ``$OUT`` is set, else ``benchmarks/results/gpu_check.json`` (``--output`` overrides both).
 
     make gpu-check                                           # PYTHONPATH=. $(GPU_PYTHON) benchmarks/gpu_check.py
-    PYTHONPATH=. python3 benchmarks/gpu_check.py --only layer     # one step (pytest, train, layer)
+    PYTHONPATH=. python3 benchmarks/gpu_check.py --only layer     # one step (pytest, train, megatron, layer, gemm)
     .venv/bin/python benchmarks/gpu_check.py --cpu-smoke     # the same steps, tiny sizes, CPU, ~30 s
 
 ``--cpu-smoke`` runs every step on the CPU at tiny sizes (pytest on ``tests/test_experts.py`` only, a
@@ -80,7 +86,7 @@ ROW_PREFIX = "GPU_CHECK_ROW "  # a worker's result line: this prefix, then one J
 STATUSES = ("passed", "failed", "skipped")
 TAIL_CHARS = 3000  # of a failed subprocess's output, kept in the JSON
 TOTAL_BUDGET_S = 465.0  # hard cap over all steps: the 8 minutes, less start-up and the summary
-GEMM_BUDGET_S = 30.0  # the grouped-GEMM curve (step 4), reserved out of the layer benchmark's share
+GEMM_BUDGET_S = 30.0  # the grouped-GEMM curve (step 5), reserved out of the layer benchmark's share
 GEMM_PEAK_TFLOPS = 989.4  # H100/H200 SXM BF16 dense: the denominator of the efficiency curve
 FLOOR_TARGET = 1.25  # our best backend's time over the grouped-GEMM floor
 AGREEMENT_MIN_ROWS = 0.98  # share of rows two contenders must agree on (bf16 near-ties may flip a few)
@@ -126,14 +132,14 @@ GPU_TEST_PATHS = (
 )
 GPU_MODE = Mode(
     name="gpu", device="cuda", precision="bfloat16", test_paths=GPU_TEST_PATHS,
-    budgets={"env": 25.0, "pytest": 120.0, "train": 200.0, "layer": 110.0},
+    budgets={"env": 25.0, "pytest": 120.0, "train": 200.0, "megatron": 60.0, "layer": 110.0},
     train_steps=100, resume_steps=40, resume_stop=20, model_args=(), compile=True,
     layer=LayerSize(d=4096, f=14336, tokens=16384, dtype="bfloat16", warmup=3, repeats=10, contender_s=12.0),
     judge_targets=True,
 )
 SMOKE_MODE = Mode(
     name="cpu-smoke", device="cpu", precision="float32", test_paths=("tests/test_experts.py",),
-    budgets={"env": 30.0, "pytest": 90.0, "train": 120.0, "layer": 60.0},
+    budgets={"env": 30.0, "pytest": 90.0, "train": 120.0, "megatron": 60.0, "layer": 60.0},
     train_steps=5, resume_steps=6, resume_stop=3,
     model_args=("--d-model", "64", "--n-layers", "2", "--n-heads", "2", "--d-ff", "128", "--seq-len", "32",
                 "--batch-size", "4", "--max-chars", "200000", "--vocab-size", "512", "--warmup-steps", "1"),
@@ -930,7 +936,121 @@ def gemm_step(mode: Mode, timeout: float, cuda: bool | None, selected: bool) -> 
     return check.finish("passed", f"{len(measured_rows)} of {len(rows)} points", rows=rows, gemm_curve_toml=toml)
 
 
-WORKERS: dict[str, Callable[[dict[str, Any]], None]] = {"env": env_worker, "layer": layer_worker, "gemm": gemm_worker}
+
+# --------------------------------------------------------------------------------------------------
+# Step 4: LocMoE+ in Megatron-Core on the GPU
+# --------------------------------------------------------------------------------------------------
+
+MEGATRON_STEPS = 20
+
+
+def megatron_step(mode: Mode, budget: float, cuda: bool | None, selected: bool) -> Check:
+    """A tiny GPTModel with LocMoE+ trained by Megatron's own DDP, optimizer and schedule (step 4)."""
+    check = Check("megatron", "megatron: GPTModel + LocMoE+ through Megatron's DDP, optimizer and schedule")
+    if not selected:
+        return check.finish("skipped", "not selected (--only)")
+    if importlib.util.find_spec("megatron") is None or importlib.util.find_spec("megatron.core") is None:
+        return check.finish("skipped", "megatron.core does not import here (pip install megatron-core==0.19.2 "
+                                       "--no-deps, Python >= 3.12; README 'Training at scale with Megatron-Core')")
+    if mode.device != "cuda" or cuda is False:
+        return check.finish("skipped", "needs a CUDA GPU (the CPU runs are tests/megatron, make test-stack)")
+    outcome, rows = run_worker("megatron", {"steps": MEGATRON_STEPS}, budget)
+    check.seconds = outcome.seconds
+    if not outcome.ok or len(rows) != 2:
+        return check.finish("failed", outcome.why(budget), rows=rows, log_tail=outcome.tail())
+    bad = [row["dispatcher"] for row in rows if not (row["last_loss"] < row["first_loss"] and row["tracked"])]
+    summary = "; ".join(f"{row['dispatcher']}: loss {row['first_loss']:.3f} -> {row['last_loss']:.3f}" for row in rows)
+    return check.finish("failed" if bad else "passed", summary + (f" (not learning: {bad})" if bad else ""), rows=rows)
+
+
+def megatron_worker(spec: dict[str, Any]) -> None:
+    """One process, one GPU, NCCL: for each dispatcher, 20 steps of a 2-layer GPTModel (d=256, 8
+    experts, LocMoE+ top_l=2) with Megatron's DDP, Adam from ``get_megatron_optimizer`` and
+    ``forward_backward_no_pipelining`` over 2 micro-batches of 4×128 tokens; prints one row each."""
+    import torch
+    import torch.distributed as dist
+    from megatron.core import parallel_state
+
+    torch.cuda.set_device(0)
+    with tempfile.TemporaryDirectory() as store:
+        dist.init_process_group("nccl", init_method=f"file://{store}/store", rank=0, world_size=1)
+        parallel_state.initialize_model_parallel()
+        for dispatcher, capacity_factor in (("allgather", None), ("alltoall", 1.0)):
+            emit(_megatron_training(dispatcher, capacity_factor, spec["steps"]))
+        dist.destroy_process_group()
+
+
+def _megatron_batches(vocab: int, length: int, batch: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Endless micro-batches of a learnable task: each sequence counts up from a random token."""
+    import torch
+
+    generator = torch.Generator().manual_seed(1)
+    while True:
+        starts = torch.randint(0, vocab, (batch, 1), generator=generator)
+        tokens = ((starts + torch.arange(length)[None]) % vocab).cuda()
+        yield tokens, (tokens + 1) % vocab
+
+
+def _megatron_forward_step(data_iterator: Iterator, model: Any) -> tuple[Any, Callable]:
+    """Megatron's forward-step contract: the model's per-token loss and the function reducing it."""
+    import torch
+
+    tokens, labels = next(data_iterator)
+    positions = torch.arange(tokens.shape[1], device=tokens.device)[None].expand_as(tokens)
+    output = model(tokens, positions, None, labels=labels)
+
+    def loss_func(output_tensor: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        loss = output_tensor.float().mean()
+        return loss, {"lm loss": loss.detach()}
+
+    return output, loss_func
+
+
+def _megatron_training(dispatcher: str, capacity_factor: float | None, steps: int) -> dict[str, Any]:
+    import torch
+    from megatron.core import tensor_parallel
+    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+    from megatron.core.models.gpt import GPTModel
+    from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+    from megatron.core.transformer.moe.moe_logging import get_moe_metrics_tracker
+    from megatron.core.transformer.transformer_config import TransformerConfig
+
+    from locmoe.megatron import gpt_layer_spec
+
+    vocab, length, batch = 512, 128, 4
+    tensor_parallel.model_parallel_cuda_manual_seed(0)
+    config = TransformerConfig(
+        num_layers=2, hidden_size=256, num_attention_heads=4, ffn_hidden_size=512, num_moe_experts=8,
+        moe_router_topk=2, moe_ffn_hidden_size=512, moe_token_dispatcher_type=dispatcher,
+        moe_expert_capacity_factor=capacity_factor, moe_aux_loss_coeff=1e-2, add_bias_linear=False,
+        hidden_dropout=0.0, attention_dropout=0.0, bf16=True, params_dtype=torch.bfloat16,
+    )
+    spec = gpt_layer_spec(config, router="locmoe_plus", top_l=2)
+    model = GPTModel(config=config, transformer_layer_spec=spec, vocab_size=vocab, max_sequence_length=length).cuda()
+    model = DistributedDataParallel(config, DistributedDataParallelConfig(), model)
+    optimizer = get_megatron_optimizer(
+        OptimizerConfig(optimizer="adam", lr=3e-3, bf16=True, params_dtype=torch.bfloat16), [model])
+    data = _megatron_batches(vocab, length, batch)
+    losses = []
+    for _ in range(steps):
+        get_moe_metrics_tracker().clear()
+        model.zero_grad_buffer()
+        optimizer.zero_grad()
+        reduced = get_forward_backward_func()(
+            forward_step_func=_megatron_forward_step, data_iterator=data, model=[model], num_microbatches=2,
+            seq_length=length, micro_batch_size=batch, forward_only=False)
+        optimizer.step()
+        losses.append(float(torch.stack([item["lm loss"] for item in reduced]).mean()))
+    tracked = sorted(name for name, entry in get_moe_metrics_tracker().metrics.items()
+                     if bool((entry.values > 0).all()))
+    return {"dispatcher": dispatcher, "first_loss": losses[0], "last_loss": losses[-1], "losses": losses,
+            "tracked": tracked}
+
+
+WORKERS: dict[str, Callable[[dict[str, Any]], None]] = {
+    "env": env_worker, "layer": layer_worker, "megatron": megatron_worker, "gemm": gemm_worker,
+}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -978,13 +1098,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--cpu-smoke", action="store_true", help="every step on the CPU at tiny sizes (< 1 min)")
-    parser.add_argument("--only", default="pytest,train,layer,gemm",
-                        help="comma list of steps to run (pytest,train,layer,gemm)")
+    parser.add_argument("--only", default="pytest,train,megatron,layer,gemm",
+                        help="comma list of steps to run (pytest,train,megatron,layer,gemm)")
     parser.add_argument("--output", help="JSON path (default $OUT/gpu_check.json, else benchmarks/results/)")
     parser.add_argument("--worker", choices=sorted(WORKERS), help=argparse.SUPPRESS)
     parser.add_argument("--spec", default="{}", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
-    unknown = set(args.only.split(",")) - {"pytest", "train", "layer", "gemm"}
+    unknown = set(args.only.split(",")) - {"pytest", "train", "megatron", "layer", "gemm"}
     if unknown:
         parser.error(f"--only: unknown steps {sorted(unknown)}")
     return args
@@ -1007,8 +1127,11 @@ def run_checks(mode: Mode, selected: set[str]) -> tuple[dict[str, Any], list[Che
     cuda = facts.get("cuda_available")  # None when the probe failed: try the GPU steps anyway
     with announce("pytest", budget := deadline.cap(budgets["pytest"])):
         checks = [pytest_step(mode, budget, "pytest" in selected)]
-    with announce("training smoke", budget := max(deadline.cap(budgets["train"]), deadline.left() - budgets["layer"])):
+    reserved = budgets["layer"] + budgets["megatron"]  # the GEMM curve comes out of the layer's share
+    with announce("training smoke", budget := max(deadline.cap(budgets["train"]), deadline.left() - reserved)):
         checks += train_step(mode, budget, cuda, "train" in selected)
+    with announce("megatron", budget := deadline.cap(budgets["megatron"])):
+        checks.append(megatron_step(mode, budget, cuda, "megatron" in selected))
     with announce("layer benchmark", budget := deadline.left() - (GEMM_BUDGET_S if "gemm" in selected else 0.0)):
         layer_checks, rows = layer_step(mode, budget, cuda, "layer" in selected)
     with announce("grouped-GEMM curve", budget := deadline.left()):

@@ -21,7 +21,9 @@ TIERS: list[set[str]] = [
     {"locmoe.experts"},
     {"locmoe.dispatch", "locmoe.metrics"},
     {"locmoe.layer"},
-    {"locmoe.hf"},  # Hugging Face adapters: the layer, routers and experts; never train/compare/cli
+    # Adapters to other engines (Hugging Face, Megatron-Core): the layer, routers, experts and metrics;
+    # never train/compare/cli.
+    {"locmoe.hf", "locmoe.megatron"},
     {"locmoe.parallel", "locmoe.config"},
     {"locmoe.model", "locmoe.data", "locmoe.checkpoint"},
     {"locmoe.run_summary", "locmoe.export", "locmoe.cloze", "locmoe.tensorboard", "locmoe.launch", "locmoe.run_folder",

@@ -21,7 +21,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "benchmarks" / "gpu_check.py"
-CHECK_IDS = ("pytest", "train", "train_resume", "train_compile", "layer", "layer_target_floor",
+CHECK_IDS = ("pytest", "train", "train_resume", "train_compile", "megatron", "layer", "layer_target_floor",
              "layer_target_hf_eager", "layer_target_hf_grouped_mm", "gemm")
 
 
@@ -89,7 +89,7 @@ def test_layer_table_has_our_layer_and_the_floor(smoke):
     assert _checks(report)["layer"]["status"] == "passed"
     assert "floor[grouped_mm" in completed.stdout
     # Speed targets are not judged at smoke sizes.
-    for check_id in CHECK_IDS[5:8]:
+    for check_id in CHECK_IDS[6:9]:
         assert _checks(report)[check_id]["status"] == "skipped"
 
 
@@ -97,6 +97,9 @@ def test_training_smoke_passes_on_the_cpu(smoke):
     _, report = smoke
     checks = _checks(report)
     assert checks["train_compile"]["status"] == "skipped"  # --cpu-smoke never compiles
+    # the Megatron step needs megatron.core and a GPU, and says which is missing
+    assert checks["megatron"]["status"] == "skipped"
+    assert "megatron.core does not import" in checks["megatron"]["reason"] or "CUDA GPU" in checks["megatron"]["reason"]
     for check_id in ("train", "train_resume"):
         assert checks[check_id]["status"] == "passed", checks[check_id]
     assert checks["train_resume"]["details"]["bit_exact"] is True
