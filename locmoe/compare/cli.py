@@ -176,6 +176,13 @@ def run_compare(args: argparse.Namespace) -> int:
         report = compare(base, contenders, seeds, out_dir, preset=args.preset, report_only=args.report_only)
     except ComparisonInterrupted as stop:
         return _interrupted(stop)
-    print("\n".join(claims_table(report["claims"])))
+    efficiency = report.get("efficiency")
+    if efficiency is not None:
+        endpoint = efficiency.get("endpoint")
+        print(f"efficiency: {report['settings']['finished_runs']} runs finished; "
+              + (f"primary gap {endpoint['gap']:+.4f} nats, 95 % CI [{endpoint['ci95'][0]:+.4f}, "
+                 f"{endpoint['ci95'][1]:+.4f}]: {endpoint['verdict']}" if endpoint else str(efficiency["status"])))
+    else:
+        print("\n".join(claims_table(report["claims"])))
     print(f"report: {out_dir / 'report.md'} (and report.json and the PNG plots beside it)")
     return 0

@@ -36,6 +36,7 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
+from locmoe.compare.claims import runs_pair_by_seed
 from locmoe.compare.frontier import slots_per_token
 from locmoe.compare.stats import summarize
 
@@ -151,20 +152,6 @@ def _points(runs: Sequence[dict], label: str) -> list[tuple[int, float, float]]:
     return points
 
 
-def arms_paired(runs: Sequence[dict], first: Sequence[str], second: Sequence[str]) -> bool:
-    """Whether the runs of the labels ``first`` and ``second`` pair by seed: every seed both have
-    shows one ``init_fingerprint`` (not missing) and one ``data_seed`` across them."""
-    by_seed: dict[int, set[tuple]] = {}
-    common = ({int(r["seed"]) for r in runs if r.get("label") in first}
-              & {int(r["seed"]) for r in runs if r.get("label") in second})
-    if not common:
-        return False
-    for run in runs:
-        if run.get("label") in (*first, *second) and int(run["seed"]) in common:
-            by_seed.setdefault(int(run["seed"]), set()).add((run.get("init_fingerprint"), run.get("data_seed")))
-    return all(len(keys) == 1 and next(iter(keys))[0] is not None for keys in by_seed.values())
-
-
 def _interval(values: Sequence[float], level: float) -> tuple[float, float]:
     tail = (1 - level) / 2
     return float(np.quantile(values, tail)), float(np.quantile(values, 1 - tail))
@@ -220,7 +207,7 @@ def efficiency_analysis(
         result["status"] = f"Switch's curve has {len(switch_seeds)} seed(s); the seed bootstrap needs 2 or more"
         return result
 
-    paired_primary = arms_paired(runs, switch_labels, [primary])
+    paired_primary = runs_pair_by_seed(runs, switch_labels, [primary])
     primary_seeds = sorted({p[0] for p in primary_points})
     slopes, gaps = [], []
     for _ in range(samples):
@@ -273,7 +260,7 @@ def _attribution(runs: Sequence[dict], curve: CapacityCurve, switch_points: list
     other_points = _points(runs, label)
     if not other_points:
         return {"status": f"no finished run of {label}"}
-    paired = arms_paired(runs, [primary], [label])
+    paired = runs_pair_by_seed(runs, [primary], [label])
     primary_by_seed = {s: [p for p in primary_points if p[0] == s] for s in {p[0] for p in primary_points}}
     other_by_seed = {s: [p for p in other_points if p[0] == s] for s in {p[0] for p in other_points}}
     if paired:

@@ -134,9 +134,17 @@ def options_section(runs: Sequence[dict]) -> list[str]:
 
 
 VERDICTS = {True: "holds", False: "does not hold", None: "not measured"}
+VERDICT_WORDS = {"better": "better (holds)", "worse": "worse (the other way)", "inconclusive": "inconclusive",
+                 "not tested": "not tested (too few seeds)"}
 
 
 def _verdict(claim: dict) -> str:
+    verdict = claim.get("verdict")
+    if verdict == "equivalent":
+        margin = (claim.get("details") or {}).get("margin")
+        return f"equivalent (within ±{margin} nats)" if margin else "equivalent"
+    if verdict is not None:
+        return VERDICT_WORDS.get(verdict, verdict)
     if claim["holds"] is None and "not tested" in claim["measured"]:
         return "not tested (too few seeds)"
     if claim["holds"] is None and claim["measured"].startswith("not compared"):
@@ -195,9 +203,12 @@ def write_report(runs: Sequence[dict], out_dir: Path, settings: dict | None = No
         return report
     lines += [
         "",
-        f"A claim holds only beyond the seed spread: at least {MIN_SEEDS} paired seeds, every seed on the "
-        "claimed side, and the mean more than two standard errors from the threshold. With fewer seeds a "
-        "claim is *not tested*. Figures are measured at small scale on CPU; wall-clock claims of the papers "
+        "Verdicts from t-intervals: *better* (the claim holds) if the 95 % interval lies wholly on the claimed "
+        "side of the threshold; *equivalent* if the claim has a margin and the 90 % interval lies within it; "
+        "*worse* if the 95 % interval lies wholly on the other side; else *inconclusive*. Two arms are paired "
+        "by seed only when their runs record the same initial weights (init fingerprint) and data order; "
+        f"otherwise the comparison is unpaired (Welch). With fewer than {MIN_SEEDS} seeds per arm a claim is "
+        "*not tested*. Figures are measured at small scale on CPU; wall-clock claims of the papers "
         "(Ascend clusters) are not expected to transfer.",
         "",
     ]

@@ -9,9 +9,9 @@ import math
 
 import pytest
 
+from locmoe.compare.claims import runs_pair_by_seed
 from locmoe.compare.efficiency import (
     NOT_MEASURABLE,
-    arms_paired,
     decide,
     efficiency_analysis,
     efficiency_lines,
@@ -103,13 +103,13 @@ def test_paired_primary_equivalent_or_worse(shift, expected):
 
 def test_unequal_fingerprints_make_the_comparison_unpaired_and_wider():
     runs = switch_runs() + primary_runs(-0.02, fingerprint="other")
-    assert not arms_paired(runs, SWITCH, [PRIMARY])
+    assert not runs_pair_by_seed(runs, SWITCH, [PRIMARY])
     endpoint = efficiency_analysis(runs, SWITCH, PRIMARY, samples=400)["endpoint"]
     assert not endpoint["paired"] and endpoint["gap"] == pytest.approx(-0.02, abs=1e-9)
     low, high = endpoint["ci95"]
     assert low < -0.02 < high and high - low > 0.005  # the seed offsets no longer cancel
     missing = switch_runs() + primary_runs(-0.02, fingerprint=None)
-    assert not arms_paired(missing, SWITCH, [PRIMARY])
+    assert not runs_pair_by_seed(missing, SWITCH, [PRIMARY])
 
 
 def test_a_flat_switch_curve_means_efficiency_is_not_measurable():
