@@ -396,3 +396,28 @@ def _arm_table(arms: Sequence[dict]) -> list[str]:
                      f"{arm['kept']:.3f} ± {arm['kept_sd']:.3f} | {padded} | {arm['loss']:.4f} ± {arm['loss_sd']:.4f} "
                      f"| {gap} |")
     return lines + [""]
+
+
+def pooled_frontier_lines(runs: Sequence[dict], switch_labels: Sequence[str], labels: Sequence[str]) -> list[str]:
+    """The frontier read on Switch's pooled curve (step 1) instead of per-seed interpolation: the slope
+    check, then each label's gap, 95 % seed-bootstrap interval and the step-4 verdict."""
+    analyses = {label: efficiency_analysis(runs, switch_labels, label) for label in labels}
+    first = next(iter(analyses.values()), None)
+    if first is None or first.get("slope") is None:
+        return [f"Switch's pooled curve: not computed ({(first or {}).get('status', 'no runs')})."]
+    slope = first["slope"]
+    lines = [f"Switch's pooled curve (seed fixed effects, kept slots): mean slope {slope['estimate']:+.3f} nats per "
+             f"kept slot/token, 95 % CI {_ci(slope['ci95'])}" + ("." if slope["measurable"] else
+                                                                 f": not clearly negative, so **{NOT_MEASURABLE}**."),
+             "", "| contender | gap to the pooled curve | 95 % CI | pairing | saving | verdict |",
+             "|---|---|---|---|---|---|"]
+    for label, analysis in analyses.items():
+        endpoint = analysis.get("endpoint")
+        if endpoint is None:
+            lines.append(f"| `{label}` | not computed ({analysis.get('status')}) | | | | |")
+            continue
+        saving = f"{endpoint['saving']:+.1%}" + ("" if endpoint["saving_kind"] == "exact"
+                                                 else f" ({endpoint['saving_kind']})")
+        lines.append(f"| `{label}` | {endpoint['gap']:+.4f} | {_ci(endpoint['ci95'])} | "
+                     f"{'paired' if endpoint['paired'] else 'unpaired'} | {saving} | {endpoint['verdict']} |")
+    return lines + [""]

@@ -243,6 +243,12 @@ def test_write_report_draws_the_frontier_from_switch_capacity_settings(tmp_path)
     assert (tmp_path / "frontier.png").stat().st_size > 1000
     # Two seeds: the side every seed agrees on is only indicative.
     assert "below Switch's curve beyond the seed spread (indicative: 2 seeds, a claim needs 3)" in markdown
+    # The pooled reading: Switch's slope (4.0 − 5.0)/(1.0 − 0.5) = −2 nats per slot; LocMoE+ 0.1 below the
+    # curve, but at equal loss Switch needs 0.5 + (5.005 − 4.4055)/2 = 0.7998 slots, a saving of
+    # 1 − 0.75/0.7998 = 6.2 % < 10 %: not 'better' by the pre-registered rule, and not equivalent.
+    assert "### On Switch's pooled curve" in markdown and "mean slope -2.000 nats" in markdown
+    row = next(line for line in markdown.splitlines() if line.startswith("| `locmoe_plus@c1.6-tau0.9` | -0.0995 |"))
+    assert "| paired | +6.2% | inconclusive |" in row
 
 
 def test_a_refused_comparison_reads_not_compared(tmp_path):
