@@ -60,6 +60,7 @@ def test_every_router_continues_the_same_base_and_is_scored(tmp_path, cache_dir)
     md = (plan.out_dir / "report.md").read_text()
     assert "base (pretrained only)" in md and "`locmoe_plus`" in md and "domain_qa_above_vs_switch" in md
     assert (plan.out_dir / "domain_val_loss.png").is_file()
+    assert "## Iso-compute: LocMoE+ against Switch cut to about its slots" in md and "| `switch` |" in md
     names = ["domain_loss_within_tolerance", "fewer_expert_slots", "domain_qa_above", "general_loss_within_tolerance"]
     assert [c["name"] for c in report["claims"]] == [f"{n}_vs_{b}" for b in ("topk", "switch") for n in names]
     assert all(c["holds"] is None for c in report["claims"])  # 2 seeds: not tested
@@ -199,3 +200,10 @@ def test_init_router_matching_keeps_a_gate_of_the_same_shape_and_fresh_rebuilds_
         for key, value in gates.items():
             close = torch.allclose(after[key], value, rtol=1e-6, atol=1e-9)
             assert close == kept, (router, mode, key)
+
+
+def test_the_default_routers_include_switch_cut_to_about_locmoe_plus_slots(tmp_path):
+    plan = domain_plan(tmp_path / "out", {}, None, None, None, None, None)
+    factors = {c.label: c.capacity_factor for c in plan.contenders}
+    assert factors["switch@cf0.95"] == 0.95 and factors["switch@cf0.8"] == 0.8
+    assert {"topk", "switch", "locmoe", "locmoe_plus"} <= set(factors)

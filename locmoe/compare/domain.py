@@ -47,7 +47,14 @@ from locmoe.compare.claims import (
     perplexity_percent,
 )
 from locmoe.compare.report import claims_table, labels_in_order, options_section, provenance
-from locmoe.compare.runner import ComparisonInterrupted, Contender, check_saved_run, run_one, run_record
+from locmoe.compare.runner import (
+    ComparisonInterrupted,
+    Contender,
+    check_saved_run,
+    parse_contenders,
+    run_one,
+    run_record,
+)
 from locmoe.compare.stats import summarize
 from locmoe.config import RunConfig, field_owners
 from locmoe.data import BPETokenizer, load_corpus
@@ -58,7 +65,8 @@ from locmoe.train import train
 BASELINE = "topk"  # the continued base's own routing (the comparison report's baseline is switch)
 DOMAIN_CORPUS = "linux-docs-networking"
 GENERAL_CORPUS = "python-docs"
-DOMAIN_ROUTERS = (BASELINE, "switch", "locmoe", LOCMOE_PLUS)
+# switch@cf0.95 / @cf0.8: Switch cut to about LocMoE+'s kept slots, the iso-compute rows (ours).
+DOMAIN_ROUTERS = (BASELINE, "switch", "locmoe", LOCMOE_PLUS, "switch@cf0.95", "switch@cf0.8")
 DOMAIN_SEEDS = (0, 1, 2)
 # Mixtral's routing: softmax, top-2, the two weights renormalised, no capacity limit.
 BASE_ROUTING = {"router": BASELINE, "top_k": 2, "capacity_factor": "dropless", "router_options": {"renormalize": True}}
@@ -132,7 +140,7 @@ def domain_plan(
         })
     continued = start.with_overrides({**BASE_ROUTING, **CONTINUED_OVERRIDES, "progress": False, **overrides,
                                       "init_from": str(base_config.run_dir), "out": str(Path(out_dir) / "runs" / "x")})
-    chosen = tuple(contenders) if contenders else tuple(Contender(name, name) for name in DOMAIN_ROUTERS)
+    chosen = tuple(contenders) if contenders else tuple(parse_contenders(DOMAIN_ROUTERS))
     matched = [c.label for c in chosen if c.matched_to is not None]
     if matched:
         raise ValueError(f"contender {matched[0]!r}: @matched is not available in the domain preset; give the "
@@ -372,6 +380,34 @@ def results_table(base: dict, runs: Sequence[dict], questions: int, moe_layers: 
     return lines
 
 
+def iso_compute_lines(runs: Sequence[dict], moe_layers: int) -> list[str]:
+    """LocMoE+ against every Switch run in the report (``switch`` cf 1.1 and the ``switch@cfX`` cuts):
+    domain and general loss differences in nats and perplexity with 95 % t-intervals (paired by seed
+    when the init fingerprints and data order match, else Welch) and the kept-slot ratio. Secondary
+    rows: they say what a plain capacity cut costs at about LocMoE+'s slots."""
+    switch_labels = [label for label in labels_in_order(runs)
+                     if label == "switch" or (label.startswith("switch@cf") and "-" not in label)]
+    if not switch_labels or not any(r["label"] == LOCMOE_PLUS for r in runs):
+        return []
+    lines = ["## Iso-compute: LocMoE+ against Switch cut to about its slots (secondary)", "",
+             "Negative = LocMoE+ lower. The slot saving against `topk` k = 2 is mostly top-2 -> top-1; these rows "
+             "compare LocMoE+ with the same top-1 routing at about its expert slots.", "",
+             "| Switch arm | slots/token (Switch) | LocMoE+/Switch slots | domain loss diff | general loss diff |",
+             "|---|---|---|---|---|"]
+
+    def per_token(run: dict) -> float:
+        return _slots(run) / (run["steps"] * run["tokens_per_step"] * moe_layers)
+
+    for label in switch_labels:
+        slots = summarize([per_token(r) for r in runs if r["label"] == label])
+        ratio = arm_test(runs, LOCMOE_PLUS, label, _slots, lambda p, s: p / s, 1.0, "below")
+        domain = arm_test(runs, LOCMOE_PLUS, label, _domain_loss, _difference, 0.0, "below")
+        general = arm_test(runs, LOCMOE_PLUS, label, _general_loss, _difference, 0.0, "below")
+        lines.append(f"| `{label}` | {slots.format(3)} | {ratio.estimate.value:.3f} | {nats_text(domain)} | "
+                     f"{nats_text(general)} |")
+    return lines + [""]
+
+
 PLOT_FILE = "domain_val_loss.png"
 
 
@@ -426,8 +462,10 @@ def write_domain_report(plan: DomainPlan, base: dict, runs: Sequence[dict]) -> d
         "",
     ]
     lines += claims_table(claims)
-    lines += ["", "## Results (mean ± std over seeds)", ""]
-    lines += results_table(base, runs, plan.cloze.questions, len(plan.continued.model.moe_layer_indices))
+    moe_layers = len(plan.continued.model.moe_layer_indices)
+    lines += [""] + iso_compute_lines(runs, moe_layers)
+    lines += ["## Results (mean ± std over seeds)", ""]
+    lines += results_table(base, runs, plan.cloze.questions, moe_layers)
     lines += [
         "",
         "domain / general ppl = perplexity on the whole validation split of the domain / general corpus; loss "
