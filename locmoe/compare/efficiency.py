@@ -36,7 +36,7 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
-from locmoe.compare.claims import runs_pair_by_seed
+from locmoe.compare.claims import MIN_SEEDS, runs_pair_by_seed
 from locmoe.compare.frontier import slots_per_token
 from locmoe.compare.stats import summarize
 
@@ -203,14 +203,10 @@ def efficiency_analysis(
                        "order": len(curve.coefficients), "runs": len(switch_points)}
     labels = [*switch_labels, primary, *([attribution] if attribution else []), *secondary]
     result["arms"] = [asdict(row) for row in _arm_rows(runs, labels, curve)]
-    if len(switch_seeds) < 2:
-        result["status"] = f"Switch's curve has {len(switch_seeds)} seed(s); the seed bootstrap needs 2 or more"
-        return result
-
     paired_primary = runs_pair_by_seed(runs, switch_labels, [primary])
     primary_seeds = sorted({p[0] for p in primary_points})
     slopes, gaps = [], []
-    for _ in range(samples):
+    for _ in range(samples if len(switch_seeds) >= 2 else 0):
         drawn_switch = list(rng.choice(switch_seeds, len(switch_seeds)))
         fitted = _safe_fit(_relabel(switch_points, drawn_switch))
         if fitted is None:
@@ -222,9 +218,10 @@ def efficiency_analysis(
             drawn_points = _relabel(primary_points, drawn)
             if drawn_points:
                 gaps.append(_gap_mean(fitted, drawn_points))
-    slope_ci = _interval(slopes, 0.95)
-    measurable = slope_ci[1] < 0
+    slope_ci = _interval(slopes, 0.95) if slopes else None
+    measurable = None if slope_ci is None else slope_ci[1] < 0
     result["slope"] = {"estimate": curve.slope, "ci95": slope_ci, "measurable": measurable}
+    undecided = _too_few_seeds(len(switch_seeds), len(primary_seeds))
     if not primary_points:
         result["status"] = f"no finished run of the primary arm {primary}"
         return result
@@ -238,8 +235,14 @@ def efficiency_analysis(
     else:
         saving, saving_kind = 1 - mean_k / curve.k_low, "at most"
     usable_saving = saving if saving_kind in ("exact", "at least") else None
-    ci95, ci90 = _interval(gaps, 0.95), _interval(gaps, 0.90)
-    verdict = decide(ci95, ci90, usable_saving, margin) if measurable else NOT_MEASURABLE
+    ci95 = _interval(gaps, 0.95) if gaps else None
+    ci90 = _interval(gaps, 0.90) if gaps else None
+    if undecided or ci95 is None or ci90 is None:
+        verdict = undecided or "not decided: no bootstrap interval"
+    elif not measurable:
+        verdict = NOT_MEASURABLE
+    else:
+        verdict = decide(ci95, ci90, usable_saving, margin)
     result["endpoint"] = {
         "gap": _gap_mean(curve, primary_points), "ci95": ci95, "ci90": ci90, "seeds": primary_seeds,
         "paired": paired_primary, "kept": mean_k, "loss": mean_loss, "switch_equivalent_kept": equivalent_k,
@@ -248,8 +251,15 @@ def efficiency_analysis(
     if attribution:
         result["attribution"] = _attribution(runs, curve, switch_points, switch_seeds, primary_points, attribution,
                                              primary, samples, rng, margin)
-    result["status"] = "complete"
+    result["status"] = undecided or "complete"
     return result
+
+
+def _too_few_seeds(*counts: int) -> str | None:
+    """Why no verdict is given with these seed counts (fewer than :data:`MIN_SEEDS` in some arm), or None."""
+    if min(counts) < MIN_SEEDS:
+        return f"not decided: {min(counts)} seed(s) in an arm, a verdict needs {MIN_SEEDS}"
+    return None
 
 
 def _attribution(runs: Sequence[dict], curve: CapacityCurve, switch_points: list, switch_seeds: list,
@@ -279,7 +289,7 @@ def _attribution(runs: Sequence[dict], curve: CapacityCurve, switch_points: list
         estimate = difference(curve, sorted(primary_by_seed), sorted(other_by_seed))
         per_seed = {}
     values = []
-    for _ in range(samples):
+    for _ in range(samples if len(switch_seeds) >= 2 else 0):
         fitted = _safe_fit(_relabel(switch_points, list(rng.choice(switch_seeds, len(switch_seeds)))))
         if fitted is None:
             continue
@@ -289,11 +299,15 @@ def _attribution(runs: Sequence[dict], curve: CapacityCurve, switch_points: list
         else:
             values.append(difference(fitted, list(rng.choice(sorted(primary_by_seed), len(primary_by_seed))),
                                      list(rng.choice(sorted(other_by_seed), len(other_by_seed)))))
-    ci95, ci90 = _interval(values, 0.95), _interval(values, 0.90)
+    ci95, ci90 = (_interval(values, 0.95), _interval(values, 0.90)) if values else (None, None)
+    counts = (len(seeds),) if paired else (len(primary_by_seed), len(other_by_seed))
+    undecided = _too_few_seeds(len(switch_seeds), *counts)
+    verdict = undecided or ("not decided: no bootstrap interval" if ci95 is None or ci90 is None
+                            else decide(ci95, ci90, None, margin, saving_target=None))
     return {"label": label, "difference": estimate, "ci95": ci95, "ci90": ci90, "paired": paired,
             "per_seed": per_seed, "seeds": sorted(primary_by_seed.keys() & other_by_seed.keys()) if paired else
             {"primary": sorted(primary_by_seed), label: sorted(other_by_seed)},
-            "verdict": decide(ci95, ci90, None, margin, saving_target=None)}
+            "verdict": verdict}
 
 
 def _safe_fit(points: list) -> CapacityCurve | None:
@@ -321,8 +335,8 @@ def _arm_rows(runs: Sequence[dict], labels: Sequence[str], curve: CapacityCurve 
     return rows
 
 
-def _ci(interval: Sequence[float]) -> str:
-    return f"[{interval[0]:+.4f}, {interval[1]:+.4f}]"
+def _ci(interval: Sequence[float] | None) -> str:
+    return "none (fewer than 2 seeds)" if interval is None else f"[{interval[0]:+.4f}, {interval[1]:+.4f}]"
 
 
 def efficiency_lines(analysis: dict, planned_seeds: Sequence[int] | None = None) -> list[str]:
@@ -356,7 +370,9 @@ def efficiency_lines(analysis: dict, planned_seeds: Sequence[int] | None = None)
     if slope is None:
         return lines + ["", f"Not computed: {analysis.get('status')}.", ""] + _arm_table(arms)
     lines += [f"- Slope check: Switch's mean slope {slope['estimate']:+.3f} nats per kept slot/token, 95 % CI "
-              f"{_ci(slope['ci95'])}: " + ("clearly negative, so efficiency is measurable." if slope["measurable"]
+              f"{_ci(slope['ci95'])}: " + ("not checked (the seed bootstrap needs 2 or more seeds)."
+                                           if slope["measurable"] is None else
+                                           "clearly negative, so efficiency is measurable." if slope["measurable"]
                                            else f"not clearly negative: **{NOT_MEASURABLE}**.")]
     if endpoint is None:
         return lines + ["", f"Not computed: {analysis.get('status')}.", ""] + _arm_table(arms)
@@ -407,7 +423,7 @@ def pooled_frontier_lines(runs: Sequence[dict], switch_labels: Sequence[str], la
         return [f"Switch's pooled curve: not computed ({(first or {}).get('status', 'no runs')})."]
     slope = first["slope"]
     lines = [f"Switch's pooled curve (seed fixed effects, kept slots): mean slope {slope['estimate']:+.3f} nats per "
-             f"kept slot/token, 95 % CI {_ci(slope['ci95'])}" + ("." if slope["measurable"] else
+             f"kept slot/token, 95 % CI {_ci(slope['ci95'])}" + ("." if slope["measurable"] is not False else
                                                                  f": not clearly negative, so **{NOT_MEASURABLE}**."),
              "", "| contender | gap to the pooled curve | 95 % CI | pairing | saving | verdict |",
              "|---|---|---|---|---|---|"]

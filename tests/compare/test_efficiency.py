@@ -139,15 +139,22 @@ def test_a_partial_run_reports_what_finished_and_says_it_is_incomplete():
     assert analysis["attribution"] == {"status": f"no finished run of {TCR}"}
     text = "\n".join(efficiency_lines(analysis, planned_seeds=range(9)))
     assert "Partial: the pre-registered run is incomplete" in text and "10 of 54 runs finished" in text
+    assert analysis["endpoint"]["verdict"].startswith("not decided: 2 seed(s)")
     rows = {arm["label"]: arm for arm in analysis["arms"]}
     assert rows[PRIMARY]["seeds"] == (0, 1) and rows[TCR]["seeds"] == ()
     assert rows["switch@cf0.5"]["kept"] == pytest.approx(0.5)
 
 
-def test_one_switch_seed_gives_a_curve_but_no_interval():
+def test_one_switch_seed_gives_point_estimates_but_no_interval_or_verdict():
     analysis = efficiency_analysis(switch_runs({0: 0.0}) + primary_runs(-0.02), SWITCH, PRIMARY, samples=50)
-    assert analysis["curve"] is not None and analysis["endpoint"] is None
-    assert "the seed bootstrap needs 2 or more" in analysis["status"]
+    assert analysis["curve"] is not None and analysis["slope"]["ci95"] is None
+    assert analysis["slope"]["measurable"] is None and analysis["slope"]["estimate"] == pytest.approx(-0.3)
+    endpoint = analysis["endpoint"]
+    # Primary seeds 0-2 at f(0.5) − 0.02 + α_s (mean α 0) against seed 0's curve (α 0): gap −0.02.
+    assert endpoint["gap"] == pytest.approx(-0.02, abs=1e-9) and endpoint["ci95"] is None
+    assert endpoint["verdict"] == "not decided: 1 seed(s) in an arm, a verdict needs 3"
+    text = "\n".join(efficiency_lines(analysis))
+    assert "not checked (the seed bootstrap needs 2 or more seeds)" in text and "none (fewer than 2 seeds)" in text
 
 
 def test_the_efficiency_preset_is_the_pre_registered_design():

@@ -245,10 +245,15 @@ def test_write_report_draws_the_frontier_from_switch_capacity_settings(tmp_path)
     assert "below Switch's curve beyond the seed spread (indicative: 2 seeds, a claim needs 3)" in markdown
     # The pooled reading: Switch's slope (4.0 − 5.0)/(1.0 − 0.5) = −2 nats per slot; LocMoE+ 0.1 below the
     # curve, but at equal loss Switch needs 0.5 + (5.005 − 4.4055)/2 = 0.7998 slots, a saving of
-    # 1 − 0.75/0.7998 = 6.2 % < 10 %: not 'better' by the pre-registered rule, and not equivalent.
+    # 1 − 0.75/0.7998 = 6.2 %; two seeds: intervals, but no verdict (it needs 3 seeds per arm).
     assert "### On Switch's pooled curve" in markdown and "mean slope -2.000 nats" in markdown
     row = next(line for line in markdown.splitlines() if line.startswith("| `locmoe_plus@c1.6-tau0.9` | -0.0995 |"))
-    assert "| paired | +6.2% | inconclusive |" in row
+    assert "| paired | +6.2% | not decided: 2 seed(s) in an arm, a verdict needs 3 |" in row
+    write_report(_frontier_runs(seeds=3), tmp_path, settings={"preset": "frontier"}, source=SOURCE)
+    row = next(line for line in (tmp_path / "report.md").read_text().splitlines()
+               if line.startswith("| `locmoe_plus@c1.6-tau0.9` | -0.099"))
+    # Below the curve, but a 6.2 %-ish saving < 10 %: not 'better' by the pre-registered rule, nor equivalent.
+    assert row.endswith("| inconclusive |")
 
 
 def test_a_refused_comparison_reads_not_compared(tmp_path):
