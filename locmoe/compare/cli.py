@@ -179,9 +179,11 @@ def run_compare(args: argparse.Namespace) -> int:
     efficiency = report.get("efficiency")
     if efficiency is not None:
         endpoint = efficiency.get("endpoint")
+        interval = endpoint and endpoint["ci95"]
+        ci = f", 95 % CI [{interval[0]:+.4f}, {interval[1]:+.4f}]" if interval else ""
         print(f"efficiency: {report['settings']['finished_runs']} runs finished; "
-              + (f"primary gap {endpoint['gap']:+.4f} nats, 95 % CI [{endpoint['ci95'][0]:+.4f}, "
-                 f"{endpoint['ci95'][1]:+.4f}]: {endpoint['verdict']}" if endpoint else str(efficiency["status"])))
+              + (f"primary gap {endpoint['gap']:+.4f} nats{ci}: {endpoint['verdict']}" if endpoint
+                 else str(efficiency["status"])))
     else:
         print("\n".join(claims_table(report["claims"])))
     print(f"report: {out_dir / 'report.md'} (and report.json and the PNG plots beside it)")

@@ -376,8 +376,8 @@ def efficiency_lines(analysis: dict, planned_seeds: Sequence[int] | None = None)
                                            else f"not clearly negative: **{NOT_MEASURABLE}**.")]
     if endpoint is None:
         return lines + ["", f"Not computed: {analysis.get('status')}.", ""] + _arm_table(arms)
-    pairing = ("paired by seed (equal init fingerprints and data order)" if endpoint["paired"]
-               else "unpaired (init fingerprints or data order differ, or are missing)")
+    pairing = ("paired by seed: equal init fingerprints and data order" if endpoint["paired"]
+               else "unpaired: init fingerprints or data order differ, or are missing")
     saving = f"{endpoint['saving']:+.1%}"
     if endpoint["saving_kind"] != "exact":
         saving = f"{endpoint['saving_kind']} {saving} (LocMoE+'s loss lies outside Switch's measured range)"
