@@ -17,7 +17,8 @@ Compute is *kept* assignments per token and MoE layer (what packed dispatch comp
    the arm does without at equal loss.
 4. **Decision** (:func:`decide`, margin δ = 0.01 nats): *better* if the 95 % upper bound < 0 and
    the saving ≥ 10 %; else *equivalent* if the 90 % interval lies inside ±δ; else *worse* if the
-   95 % lower bound > 0; else *inconclusive*.
+   95 % lower bound > 0; else *inconclusive*. No verdict with fewer than 3 seeds in an arm (the point
+   estimates are still reported; intervals need 2 Switch seeds).
 5. **Attribution.** The primary arm against the GrAP gate with a positional cut (``tcr``) at about
    the same slots, paired by seed: the difference of their gaps to ``f`` (so a kept-slot difference
    is corrected by Switch's curve), same intervals and rule without the saving clause.
