@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install test test-stack test-slow test-all run compare-standard compare-frontier compare-domain gpu-check lint bench bench-full bench-train-step bench-install clean
+.PHONY: install test test-stack test-slow test-all run compare-standard compare-frontier compare-efficiency compare-domain gpu-check lint bench bench-full bench-train-step bench-install clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -64,6 +64,10 @@ compare-standard: $(STAMP)
 
 compare-frontier: $(STAMP)
 	$(PY) -m locmoe compare --preset frontier --out runs/frontier
+
+## The pre-registered efficiency test (63 runs, about 4 h on one thread; re-running resumes and reuses).
+compare-efficiency: $(STAMP)
+	$(PY) -m locmoe compare --preset efficiency --threads 1 --out runs/efficiency
 
 ## The domain preset (about 45 minutes here): fetches the Linux networking docs (Debian linux-doc) on first use.
 compare-domain: $(STAMP)

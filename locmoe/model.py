@@ -15,7 +15,15 @@ each MoE layer's ``last_metrics`` (design §5) keyed by ``layer{index}``.
 
 Initialisation (ours, GPT-2's): weights ~ N(0, init_std), output projections of each residual
 branch (attention out, MLP out, expert ``w_out``) scaled by ``1/sqrt(2·n_layers)``, LayerNorm
-identity. Routers keep their own initialisation.
+identity. Routers keep their own initialisation scheme (a learned gate: ``nn.Linear``'s default).
+
+Paired initialisation (ours, design §6.10): a seed gives every router the same non-router weights.
+The global RNG state at construction is restored before :meth:`GPT.reset_parameters` draws the
+non-router weights, so whatever the routers drew while being built (a learned gate draws, a GrAP
+router draws nothing) cannot shift them; then one router seed is drawn from the global RNG and each
+MoE layer's router parameters are redrawn from their own generator seeded from ``(router seed,
+layer index)`` (:func:`router_generator`). Runs of two router families with one seed therefore start
+from equal non-router tensors, which :func:`init_fingerprint` hashes.
 
 Generation (:meth:`GPT.generate`) decodes with a :class:`KVCache` by default: the prompt is run once
 (the prefill, the very computation of ``features``), then each new token alone attends to the cached
@@ -26,6 +34,7 @@ group of one token per sequence). The decoding options (temperature, top-k, top-
 
 from __future__ import annotations
 
+import hashlib
 import math
 from dataclasses import dataclass, field
 
@@ -269,6 +278,7 @@ class GPT(nn.Module):
         super().__init__()
         if vocab_size < 1:
             raise ValueError(f"vocab_size={vocab_size!r} is invalid; allowed: a positive integer")
+        rng_state = torch.get_rng_state()
         self.config = config
         self.vocab_size = vocab_size
         self.token_embedding = nn.Embedding(vocab_size, config.d_model)
@@ -281,9 +291,20 @@ class GPT(nn.Module):
         self.norm_out = nn.LayerNorm(config.d_model, eps=config.norm_eps)
         self.lm_head = nn.Linear(config.d_model, vocab_size, bias=False)
         self.lm_head.weight = self.token_embedding.weight  # tied
+        torch.set_rng_state(rng_state)  # what the modules drew while being built must not shift the init
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
+        """Draw every weight: the non-router ones from the global RNG in a fixed order that no router
+        changes, then each MoE layer's router parameters from :func:`router_generator` (module
+        docstring, paired initialisation)."""
+        self._reset_non_router_parameters()
+        router_seed = int(torch.randint(0, 2**62, (1,)).item())
+        for index, block in enumerate(self.blocks):
+            if isinstance(block.ffn, MoELayer):
+                reset_router_parameters(block.ffn.router, router_generator(router_seed, index))
+
+    def _reset_non_router_parameters(self) -> None:
         std = self.config.init_std
         residual_std = std / math.sqrt(2 * self.config.n_layers)
         nn.init.normal_(self.token_embedding.weight, std=std)
@@ -541,6 +562,53 @@ def sample_next(
         return logits.argmax(dim=-1, keepdim=True)
     filtered = filter_logits(logits.float() / temperature, top_k, top_p)
     return torch.multinomial(F.softmax(filtered, dim=-1), 1, generator=generator)
+
+
+def router_generator(router_seed: int, layer_index: int) -> torch.Generator:
+    """The CPU generator of the router parameters of block ``layer_index``: seeded from a hash of
+    ``(router_seed, layer_index)``, so every layer's gate has its own stream, independent of the
+    non-router weights and of how many values any other module drew (ours)."""
+    digest = hashlib.sha256(f"router:{router_seed}:{layer_index}".encode()).digest()
+    return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") >> 1)
+
+
+@torch.no_grad()
+def reset_router_parameters(router: nn.Module, generator: torch.Generator) -> None:
+    """Redraw ``router``'s parameters from ``generator`` with ``nn.Linear``'s default scheme (every
+    learned gate here is an ``nn.Linear``: weight uniform in ``±1/sqrt(fan_in)``, bias likewise).
+    Drawn on the CPU then copied, so the values do not depend on the device the model is built on."""
+    for module in router.modules():
+        if isinstance(module, nn.Linear):
+            bound = 1.0 / math.sqrt(module.in_features)
+            for parameter in (module.weight, module.bias):
+                if parameter is not None:
+                    drawn = torch.empty(parameter.shape, dtype=torch.float32)
+                    drawn.uniform_(-bound, bound, generator=generator)
+                    parameter.copy_(drawn.to(parameter.dtype))
+        elif any(True for _ in module.parameters(recurse=False)):
+            raise ValueError(f"router module {type(module).__name__} has parameters that are not an nn.Linear's; "
+                             "reset_router_parameters cannot draw them")
+
+
+def router_parameter_names(model: nn.Module) -> set[str]:
+    """The names (``named_parameters``) of every router parameter of ``model``'s MoE layers."""
+    return {name for name, _ in model.named_parameters() if ".router." in f".{name}"}
+
+
+def init_fingerprint(model: nn.Module) -> str:
+    """SHA-256 (hex, first 16 digits) of ``model``'s non-router parameters, by name in sorted order,
+    each as float64 bytes: equal for two models exactly when their non-router weights are equal. A
+    run records it at build time (``summary.json``'s ``init_fingerprint``); the comparison pairs two
+    runs by seed only when their fingerprints (and data order) match (ours)."""
+    routers = router_parameter_names(model)
+    digest = hashlib.sha256()
+    for name, parameter in sorted(model.named_parameters(), key=lambda item: item[0]):
+        if name in routers:
+            continue
+        digest.update(name.encode())
+        digest.update(str(tuple(parameter.shape)).encode())
+        digest.update(parameter.detach().to("cpu", torch.float64).contiguous().numpy().tobytes())
+    return digest.hexdigest()[:16]
 
 
 def build_model(config: ModelConfig, vocab_size: int) -> GPT:

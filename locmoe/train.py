@@ -77,7 +77,7 @@ from locmoe.evaluation import evaluate
 from locmoe.init_from import initialise_from
 from locmoe.launch import start_runtime
 from locmoe.layer import metrics_to_python
-from locmoe.model import GPT, build_model, compile_blocks
+from locmoe.model import GPT, build_model, compile_blocks, init_fingerprint
 from locmoe.parallel.rank_metrics import merge_rank_metrics
 from locmoe.parallel.runtime import ExpertParallelRuntime
 from locmoe.provenance import session_record
@@ -153,6 +153,7 @@ class RunParts:
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LambdaLR
     loader: BatchLoader
+    init_fingerprint: str | None = None  # hash of the non-router weights the seed drew (summary.json)
 
 
 @dataclass
@@ -294,7 +295,15 @@ def _build(
     random.seed(train_config.seed)
     np.random.seed(train_config.seed)
     torch.manual_seed(train_config.seed)
-    model = runtime.build_model(model_builder, config.model, config.data.vocab_size)
+    fingerprints: list[str] = []
+
+    def build_and_fingerprint(model_config: Any, vocab_size: int) -> nn.Module:
+        # Hashed as built, before any sharding or init_from load: what the seed alone drew.
+        built = model_builder(model_config, vocab_size)
+        fingerprints.append(init_fingerprint(built))
+        return built
+
+    model = runtime.build_model(build_and_fingerprint, config.model, config.data.vocab_size)
     if train_config.compile:
         compile_blocks(model)
     optimizer = build_optimizer(model, train_config)
@@ -302,7 +311,8 @@ def _build(
     loader = BatchLoader(data.train_ids, config.model.seq_len, train_config.batch_size, config.data.data_seed)
     # Fail on a too-small validation split now rather than at the first evaluation.
     next(validation_batches(data.validation_ids, config.model.seq_len, train_config.batch_size, 1))
-    return RunParts(config, runtime, data, model, optimizer, scheduler, loader)
+    fingerprint = fingerprints[0] if fingerprints else None
+    return RunParts(config, runtime, data, model, optimizer, scheduler, loader, fingerprint)
 
 
 # The loop and its pieces: one step, evaluation, the metrics line, checkpoint, report.
@@ -502,6 +512,7 @@ def _finish(parts: RunParts, state: RunState) -> dict[str, Any]:
         state.checkpoint_path,
     )
     summary["world_size"] = parts.runtime.world_size
+    summary["init_fingerprint"] = parts.init_fingerprint
     if state.stop_signal:
         summary["signal"] = signal.Signals(state.stop_signal).name
     if parts.runtime.is_writer:

@@ -60,7 +60,8 @@ def test_every_router_continues_the_same_base_and_is_scored(tmp_path, cache_dir)
     md = (plan.out_dir / "report.md").read_text()
     assert "base (pretrained only)" in md and "`locmoe_plus`" in md and "domain_qa_above_vs_switch" in md
     assert (plan.out_dir / "domain_val_loss.png").is_file()
-    names = ["domain_loss_within_2pct", "fewer_expert_slots", "domain_qa_above", "general_loss_within_2pct"]
+    assert "## Iso-compute: LocMoE+ against Switch cut to about its slots" in md and "| `switch` |" in md
+    names = ["domain_loss_within_tolerance", "fewer_expert_slots", "domain_qa_above", "general_loss_within_tolerance"]
     assert [c["name"] for c in report["claims"]] == [f"{n}_vs_{b}" for b in ("topk", "switch") for n in names]
     assert all(c["holds"] is None for c in report["claims"])  # 2 seeds: not tested
     # a re-run trains nothing and scores nothing again: it reads what is on disk
@@ -99,23 +100,30 @@ def test_the_scores_are_the_checkpoints_own(tmp_path, cache_dir):  # noqa: F811
 
 
 def test_the_claims_pair_seeds_and_decide_like_the_comparison():
-    def run(label: str, seed: int, domain: float, general: float, cloze: float, slots: int) -> dict:
-        return {"label": label, "seed": seed, "tokens_processed": slots,
+    def run(label: str, seed: int, domain: float, general: float, cloze: float, slots: int,
+            fingerprint: str | None = "init") -> dict:
+        return {"label": label, "seed": seed, "tokens_processed": slots, "data_seed": 0,
+                "init_fingerprint": f"{fingerprint}{seed}" if fingerprint else None,
                 "domain": {"val_loss": domain, "cloze_accuracy": cloze}, "general": {"val_loss": general}}
 
     runs = [run("topk", s, 3.0, 2.0, 0.50, 2000) for s in range(3)]
-    runs += [run("locmoe_plus", s, 3.0 + 0.01 * s, 2.01, 0.52 + 0.01 * s, 900) for s in range(3)]
+    runs += [run("locmoe_plus", s, 3.0 + 0.001 * s, 2.005, 0.52 + 0.01 * s, 900) for s in range(3)]
     claims = {c["name"]: c for c in domain_claims(runs)}
-    assert set(claims) == {"domain_loss_within_2pct_vs_topk", "fewer_expert_slots_vs_topk",
-                           "domain_qa_above_vs_topk", "general_loss_within_2pct_vs_topk"}  # no switch runs
-    assert claims["domain_loss_within_2pct_vs_topk"]["holds"] is True
-    assert claims["fewer_expert_slots_vs_topk"]["holds"] is True
-    assert claims["fewer_expert_slots_vs_topk"]["details"]["per_seed"] == pytest.approx([-0.55] * 3)
+    assert set(claims) == {"domain_loss_within_tolerance_vs_topk", "fewer_expert_slots_vs_topk",
+                           "domain_qa_above_vs_topk", "general_loss_within_tolerance_vs_topk"}  # no switch runs
+    # Domain loss differences 0, 0.001, 0.002 nats: mean 0.001, 95 % t-interval upper bound
+    # 0.001 + 4.303 · 0.001/√3 = 0.0035 < 0.01 nats: better.
+    assert claims["domain_loss_within_tolerance_vs_topk"]["details"]["ci95"][1] == pytest.approx(
+        0.001 + 4.302653 * 0.001 / 3 ** 0.5, rel=1e-5)
+    assert claims["domain_loss_within_tolerance_vs_topk"]["verdict"] == "better"
+    assert claims["fewer_expert_slots_vs_topk"]["holds"] is True  # 55 % fewer on every seed, target 40 %
+    assert claims["fewer_expert_slots_vs_topk"]["details"]["per_seed"] == pytest.approx([0.55] * 3)
+    assert claims["fewer_expert_slots_vs_topk"]["details"]["paired"] is True
     assert claims["domain_qa_above_vs_topk"]["holds"] is True
-    assert claims["general_loss_within_2pct_vs_topk"]["holds"] is True
+    assert claims["general_loss_within_tolerance_vs_topk"]["holds"] is True
     worse = runs[:3] + [run("locmoe_plus", s, 3.2, 2.0, 0.45, 900) for s in range(3)]
     claims = {c["name"]: c for c in domain_claims(worse)}
-    assert claims["domain_loss_within_2pct_vs_topk"]["holds"] is False
+    assert claims["domain_loss_within_tolerance_vs_topk"]["verdict"] == "worse"
     assert claims["domain_qa_above_vs_topk"]["holds"] is False
     assert domain_claims(runs[:3])[0]["holds"] is None  # no LocMoE+ runs: not measured
     switch = [run("switch", s, 3.1, 2.0, 0.5 + 0.02 * s, 950) for s in range(2)]  # seeds 0 and 1 only
@@ -123,6 +131,11 @@ def test_the_claims_pair_seeds_and_decide_like_the_comparison():
     assert claims["fewer_expert_slots_vs_switch"]["details"]["seeds"] == 2
     assert claims["fewer_expert_slots_vs_switch"]["holds"] is None  # 2 paired seeds: not tested
     assert "not tested" in claims["domain_qa_above_vs_switch"]["measured"]
+    # Runs without fingerprints (trained before paired initialisation) are compared unpaired.
+    unpaired = [run("topk", s, 3.0, 2.0, 0.50, 2000, None) for s in range(3)] + runs[3:]
+    claims = {c["name"]: c for c in domain_claims(unpaired)}
+    assert claims["domain_qa_above_vs_topk"]["details"]["paired"] is False
+    assert "unpaired, Welch" in claims["domain_qa_above_vs_topk"]["measured"]
 
 
 def test_an_unfetchable_domain_corpus_is_one_line_and_exit_2_with_nothing_written(tmp_path, monkeypatch, capsys):
@@ -187,3 +200,10 @@ def test_init_router_matching_keeps_a_gate_of_the_same_shape_and_fresh_rebuilds_
         for key, value in gates.items():
             close = torch.allclose(after[key], value, rtol=1e-6, atol=1e-9)
             assert close == kept, (router, mode, key)
+
+
+def test_the_default_routers_include_switch_cut_to_about_locmoe_plus_slots(tmp_path):
+    plan = domain_plan(tmp_path / "out", {}, None, None, None, None, None)
+    factors = {c.label: c.capacity_factor for c in plan.contenders}
+    assert factors["switch@cf0.95"] == 0.95 and factors["switch@cf0.8"] == 0.8
+    assert {"topk", "switch", "locmoe", "locmoe_plus"} <= set(factors)

@@ -294,3 +294,16 @@ def test_resuming_on_another_number_of_ranks_says_the_trajectory_changes(cache_d
     save_checkpoint(config.run_dir, 2, {k: v for k, v in state.items() if k != "format"}, keep=2)
     with pytest.warns(UserWarning, match=r"saved on 2 rank\(s\), on 1: .* the losses from here on differ"):
         train(config.with_overrides({"stop_after": 0}), resume=True)
+
+
+def test_runs_of_two_routers_with_one_seed_record_one_init_fingerprint(straight_runs, cache_dir):  # noqa: F811
+    """summary.json's init_fingerprint is the hash of the non-router weights the seed drew: equal for
+    switch and locmoe_plus (paired initialisation), and equal to a fresh model's built from the seed."""
+    from locmoe.model import init_fingerprint
+
+    fingerprints = {router: json.loads((path / "summary.json").read_text())["init_fingerprint"]
+                    for router, path in straight_runs.items()}
+    assert len(set(fingerprints.values())) == 1
+    config = tiny_config(cache_dir, "unused", router="switch", steps=STEPS)
+    torch.manual_seed(config.train.seed)
+    assert fingerprints["switch"] == init_fingerprint(GPT(config.model, config.data.vocab_size))

@@ -141,3 +141,13 @@ def frontier_table(points: Sequence[FrontierPoint], measure: str) -> list[str]:
         lines.append(f"| `{point.label}` | {point.slots:.3f} ± {point.slots_spread:.3f} | "
                      f"{point.loss:.4f} ± {point.loss_spread:.4f} | {point.seeds} | {gap} | {point.verdict} |")
     return lines
+
+
+def frontier_labels(runs: Sequence[dict]) -> tuple[list[str], list[str]]:
+    """The labels on Switch's curve (``switch@cfX``) and the LocMoE+ labels, in run order."""
+    switch, plus = [], []
+    for run in runs:
+        target = switch if _on_switch_curve(run) else plus if run.get("router") == LOCMOE_PLUS else None
+        if target is not None and run["label"] not in target:
+            target.append(run["label"])
+    return switch, plus

@@ -150,6 +150,32 @@ def frontier_contenders(d_model: int) -> list[Contender]:
     return contenders
 
 
+EFFICIENCY_SWITCH_FACTORS = (0.5, 0.65, 0.8, 1.1)  # Switch's capacity-cut curve, bracketing both LocMoE+ points
+EFFICIENCY_PRIMARY_SCALE, EFFICIENCY_PRIMARY_TAU = 0.8, 0.8  # T_sel = 0.8/√d, τ 0.8: the paper's −40 % point
+EFFICIENCY_ATTRIBUTION = "tcr-noloc@cf0.55"  # the GrAP gate with a positional cut at about the same slots
+EFFICIENCY_SECONDARY = "locmoe_plus-noloc"  # LocMoE+'s defaults (−11 %), locality off
+
+
+def efficiency_labels(d_model: int) -> dict[str, object]:
+    """The efficiency preset's arms by role (design §6.10): ``switch`` (the curve), ``primary``,
+    ``attribution`` and ``secondary`` labels, for a model of width ``d_model``."""
+    temperature = round(EFFICIENCY_PRIMARY_SCALE / math.sqrt(d_model), 6)
+    return {
+        "switch": [f"switch@cf{cf}" for cf in EFFICIENCY_SWITCH_FACTORS],
+        "primary": f"locmoe_plus-noloc@select_temperature={temperature}:tau={EFFICIENCY_PRIMARY_TAU}",
+        "attribution": EFFICIENCY_ATTRIBUTION,
+        "secondary": [EFFICIENCY_SECONDARY],
+    }
+
+
+def efficiency_contenders(d_model: int) -> list[Contender]:
+    """The efficiency preset's seven arms, in the order each seed trains them: the primary arm and its
+    attribution partner first (so a seed stopped early still pairs them), then Switch's curve, then
+    the secondary arm. Locality loss off for every GrAP arm, no simulated nodes."""
+    labels = efficiency_labels(d_model)
+    return parse_contenders([labels["primary"], labels["attribution"], *labels["switch"], *labels["secondary"]])
+
+
 # Presets: the base config fields every run shares, the contenders and the seeds. `quick` is what
 # `make run` uses (under 10 minutes here); `standard` is the published comparison (about 60–90
 # minutes on 2 cores); `frontier` the compute–quality frontier (about an hour); `full` every router.
@@ -176,6 +202,15 @@ PRESETS: dict[str, dict[str, Any]] = {
         "seeds": (0, 1, 2),
         "overrides": {"steps": 300, "warmup_steps": 30, "eval_every": 50, "eval_batches": 16,
                       "checkpoint_every": 100, "dispatch": "pack", **_QUICK_MODEL},
+    },
+    "efficiency": {
+        # Pre-registered (design §6.10): the default model (d = 192), 400 steps, packed dispatch, no
+        # simulated nodes, locality loss off for every GrAP arm, 9 seeds (seed-major, see compare).
+        "routers": efficiency_contenders,
+        "seeds": tuple(range(9)),
+        "overrides": {"steps": 400, "warmup_steps": 40, "eval_every": 100, "eval_batches": 32,
+                      "checkpoint_every": 100, "dispatch": "pack", "simulated_nodes": 0,
+                      "simulated_placement": "rows"},
     },
     "full": {
         "routers": ("switch", "topk", "expert_choice", "hash", "locmoe", "locmoe_plus", "switch@matched", "tcr",
@@ -406,6 +441,8 @@ def run_record(contender: Contender, config: RunConfig, summary: dict) -> dict:
         "processed_per_step": [sum(r["moe"][n][LayerMetric.PROCESSED_SLOTS] for n in layers) for r in records],
         "expert_load": expert_load,
         "val_curve": [[e["step"], e["val_loss"]] for e in summary["evaluations"]],
+        "init_fingerprint": summary.get("init_fingerprint"),
+        "data_seed": summary.get("data_seed"),
         "step_time_median_s": statistics.median(step_times) if step_times else None,
         "tokens_per_s": summary["tokens_per_s"],
     }
@@ -420,11 +457,14 @@ def compare(
     train_fn: Callable[..., dict] | None = None,
     on_run: Callable[[str], None] = print,
     preset: str | None = None,
+    report_only: bool = False,
 ) -> dict:
     """Run (or reuse) every (contender, seed) and write ``report.json``, ``report.md`` and plots.
 
-    Runs go seed by seed in the contenders' order, so a matched contender (``switch@matched``) finds
-    the finished run it copies its capacity from.
+    Runs go seed by seed in the contenders' order (seed-major, so a comparison stopped early still
+    has whole seeds), and a matched contender (``switch@matched``) finds the finished run it copies
+    its capacity from. ``report_only`` trains nothing: the report covers the runs already completed
+    in ``out_dir`` and says which (settings ``planned_seeds``, ``finished_runs``).
     """
     train_fn = train_fn or train
     if not seeds:
@@ -446,10 +486,17 @@ def compare(
             capacity_factor = None
             if contender.matched_to is not None:
                 source = next((r for r in runs if r["label"] == contender.matched_to and r["seed"] == seed), None)
+                if source is None and report_only:
+                    continue  # the run it copies has not finished, so neither has this one
                 if source is None:
                     raise ValueError(f"{contender.label} needs a {contender.matched_to} run of seed {seed} before it")
                 capacity_factor = matched_capacity_factor(source, base)
             config = run_config_for(base, contender, seed, out_dir, capacity_factor)
+            if report_only:
+                summary = finished_summary(config)
+                if summary is not None:
+                    runs.append(run_record(contender, config, summary))
+                continue
             on_run(f"[{index}/{total}] {contender.label} seed {seed} -> {config.run_dir}")
             summary = run_one(config, train_fn, on_run)
             if summary.get("status") != "completed":
@@ -460,13 +507,15 @@ def compare(
                 f"drop rate {record['drop_rate'] or 0.0:.3f}, {record['tokens_per_s']:,.0f} tokens/s"
             )
             runs.append(record)
+    if report_only and not runs:
+        raise ValueError(f"{out_dir} holds no completed run of these contenders and seeds; nothing to report")
     order = {c.label: i for i, c in enumerate(contenders)}
     runs.sort(key=lambda r: (order[r["label"]], r["seed"]))
     settings = {
         "preset": preset,
         "steps": base.train.steps,
         "warmup_steps": base.train.warmup_steps,
-        "seeds": ",".join(map(str, seeds)),
+        "seeds": ",".join(map(str, sorted({int(r["seed"]) for r in runs}))),
         "corpus": base.data.corpus,
         "model": f"d={base.model.d_model}, layers={base.model.n_layers}, experts={base.model.num_experts}, "
         f"moe_every={base.model.moe_every}, seq={base.model.seq_len}, batch={base.train.batch_size}",
@@ -474,8 +523,25 @@ def compare(
         "simulated_nodes": base.parallel.simulated_nodes,
         "simulated_placement": base.parallel.simulated_placement,
         "threads": base.train.threads,
+        "planned_seeds": ",".join(map(str, seeds)),
+        "finished_runs": f"{len(runs)} of {total}",
     }
+    if preset == "efficiency":
+        settings["efficiency_labels"] = efficiency_labels(base.model.d_model)
     return write_report(runs, out_dir, settings)
+
+
+def finished_summary(config: RunConfig) -> dict | None:
+    """The summary of the run at ``config.run_dir`` if it completed all its steps with this config,
+    else ``None`` (missing, interrupted or still training)."""
+    summary_path = config.run_dir / "summary.json"
+    if not summary_path.exists():
+        return None
+    check_saved_run(config.run_dir, config)
+    summary = json.loads(summary_path.read_text())
+    if summary.get("status") == "completed" and summary.get("step") == config.train.steps:
+        return summary
+    return None
 
 
 def preset_config(name: str, base: RunConfig | None = None) -> tuple[RunConfig, tuple[int, ...]]:

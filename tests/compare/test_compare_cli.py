@@ -54,7 +54,7 @@ def test_compare_two_routers_end_to_end(tmp_path, cache_dir, capsys):  # noqa: F
         metrics = [json.loads(line) for line in (Path(run["run_dir"]) / "metrics.jsonl").read_text().splitlines()]
         assert sum(layer["processed_slots"] for r in metrics for layer in r["moe"].values()) == run["tokens_processed"]
     assert report["runs"][0]["router_options"]["capacity_factor"] == pytest.approx(1.1)
-    assert {c["name"] for c in report["claims"]} >= {"tokens_processed_reduction", "val_loss_within_2pct",
+    assert {c["name"] for c in report["claims"]} >= {"tokens_processed_reduction", "val_loss_within_tolerance",
                                                      "capacity_falls"}
     markdown = (out / "report.md").read_text()
     assert "## Claims" in markdown and "`locmoe_plus`" in markdown
@@ -185,3 +185,11 @@ def test_routers_may_name_a_presets_own_labels():
         ("locmoe_plus", None, None), ("switch@matched", "locmoe_plus", None), ("switch@cf0.75", None, 0.75)
     ]
     assert seeds == (3,)
+
+
+def test_report_only_on_an_empty_directory_is_one_line_and_exit_2(tmp_path, capsys):
+    assert main(["compare", "--preset", "efficiency", "--report-only", "--out", str(tmp_path / "none")]) == 2
+    error = capsys.readouterr().err
+    assert "holds no completed run" in error and len(error.strip().splitlines()) == 1
+    assert main(["compare", "--preset", "domain", "--report-only", "--out", str(tmp_path / "d")]) == 2
+    assert "--report-only is not available for the domain preset" in capsys.readouterr().err

@@ -377,3 +377,18 @@ def test_a_changed_config_is_refused_before_any_run_trains(tmp_path):
     with pytest.raises(ValueError, match=r"locmoe_plus-seed0 holds a run with a different config \(steps"):
         compare(longer, contenders, [0], tmp_path / "cmp", train_fn=fake, on_run=lambda _: None)
     assert fake.calls == []
+
+
+def test_report_only_trains_nothing_and_reports_the_finished_runs(tmp_path):
+    base = _tiny_base(tmp_path)
+    contenders = parse_contenders(["switch", "locmoe_plus", "switch@matched"])
+    fake = FakeTrainer()
+    compare(base, contenders, [0], tmp_path / "cmp", train_fn=fake, on_run=lambda _: None)
+    partial = compare(base, contenders, [0, 1], tmp_path / "cmp", train_fn=fake, on_run=lambda _: None,
+                      report_only=True)
+    assert len(fake.calls) == 3  # nothing trained for seed 1
+    assert {(r["label"], r["seed"]) for r in partial["runs"]} == {(c.label, 0) for c in contenders}
+    assert partial["settings"]["finished_runs"] == "3 of 6" and partial["settings"]["planned_seeds"] == "0,1"
+    assert partial["settings"]["seeds"] == "0"
+    with pytest.raises(ValueError, match="no completed run"):
+        compare(base, contenders, [5], tmp_path / "cmp", train_fn=fake, on_run=lambda _: None, report_only=True)

@@ -21,7 +21,8 @@ SOURCE = {"command": "test", "date_utc": "2026-01-01 00:00", "machine": "test", 
 def _run(label, seed, **values):
     router = label.split("@")[0].removesuffix("-noloc")
     run = {"label": label, "router": router, "seed": seed, "router_options": {}, "dispatch": "pack",
-           "steps": 10, "tokens_per_step": 100, "num_experts": 4, "warmup_steps": 0}
+           "steps": 10, "tokens_per_step": 100, "num_experts": 4, "warmup_steps": 0,
+           "init_fingerprint": f"init{seed}", "data_seed": 0}
     run.update(values)
     return run
 
@@ -56,32 +57,45 @@ def _synthetic_runs():
     return runs
 
 
+T2_975 = 4.302653  # Student's t, 2 degrees of freedom, 97.5 % quantile
+
+
 def test_claims_on_synthetic_runs():
     claims = {c.name: c for c in evaluate_claims(_synthetic_runs())}
     reduction = claims["tokens_processed_reduction"]
     assert reduction.details["padded"]["per_seed"] == pytest.approx([0.55, 0.50, 0.52])
     assert reduction.details["kept"]["per_seed"] == pytest.approx([1 - 405 / 900, 1 - 450 / 900, 1 - 432 / 900])
-    # Every seed ≥ 40 %, mean 0.523 is (0.523 − 0.40) / (0.025/√3) ≈ 8.5 standard errors above.
-    assert reduction.holds is True
+    # Packed runs: decided on kept assignments. Mean 0.5233, s 0.0252: the 95 % interval
+    # 0.5233 ± 4.303 · 0.0252/√3 = [0.461, 0.586] lies above 40 %.
+    assert reduction.details["decided_on"] == "kept" and reduction.details["paired"] is True
+    assert reduction.details["ci95"][0] == pytest.approx(0.52333 - T2_975 * 0.025166 / 3 ** 0.5, abs=1e-4)
+    assert reduction.holds is True and reduction.verdict == "better"
     assert reduction.details["meets_v1_60pct"] is False
 
-    loss = claims["val_loss_within_2pct"]
-    assert loss.details["per_seed"] == pytest.approx([0.01, 5.304 / 5.1 - 1, 5.15 / 5.2 - 1])
-    assert loss.holds is False  # seed 1 is 4 % worse
+    loss = claims["val_loss_within_tolerance"]
+    assert loss.details["per_seed"] == pytest.approx([0.05, 0.204, -0.05])  # nats
+    assert loss.verdict == "inconclusive" and loss.holds is False
+    assert "perplexity" in loss.measured
 
     control = claims["beats_switch_at_equal_compute"]
-    assert control.holds is True  # LocMoE+ below the matched Switch on every seed, far beyond 2 s.e.
+    # Packed: LocMoE+ against Switch's line through switch (900 kept, loss) and switch@matched at
+    # LocMoE+'s kept assignments; seed 0: 5.10 + (5.0 − 5.10)·(405 − 360)/(900 − 360) = 5.09167.
+    expected = [5.05 - (5.10 - 0.1 * 45 / 540), 5.304 - (5.364 - 0.264 * 50 / 500), 5.15 - (5.22 - 0.02 * 48 / 516)]
+    assert control.details["per_seed"] == pytest.approx(expected)
+    assert control.verdict == "better" and control.holds is True
     assert control.details["padded_slot_ratio"] == pytest.approx(1.0)
     assert control.details["kept_ratio"] == pytest.approx(0.9 / 0.8)
+    assert "padded slots LocMoE+/matched 1.000, kept 1.125" in control.measured
 
     capacity = claims["capacity_falls"]
     assert capacity.holds is True
     assert all(ratio <= 0.9 for ratio in capacity.details["per_seed"])
 
     balance = claims["locality_improves_balance"]
-    # CV gains: 0.05, 0.01, 0.06: every seed gains, mean 0.04 vs 2 s.e. = 2·0.0265/√3 = 0.031: holds.
+    # CV gains 0.05, 0.01, 0.06: mean 0.04, 95 % interval 0.04 ± 4.303 · 0.0265/√3 = [−0.026, 0.106]:
+    # every seed gains, yet the interval straddles 0 (the old 2-s.e. rule called this "holds").
     assert balance.details["per_seed"] == pytest.approx([0.05, 0.01, 0.06])
-    assert balance.holds is True
+    assert balance.verdict == "inconclusive" and balance.holds is False
 
     remote = claims["locality_lowers_remote_share"]
     assert remote.details["per_seed"] == pytest.approx([0.10, 0.12, 0.11])
@@ -93,12 +107,27 @@ def test_claims_on_synthetic_runs():
     assert step.holds is True
 
 
+def test_runs_without_fingerprints_are_compared_unpaired_with_welch():
+    runs = [{**run, "init_fingerprint": None} for run in _synthetic_runs()]
+    remote = {c.name: c for c in evaluate_claims(runs)}["locality_lowers_remote_share"]
+    # noloc 0.50, 0.52, 0.51 against LocMoE+ 0.4 on every seed: difference of means 0.11, standard error
+    # sqrt(0.01²/3 + 0) = 0.00577 on Welch–Satterthwaite df = 2.
+    assert remote.details["paired"] is False and remote.details["per_seed"] == []
+    assert remote.details["mean"] == pytest.approx(0.11)
+    assert remote.details["standard_error"] == pytest.approx(0.01 / 3 ** 0.5)
+    assert remote.details["df"] == pytest.approx(2.0)
+    assert remote.verdict == "better" and "unpaired, Welch" in remote.measured
+    mixed = [dict(run) for run in _synthetic_runs()]
+    mixed[0]["data_seed"] = 7  # another data order for switch seed 0: no longer paired with LocMoE+
+    assert {c.name: c for c in evaluate_claims(mixed)}["val_loss_within_tolerance"].details["paired"] is False
+
+
 def test_a_claim_with_fewer_than_three_seeds_is_not_tested():
     runs = [r for r in _synthetic_runs() if r["seed"] < MIN_SEEDS - 1]
     claims = evaluate_claims(runs)
     assert all(c.holds is None for c in claims)
     measured = {c.name: c.measured for c in claims}
-    assert "not tested: 2 paired seed(s), a claim needs 3" in measured["tokens_processed_reduction"]
+    assert "not tested: 2 seed(s), a claim needs 3" in measured["tokens_processed_reduction"]
     assert "not tested" in measured["capacity_falls"]
 
 
@@ -109,19 +138,21 @@ def test_missing_runs_make_a_claim_unmeasured_not_false():
     assert all("not measured" in c.measured for c in claims)
 
 
-def test_every_seed_on_side_is_not_enough_without_two_standard_errors():
-    # reductions 0.70, 0.42, 0.44: every seed ≥ 0.40, but mean 0.52 is only 0.12 above the target
-    # and 2 s.e. = 2·0.156/√3 = 0.18: does not hold.
-    test = PairedTest([0.70, 0.42, 0.44], 0.40, "above")
-    assert test.every_seed_on_side and not test.beyond_two_standard_errors
-    assert test.holds is False
-    # And the reverse: the mean is far beyond, but one seed is on the wrong side.
-    test = PairedTest([0.9, 0.9, 0.39], 0.40, "above")
-    assert test.beyond_two_standard_errors is False or not test.every_seed_on_side
-    assert test.holds is False
+def test_three_way_verdicts_with_t_intervals_and_equivalence():
+    # Every seed above 0.40 but mean 0.52, s 0.156: 95 % interval 0.52 ± 4.303 · 0.0902 straddles 0.40.
+    assert PairedTest([0.70, 0.42, 0.44], 0.40, "above").verdict == "inconclusive"
     below = PairedTest([-0.5, -0.4, -0.45], 0.0, "below")
-    assert below.holds is True
-    assert below.standard_error == pytest.approx(summarize([-0.5, -0.4, -0.45]).spread / math.sqrt(3))
+    assert below.verdict == "better" and below.holds is True
+    assert below.estimate.standard_error == pytest.approx(summarize([-0.5, -0.4, -0.45]).spread / math.sqrt(3))
+    assert PairedTest([0.05, 0.06, 0.055], 0.0, "below").verdict == "worse"
+    # Mean 0.00025, s 0.00144: the 95 % interval reaches above 0 (not better), the 90 % one
+    # 0.00025 ± 2.353 · 0.00072 lies inside ±0.01: equivalent.
+    near_zero = PairedTest([0.001, -0.002, 0.0005, 0.0015], 0.0, "below", margin=0.01)
+    assert near_zero.verdict == "equivalent" and near_zero.holds is False
+    assert PairedTest([0.001, -0.002, 0.0005, 0.0015], 0.0, "below").verdict == "inconclusive"  # no margin
+    assert PairedTest([0.1, 0.2], 0.0, "above").verdict == "not tested"
+    with pytest.raises(ValueError, match="margin"):
+        PairedTest([0.1], 0.0, "above", margin=0.0)
 
 
 def test_runs_of_different_dispatch_modes_are_not_compared():
@@ -195,7 +226,7 @@ def test_write_report_files(tmp_path):
     assert on_disk["provenance"]["commit"] == "abc"
     assert len(on_disk["runs"]) == 12
     markdown = (tmp_path / "report.md").read_text()
-    assert "| val_loss_within_2pct |" in markdown and "**does not hold**" in markdown
+    assert "| val_loss_within_tolerance |" in markdown and "**inconclusive**" in markdown
     assert "`locmoe_plus-noloc`" in markdown and "- commit: `abc`" in markdown
     # switch (cf 1.1) and switch@matched are compared in the claims, not drawn as a frontier.
     assert "## Compute–quality frontier" not in markdown and not (tmp_path / "frontier.png").exists()
@@ -212,6 +243,17 @@ def test_write_report_draws_the_frontier_from_switch_capacity_settings(tmp_path)
     assert (tmp_path / "frontier.png").stat().st_size > 1000
     # Two seeds: the side every seed agrees on is only indicative.
     assert "below Switch's curve beyond the seed spread (indicative: 2 seeds, a claim needs 3)" in markdown
+    # The pooled reading: Switch's slope (4.0 − 5.0)/(1.0 − 0.5) = −2 nats per slot; LocMoE+ 0.1 below the
+    # curve, but at equal loss Switch needs 0.5 + (5.005 − 4.4055)/2 = 0.7998 slots, a saving of
+    # 1 − 0.75/0.7998 = 6.2 %; two seeds: intervals, but no verdict (it needs 3 seeds per arm).
+    assert "### On Switch's pooled curve" in markdown and "mean slope -2.000 nats" in markdown
+    row = next(line for line in markdown.splitlines() if line.startswith("| `locmoe_plus@c1.6-tau0.9` | -0.0995 |"))
+    assert "| paired | +6.2% | not decided: 2 seed(s) in an arm, a verdict needs 3 |" in row
+    write_report(_frontier_runs(seeds=3), tmp_path, settings={"preset": "frontier"}, source=SOURCE)
+    row = next(line for line in (tmp_path / "report.md").read_text().splitlines()
+               if line.startswith("| `locmoe_plus@c1.6-tau0.9` | -0.099"))
+    # Below the curve, but a 6.2 %-ish saving < 10 %: not 'better' by the pre-registered rule, nor equivalent.
+    assert row.endswith("| inconclusive |")
 
 
 def test_a_refused_comparison_reads_not_compared(tmp_path):
@@ -267,3 +309,30 @@ def test_spearman_and_summary_against_scipy():
     values = [rng.random() for _ in range(7)]
     summary = summarize(values)
     assert summary.spread == pytest.approx(stats.tstd(values))
+
+
+def test_student_t_and_welch_against_scipy():
+    stats_module = pytest.importorskip("scipy.stats")
+    from locmoe.compare.stats import paired_estimate, student_t_cdf, student_t_quantile, welch_estimate
+
+    for df in (1, 2, 3.7, 8, 30):
+        for t in (-3.1, -0.4, 0.0, 1.2, 4.3):
+            assert student_t_cdf(t, df) == pytest.approx(stats_module.t.cdf(t, df), abs=1e-10)
+        for p in (0.025, 0.05, 0.95, 0.975):
+            assert student_t_quantile(p, df) == pytest.approx(stats_module.t.ppf(p, df), rel=1e-8)
+    rng = random.Random(3)
+    first = [rng.gauss(0.3, 1.0) for _ in range(5)]
+    second = [rng.gauss(0.0, 2.0) for _ in range(7)]
+    welch = welch_estimate(first, second)
+    reference = stats_module.ttest_ind(first, second, equal_var=False)
+    assert welch.value / welch.standard_error == pytest.approx(reference.statistic, rel=1e-9)
+    assert welch.df == pytest.approx(reference.df, rel=1e-9)
+    values = [0.01, 0.03, -0.005, 0.02]
+    low, high = paired_estimate(values).interval(0.95)
+    interval = stats_module.t.interval(0.95, 3, loc=statistics_mean(values),
+                                       scale=stats_module.sem(values))
+    assert (low, high) == pytest.approx(interval, rel=1e-9)
+
+
+def statistics_mean(values):
+    return sum(values) / len(values)

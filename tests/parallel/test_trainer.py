@@ -186,11 +186,11 @@ def test_expert_parallel_without_torchrun_is_a_clear_error(cache_dir, tmp_path):
 LOCALITY_STEPS = 60
 
 
-def _remote_share(cache_dir, out, placement: str, locality_coef: float) -> float:  # noqa: F811
+def _remote_share(cache_dir, out, placement: str, locality_coef: float, seed: int = 0) -> float:  # noqa: F811
     """Mean ``remote_share`` of the MoE layer over the last quarter of a 60-step run on 2 simulated nodes."""
     config = tiny_config(
         cache_dir, out, router="locmoe_plus", steps=LOCALITY_STEPS, eval_every=0, simulated_nodes=2,
-        simulated_placement=placement, router_options={"locality_coef": locality_coef},
+        simulated_placement=placement, router_options={"locality_coef": locality_coef}, seed=seed,
     )
     train(config)
     tail = read_metrics(out)[-LOCALITY_STEPS // 4 :]
@@ -199,12 +199,18 @@ def _remote_share(cache_dir, out, placement: str, locality_coef: float) -> float
 
 def test_locality_loss_lowers_the_remote_share_of_simulated_nodes(cache_dir, tmp_path):  # noqa: F811
     """Nodes that hold their own shard of the corpus: the router learns to keep a node's tokens on its
-    experts. Measured when written: 0.575 without the locality loss, 0.396 with μ = 0.1 (fixed seeds;
-    μ = 0.01, the SPEC default, gives 0.440 after 200 steps against 0.497)."""
-    without = _remote_share(cache_dir, tmp_path / "without", "corpus", 0.0)
-    with_locality = _remote_share(cache_dir, tmp_path / "with", "corpus", 0.1)
-    print(f"remote share, corpus-sharded nodes: without locality loss {without:.3f}, with {with_locality:.3f}")
-    assert with_locality < without - 0.1
+    experts. Over seeds, not one: the effect varies a lot by seed at 60 steps. Measured with paired
+    initialisation, without -> with μ = 0.1: seed 0 0.518 -> 0.421, seed 1 0.457 -> 0.379, seed 2
+    0.519 -> 0.340 (mean fall 0.118; seed 3 falls only 0.036). Before paired initialisation seed 0 gave
+    0.575 -> 0.396 (μ = 0.01, the SPEC default, gave 0.440 after 200 steps against 0.497)."""
+    falls = []
+    for seed in range(3):
+        without = _remote_share(cache_dir, tmp_path / f"without{seed}", "corpus", 0.0, seed)
+        with_locality = _remote_share(cache_dir, tmp_path / f"with{seed}", "corpus", 0.1, seed)
+        print(f"remote share, corpus-sharded nodes, seed {seed}: without locality loss {without:.3f}, "
+              f"with {with_locality:.3f}")
+        falls.append(without - with_locality)
+    assert min(falls) > 0 and sum(falls) / len(falls) > 0.07
 
 
 def test_row_placed_nodes_cannot_be_localised(cache_dir, tmp_path):  # noqa: F811
