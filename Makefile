@@ -41,11 +41,16 @@ $(STACK_STAMP): pyproject.toml
 	$(STACK_PY) -m pip install -e ".[dev,megatron]"
 	touch $(STACK_STAMP)
 
+## What CI runs there: the suites whose outcome depends on the torch / transformers / megatron-core
+## versions (Megatron-Core, the HF adapters, routing, experts and their compiled graphs). The whole
+## suite (about 30 min on a busy 2-core machine, more than CI's budget): make test-stack STACK_TESTS=tests
+STACK_TESTS ?= tests/megatron tests/hf tests/routing tests/test_graph_breaks.py tests/test_experts.py \
+	tests/test_experts_grouped.py tests/test_layer_reference.py tests/test_golden.py
 test-stack:
 	@if [ -z "$(STACK_PYTHON)" ]; then \
 		echo "test-stack: skipped, no python3.12 here (set STACK_PYTHON=/path/to/python3.12)"; \
 	else \
-		$(MAKE) --no-print-directory $(STACK_STAMP) && OMP_NUM_THREADS=2 $(STACK_PY) -m pytest -m "not slow" -q; \
+		$(MAKE) --no-print-directory $(STACK_STAMP) && OMP_NUM_THREADS=2 $(STACK_PY) -m pytest -m "not slow" -q $(STACK_TESTS); \
 	fi
 
 ## The slower tests, kept green in their own target.

@@ -195,11 +195,7 @@ def write_report(runs: Sequence[dict], out_dir: Path, settings: dict | None = No
         lines += [""] + efficiency_lines(efficiency, planned or None)
         lines += ["## Where the learning curves stand", ""] + learning_curve_flatness(runs)
         lines += ["", "## Results per contender (mean ± std over seeds)", ""] + results_table(runs)
-        lines += [""] + options_section(runs)
-        if plots:
-            lines += ["## Plots", ""]
-            lines += [f"### {title}\n\n![{title}]({name})\n" for title, name in plots.items()]
-        write_atomic(out_dir / "report.md", ("\n".join(lines) + "\n").encode())
+        _write_markdown(out_dir, lines + [""] + options_section(runs), plots)
         return report
     lines += [
         "",
@@ -257,9 +253,12 @@ def write_report(runs: Sequence[dict], out_dir: Path, settings: dict | None = No
                   "its slope checked first; gaps with 95 % seed-bootstrap intervals and the efficiency preset's "
                   "rule (design §6.10).", ""]
         lines += pooled_frontier_lines(runs, switch_labels, plus_labels)
-    lines += [""] + options_section(runs)
-    if plots:
-        lines += ["## Plots", ""]
-        lines += [f"### {title}\n\n![{title}]({name})\n" for title, name in plots.items()]
-    write_atomic(out_dir / "report.md", ("\n".join(lines) + "\n").encode())
+    _write_markdown(out_dir, lines + [""] + options_section(runs), plots)
     return report
+
+
+def _write_markdown(out_dir: Path, lines: list[str], plots: dict[str, str] | None) -> None:
+    """``report.md``: ``lines``, then the plots section (one image per title) where there are plots."""
+    if plots:
+        lines = lines + ["## Plots", ""] + [f"### {title}\n\n![{title}]({name})\n" for title, name in plots.items()]
+    write_atomic(out_dir / "report.md", ("\n".join(lines) + "\n").encode())
