@@ -43,7 +43,7 @@ $(STACK_STAMP): pyproject.toml
 
 ## What CI runs there: the suites whose outcome depends on the torch / transformers / megatron-core
 ## versions (Megatron-Core, the HF adapters, routing, experts and their compiled graphs). The whole
-## suite (about 30 min on a busy 2-core machine, more than CI's budget): make test-stack STACK_TESTS=tests
+## suite there (1421 passed in 5 min on an idle 2-core machine, about 30 min on a busy one): make test-stack STACK_TESTS=tests
 STACK_TESTS ?= tests/megatron tests/hf tests/routing tests/test_graph_breaks.py tests/test_experts.py \
 	tests/test_experts_grouped.py tests/test_layer_reference.py tests/test_golden.py
 test-stack:
