@@ -307,19 +307,20 @@ class MetricsRecorder:
         extra: dict[str, object],
         *,
         training: bool,
-        forward_count: torch.Tensor,
+        forward_count: torch.Tensor | None = None,
     ) -> None:
         """Keep one forward: the routed ``features (S, d)``, its ``plan`` and the ``context`` it was
         made with, the slots the experts computed, ``extra`` metrics (the dispatcher's), whether the
-        layer is training, and the layer's ``forward_count`` buffer (a training forward adds 1)."""
+        layer is training, and the layer's ``forward_count`` buffer (a training forward adds 1; ``None`` where
+        the host keeps no count, e.g. :mod:`locmoe.megatron`, whose recorder has ``ch_interval`` 0)."""
         metrics: dict[str, object] = dict(routing_metrics(
             plan, processed_slots, token_nodes=context.token_nodes, expert_nodes=context.expert_nodes
         ))
         for name, value in plan.losses.items():
             metrics[f"loss_{name}"] = value.detach()
-        if training:
+        if training and forward_count is not None:
             forward_count.add_(1)
-        if self.ch_interval and training and int(forward_count) % self.ch_interval == 0:
+        if self.ch_interval and training and forward_count is not None and int(forward_count) % self.ch_interval == 0:
             metrics["calinski_harabasz"] = torch.tensor(
                 calinski_harabasz(features, specialisation_labels(plan)), dtype=torch.float64
             )

@@ -39,7 +39,7 @@ from megatron.core.transformer.moe.moe_utils import MoEAuxLossAutoScaler, get_ca
 from megatron.core.transformer.transformer_config import TransformerConfig
 from torch import nn
 
-from locmoe.metrics import resolve_deferred, routing_metrics, to_python
+from locmoe.metrics import MetricsRecorder, read_recorded
 from locmoe.routing import Router, RoutingContext, RoutingPlan, build_router, make_options, options_class
 
 # Megatron's own router features that a locmoe router does not implement, with the value that means
@@ -233,9 +233,7 @@ class MegatronRouter(nn.Module):
         self._gate_key = "router.gate.weight" if isinstance(getattr(self.router, "gate", None), nn.Linear) else None
         self._register_state_dict_hook(_save_gate_as_weight)
         self._register_load_state_dict_pre_hook(_load_weight_into_gate, with_module=True)
-        self.last_plan: RoutingPlan | None = None
-        self._metric_tensors: dict[str, object] = {}
-        self._metrics_cache: dict[str, Any] | None = None
+        self.recorder = MetricsRecorder()  # the last plan and its metrics, as on locmoe.MoELayer
 
     @property
     def weight(self) -> torch.Tensor:
@@ -253,7 +251,7 @@ class MegatronRouter(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         num_experts = self.router.num_experts
         sequence_length = hidden_states.shape[0]
-        by_sequence = getattr(self.router.options, "scope", "batch") == "sequence" and hidden_states.dim() == 3
+        by_sequence = self.router.scope == "sequence" and hidden_states.dim() == 3
         if by_sequence:  # Megatron's tokens are sequence-major [S, B]; a sequence must be consecutive
             if padding_mask is not None:
                 raise ValueError("a padding mask makes the real tokens one routing group; the router's "
@@ -279,10 +277,7 @@ class MegatronRouter(nn.Module):
             routing_map = routing_map.view(batch, sequence_length, num_experts).transpose(0, 1).reshape(-1, num_experts)
         if plan.losses and self.training and torch.is_grad_enabled():
             probs = self._attach_losses(probs, plan, routed.shape[0])
-        self.last_plan = plan.detached()
-        self._metric_tensors = dict(routing_metrics(plan, plan.tokens_per_expert.sum()))
-        self._metric_tensors.update({f"loss_{name}": value.detach() for name, value in plan.losses.items()})
-        self._metrics_cache = None
+        self.recorder.record(routed, plan, context, plan.tokens_per_expert.sum(), {}, training=self.training)
         return probs, routing_map
 
     def _check_static_capacity(self, plan: RoutingPlan, num_tokens: int) -> None:
@@ -316,11 +311,14 @@ class MegatronRouter(nn.Module):
         return MoEAuxLossAutoScaler.apply(probs, total)
 
     @property
+    def last_plan(self) -> RoutingPlan | None:
+        """The last forward's plan, detached."""
+        return self.recorder.last_plan
+
+    @property
     def last_metrics(self) -> dict[str, Any]:
         """The last forward's routing metrics as Python values (one host sync, cached)."""
-        if self._metrics_cache is None:
-            self._metrics_cache = to_python(resolve_deferred(self._metric_tensors))  # type: ignore[arg-type]
-        return self._metrics_cache
+        return read_recorded({"router": self.recorder})["router"]
 
     def extra_repr(self) -> str:
         return f"locmoe router={self.router.name!r}"
